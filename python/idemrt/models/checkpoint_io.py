@@ -1,0 +1,77 @@
+"""Safe checkpoint reading shared by the UNet and codec loaders.
+
+Only ``torch.load(weights_only=True)`` is used: a pickle that would execute code
+is refused with :class:`idemrt.CheckpointError` instead of being run.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import CheckpointError
+
+# Common wrappers around a bare state_dict (training scripts, EMA exports, lightning).
+_WRAPPER_KEYS = ("state_dict", "model", "ema", "model_state_dict", "net")
+
+
+def read_checkpoint(source) -> dict:
+    """Return the raw object stored in a checkpoint file (or ``source`` if it is a mapping)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load; the file contains Python objects other than tensors "
+            f"(only weights_only checkpoints are accepted): {exc}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {exc}") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state_dict (a mapping), found {type(obj).__name__}")
+    return dict(obj)
+
+
+def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
+    """Strip one level of ``{"state_dict": ...}``-style wrapping and check every value is a tensor."""
+    for key in _WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"not a state_dict: non-tensor entries {bad[:8]}{' ...' if len(bad) > 8 else ''}")
+    if not obj:
+        raise CheckpointError("empty state_dict")
+    return dict(obj)
+
+
+def load_state_dict(source) -> dict[str, torch.Tensor]:
+    """Read ``source`` (path or mapping) and return a bare ``{name: tensor}`` state_dict."""
+    return unwrap_state_dict(read_checkpoint(source))
+
+
+def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], what: str) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped keys."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                shown = ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{what}: checkpoint does not match the architecture; " + "; ".join(parts))
