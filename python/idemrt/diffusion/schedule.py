@@ -1,0 +1,164 @@
+"""Noise schedule and timestep respacing of guided-diffusion (ADM), in float64.
+
+A :class:`Schedule` is the *respaced* process that the samplers walk: ``N'``
+kept steps of the original ``T``-step linear schedule, with every derived array
+recomputed from the rebuilt betas (guided-diffusion's ``SpacedDiffusion``).
+Position ``i`` in the respaced process (counting down ``N'-1 .. 0`` while
+sampling) maps to the original step ``timestep_map[i]``, which is what the
+UNet receives as its time input.
+
+Model time: the reference can "rescale" that time to ``timestep_map[i] *
+1000 / T``; with ``T = 1000`` (every shipped config) the factor is 1.0 and
+the UNet's sinusoidal embedding is the same for the long and the float value,
+so idemrt always feeds the long ``timestep_map[i]``.
+
+Arrays stay float64 numpy here (the reference computes them so); the samplers
+cast the few coefficients they need to one float32 torch table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def linear_betas(num_timesteps: int) -> np.ndarray:
+    """ADM's linear schedule, scaled so that any ``num_timesteps`` spans the
+    same total noise as 1000 steps of ``1e-4 .. 0.02``."""
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+    scale = 1000 / num_timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def _parse_count(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"bad timestep respacing {spec!r}: {text!r} is not an integer") from None
+
+
+def space_timesteps(num_timesteps: int, section_counts: int | str) -> set[int]:
+    """The original steps kept by a respacing (guided-diffusion's rules).
+
+    ``section_counts`` is an int (one section), a comma-separated string of
+    counts (``"10,20"``: the process is cut into that many contiguous parts,
+    the first ``T % n`` of which get one extra step), or ``"ddimN"`` (the
+    smallest integer stride giving exactly N steps: ``range(0, T, stride)``).
+    Inside a part of ``size`` steps, ``c`` positions are picked at
+    ``round(cur)`` with ``cur`` accumulated by repeated float addition of
+    ``(size - 1) / (c - 1)``; Python's round (half to even) is part of the
+    rule, so it is kept as is.
+
+    Unlike the reference, a count below 1 is an error (it would silently drop
+    a section).
+    """
+    if isinstance(section_counts, bool):
+        raise ValueError(f"bad timestep respacing {section_counts!r}")
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            desired = _parse_count(spec[len("ddim"):], section_counts)
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {desired} steps out of {num_timesteps} with an integer stride")
+        counts = [_parse_count(part, section_counts) for part in spec.split(",")]
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        raise ValueError(f"timestep respacing must be an int or a string, got {type(section_counts).__name__}")
+
+    if any(c < 1 for c in counts):
+        raise ValueError(f"bad timestep respacing {section_counts!r}: every section needs at least 1 step")
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start = 0
+    kept: list[int] = []
+    for k, count in enumerate(counts):
+        size = size_per + (1 if k < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return set(kept)
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A (respaced) diffusion process; every array has one entry per kept step."""
+
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    sqrt_recip_alphas_cumprod: np.ndarray
+    sqrt_recipm1_alphas_cumprod: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    timestep_map: np.ndarray  # int64: respaced position -> original step (the model's time input)
+    original_num_steps: int
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.betas)
+
+    @classmethod
+    def from_betas(cls, betas: np.ndarray, timestep_map=None, original_num_steps: int | None = None) -> Schedule:
+        """Derive every array from ``betas`` (guided-diffusion's GaussianDiffusion.__init__)."""
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError("betas must be 1-D with at least 2 steps")
+        if not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
+        if timestep_map.shape != betas.shape:
+            raise ValueError("timestep_map must have one entry per step")
+
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.append(1.0, abar[:-1])
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        return cls(
+            betas=betas,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1),
+            posterior_variance=posterior_variance,
+            # pv_0 = 0: the log is clipped by repeating pv_1 in front.
+            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+            posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            timestep_map=timestep_map.astype(np.int64),
+            original_num_steps=len(betas) if original_num_steps is None else original_num_steps,
+        )
+
+    @classmethod
+    def create(cls, steps: int = 1000, respacing: int | str | None = None) -> Schedule:
+        """The linear ``steps``-step process, respaced.
+
+        ``respacing`` None or "" keeps all steps; otherwise see
+        :func:`space_timesteps`. The kept steps are rebuilt into a process of
+        their own: walking the original cumulative alphas upwards,
+        ``beta'_k = 1 - abar[t_k] / abar[t_{k-1}]`` (with ``abar[t_{-1}] = 1``),
+        so the respaced ``alphas_cumprod`` are the original ones at the kept
+        steps.
+        """
+        base = cls.from_betas(linear_betas(steps))
+        if respacing is None or respacing == "":
+            respacing = steps
+        kept = space_timesteps(steps, respacing)
+        new_betas = []
+        timestep_map = []
+        last = 1.0
+        for t, abar in enumerate(base.alphas_cumprod):
+            if t in kept:
+                new_betas.append(1 - abar / last)
+                last = abar
+                timestep_map.append(t)
+        return cls.from_betas(np.array(new_betas), timestep_map, original_num_steps=steps)
