@@ -1,0 +1,307 @@
+"""Checkpoint formats: old compressai names, ELiC-ReImplemetation -> Elic2022Chandelier, convert_checkpoint.
+
+The ELIC references are the verified key map of the official code (tests/data/elic_reimpl_to_compressai.json)
+and the TestModel key/shape list (tests/data/elic_reimpl_keys.json), both from the fact sheets.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from compressai.models import ScaleHyperprior
+from compressai.models.base import get_scale_table
+from compressai.models.sensetime import Elic2022Chandelier
+
+import idemrt
+from idemrt.models.codec import load_codec
+from idemrt.models.codec_convert import (
+    FLAT_STYLE,
+    LIST_STYLE,
+    convert_checkpoint,
+    convert_elic_reimpl,
+    detect_codec_name,
+    is_elic_reimpl,
+    normalize_entropy_bottleneck_keys,
+)
+from test_codec import SMALL, reference_model, small_state_dict
+
+DATA = Path(__file__).parent / "data"
+ELIC_KEYS = json.loads((DATA / "elic_reimpl_keys.json").read_text())
+ELIC_MAP = json.loads((DATA / "elic_reimpl_to_compressai.json").read_text())
+MAPPING = ELIC_MAP["mapping"]
+# 1.1-style spelling (released checkpoints) -> the spelling used as source keys of MAPPING.
+ALIASES = ELIC_MAP["checkpoint_key_aliases"]["aliases"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _spell(state, old):
+    """Rename list-style entropy-bottleneck keys to compressai 1.0 (``old``) or else 1.1 spelling."""
+    out = {}
+    for k, v in state.items():
+        for plural, singular in (("matrices", "matrix"), ("biases", "bias"), ("factors", "factor")):
+            prefix = f"entropy_bottleneck.{plural}."
+            if prefix in k:
+                head, index = k.split(prefix)
+                k = f"{head}entropy_bottleneck." + (f"_{plural}.{index}" if old else f"_{singular}{index}")
+        out[k] = v
+    assert out.keys() != state.keys()
+    return out
+
+
+def _released_spelling(state):
+    """ELiC-ReImplemetation key names as released (compressai 1.1: entropy_bottleneck._matrix{i} ...)."""
+    return {next((a for a, s in ALIASES.items() if s == k), k): v for k, v in state.items()}
+
+
+# --- entropy-bottleneck names -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", ["1.0", "1.1", "1.2.7"])
+def test_all_entropy_bottleneck_spellings_load(spelling):
+    state = small_state_dict("bmshj2018-hyperprior")
+    ckpt = {"1.0": lambda s: _spell(s, old=True), "1.1": lambda s: _spell(s, old=False), "1.2.7": dict}[spelling](state)
+    codec = load_codec("bmshj2018-hyperprior", checkpoint=ckpt)
+    loaded = codec.model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_spelling_round_trip_and_duplicates():
+    state = small_state_dict("bmshj2018-factorized")
+    flat = normalize_entropy_bottleneck_keys(state, FLAT_STYLE)
+    assert "entropy_bottleneck._matrix0" in flat and "entropy_bottleneck._factor3" in flat
+    assert "entropy_bottleneck.matrices.0" not in flat
+    assert normalize_entropy_bottleneck_keys(flat, LIST_STYLE).keys() == state.keys()
+    both = {**state, "entropy_bottleneck._bias1": state["entropy_bottleneck.biases.1"]}
+    with pytest.raises(idemrt.CheckpointError, match="twice"):
+        normalize_entropy_bottleneck_keys(both, LIST_STYLE)
+
+
+def test_dataparallel_prefix_is_stripped():
+    state = small_state_dict("mbt2018-mean")
+    codec = load_codec("mbt2018-mean", checkpoint={f"module.{k}": v for k, v in state.items()})
+    assert torch.equal(codec.model.state_dict()["h_s.4.weight"], state["h_s.4.weight"])
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_detect_codec_name(name):
+    assert detect_codec_name(small_state_dict(name, update=False)) == name
+
+
+def test_detect_codec_name_unknown():
+    assert detect_codec_name({"fc.weight": torch.zeros(2, 2)}) is None
+
+
+# --- ELiC-ReImplemetation key map ---------------------------------------------------------------------
+
+
+def test_elic_rules_reproduce_the_verified_key_map():
+    placeholders = {k: torch.tensor(float(i)) for i, k in enumerate(ELIC_KEYS)}
+    assert is_elic_reimpl(placeholders)
+    expected = {}
+    for src, dst in MAPPING.items():
+        for target in dst if isinstance(dst, list) else [dst]:
+            expected[target] = placeholders[src]
+    for ckpt in (placeholders, _released_spelling(placeholders)):
+        out = convert_elic_reimpl(ckpt)
+        assert out.keys() == expected.keys()
+        assert all(out[k] is expected[k] for k in expected)
+    assert set(expected) == set(Elic2022Chandelier(N=8, M=16, groups=[2, 2, 4, 4, 4]).state_dict())
+
+
+def test_elic_unknown_key_is_named():
+    placeholders = {k: torch.zeros(1) for k in ELIC_KEYS}
+    placeholders["attention.weight"] = torch.zeros(1)
+    with pytest.raises(idemrt.CheckpointError, match=r"attention\.weight"):
+        convert_elic_reimpl(placeholders)
+
+
+def _checkerboard_mask(shape):
+    # The TestModel mask: 1 on taps (r, c) with r + c odd, 0 elsewhere (centre included).
+    r = torch.arange(shape[2])[:, None]
+    c = torch.arange(shape[3])[None, :]
+    return ((r + c) % 2 == 1).float().expand(shape).clone()
+
+
+def _random_elic_reimpl_state(seed=0):
+    """A TestModel state_dict with random weights of the listed shapes and realistic buffers."""
+    g = torch.Generator().manual_seed(seed)
+    tail = math.log(2 / 1e-9 - 1)
+    state = {}
+    for key, shape in ELIC_KEYS.items():
+        if key.endswith(".mask"):
+            t = _checkerboard_mask(shape)
+        elif key == "entropy_bottleneck.target":
+            t = torch.tensor([-tail, 0.0, tail])
+        elif key.endswith("likelihood_lower_bound.bound"):
+            t = torch.tensor([1e-9])
+        elif key.endswith(("lower_bound_scale.bound", "scale_bound")):
+            t = torch.tensor([0.11])
+        elif key == "entropy_bottleneck.quantiles":
+            t = torch.tensor([-10.0, 0.0, 10.0]).repeat(shape[0], 1, 1) + 0.3 * torch.randn(shape, generator=g)
+        elif shape == [0]:  # CDF tables: empty until update()
+            t = torch.zeros(0) if key.endswith("scale_table") else torch.zeros(0, dtype=torch.int32)
+        else:
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 10
+            t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+        state[key] = t
+    # As in the fact sheet's "scaled" variant: large latents so that rounding and context matter.
+    state["g_a.13.weight"] *= 20
+    state["h_a.4.weight"] *= 5
+    return state
+
+
+def _load_by_hand(state):
+    """Elic2022Chandelier() with ``state`` copied in key by key following the verified map."""
+    model = Elic2022Chandelier()
+    assigned = set()
+    for src, dst in MAPPING.items():
+        for target in dst if isinstance(dst, list) else [dst]:
+            module_name, attr = target.rsplit(".", 1)
+            module = model.get_submodule(module_name)
+            if attr in module._parameters:
+                assert module._parameters[attr].shape == state[src].shape
+                module._parameters[attr].data = state[src].clone()
+            else:
+                module._buffers[attr] = state[src].clone().to(module._buffers[attr].dtype)
+            assigned.add(target)
+    assert assigned == set(model.state_dict())
+    return model
+
+
+@pytest.fixture(scope="module")
+def elic_full():
+    """A full-size random TestModel checkpoint as released (1.1 names, filled CDF tables) + its hand-loaded twin."""
+    state = _random_elic_reimpl_state()
+    ref = _load_by_hand(state)
+    # A non-default scale table: the loaded tables must be the checkpoint's, resized, not recomputed.
+    ref.update(scale_table=get_scale_table(0.12, 200, 50), force=True)
+    ref.eval()
+    gc = ref.latent_codec["y"].latent_codec["y0"].latent_codec["y"].gaussian_conditional
+    eb = ref.latent_codec["hyper"].entropy_bottleneck
+    for buf in ("_offset", "_quantized_cdf", "_cdf_length", "scale_table"):
+        state[f"gaussian_conditional.{buf}"] = getattr(gc, buf).clone()
+    for buf in ("_offset", "_quantized_cdf", "_cdf_length"):
+        state[f"entropy_bottleneck.{buf}"] = getattr(eb, buf).clone()
+    released = _released_spelling(state)
+    assert "entropy_bottleneck._matrix0" in released
+    return released, ref
+
+
+def test_elic_reimpl_checkpoint_equals_hand_loaded_compressai_model(elic_full):
+    released, ref = elic_full
+    codec = load_codec("elic2022-chandelier", checkpoint=released)
+    model = codec.model
+    assert (model.g_a[0].out_channels, model.g_a[13].out_channels) == (192, 320)
+    assert model.latent_codec["y"].groups == [16, 16, 32, 64, 192]
+
+    torch.manual_seed(1)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref(x)  # masks the reference's context weights, as every compressai forward does
+        y = codec.analysis(x)
+        assert torch.equal(y, ref.g_a(x))
+        assert y.abs().max() > 3
+        hyper, ref_hyper = model.latent_codec["hyper"], ref.latent_codec["hyper"]
+        assert torch.equal(hyper.h_a(y), ref_hyper.h_a(y))
+        assert torch.equal(hyper(y)["params"], ref_hyper(y)["params"])
+        assert torch.equal(codec.quantize(y), ref.latent_codec(y)["y_hat"])
+        assert torch.equal(codec.operator(x), expected["x_hat"])
+        ours = model(x)
+        for k in ("y", "z"):
+            assert torch.equal(ours["likelihoods"][k], expected["likelihoods"][k])
+
+    ref_state = ref.state_dict()
+    ours = model.state_dict()
+    assert ours.keys() == ref_state.keys()
+    assert [k for k in ref_state if not torch.equal(ours[k], ref_state[k])] == []
+    gc = model.latent_codec["y"].latent_codec["y4"].latent_codec["y"].gaussian_conditional
+    assert gc.scale_table.shape == (50,) and torch.equal(gc.scale_table, released["gaussian_conditional.scale_table"])
+
+    c = codec.compress(x)
+    assert len(c.strings) == 11 and c.shape == (1, 1)
+    with torch.no_grad():
+        assert torch.equal(codec.decompress(c.strings, c.shape), ref.decompress([[s] for s in c.strings], {
+            "y": [(g, 4, 4) for g in ref.groups], "hyper": (1, 1)})["x_hat"])
+
+
+def test_elic_reimpl_without_cdf_tables_gets_them_computed():
+    """A TestModel saved before update(): CDF tables computed at load, as compressai's update does."""
+    state = _random_elic_reimpl_state(seed=1)
+    codec = load_codec("elic2022-chandelier", checkpoint=state)
+    ref = _load_by_hand(state)
+    ref.update(force=True)
+    ref_state = ref.state_dict()
+    for key, value in codec.model.state_dict().items():
+        if key.endswith(("_quantized_cdf", "_offset", "_cdf_length", "scale_table")):
+            assert value.numel() > 0 and torch.equal(value, ref_state[key]), key
+
+
+def test_elic_reimpl_for_another_model_is_refused():
+    state = {k: torch.zeros(v) for k, v in ELIC_KEYS.items()}
+    with pytest.raises(idemrt.CheckpointError, match="looks like a 'elic2022-chandelier'"):
+        load_codec("elic2022-official", checkpoint=state)
+
+
+# --- convert_checkpoint -------------------------------------------------------------------------------
+
+
+def test_convert_checkpoint_round_trip_old_zoo_format(tmp_path):
+    state = small_state_dict("bmshj2018-hyperprior", update=False)
+    src, dst = tmp_path / "zoo.pth.tar", tmp_path / "out" / "converted.pth"
+    dst.parent.mkdir()
+    torch.save(_spell(state, old=True), src)
+    assert convert_checkpoint(src, dst) == "bmshj2018-hyperprior"
+    assert sorted(os.listdir(dst.parent)) == ["converted.pth"]  # no temporary file left
+
+    written = torch.load(dst, weights_only=True)
+    model = ScaleHyperprior.from_state_dict(written)  # compressai's own strict loader
+    assert model.gaussian_conditional._quantized_cdf.numel() > 0
+    ref = reference_model("bmshj2018-hyperprior", state)
+    torch.manual_seed(6)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)["x_hat"], ref(x)["x_hat"])
+        assert model.compress(x)["strings"] == ref.compress(x)["strings"]
+
+
+def test_convert_checkpoint_elic_reimpl(tmp_path):
+    """A (small) TestModel checkpoint with 1.1 names -> a file compressai's Elic2022Chandelier loads strictly."""
+    name = "elic2022-chandelier"
+    state = small_state_dict(name)
+    reimpl = {src: state[dst[0] if isinstance(dst, list) else dst] for src, dst in MAPPING.items()}
+    reimpl = _released_spelling(reimpl)
+    src, dst = tmp_path / "ELIC_0008_ft_3980_Plateau.pth.tar", tmp_path / "elic.pth"
+    torch.save(reimpl, src)
+    assert convert_checkpoint(src, dst) == name
+
+    cls, kwargs = SMALL[name]
+    model = cls(**kwargs)
+    model.load_state_dict(torch.load(dst, weights_only=True), strict=True)
+    ref = reference_model(name, state)
+    torch.manual_seed(7)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)["x_hat"], ref(x)["x_hat"])
+
+
+def test_convert_checkpoint_failures_leave_nothing(tmp_path):
+    state = small_state_dict("mbt2018-mean", update=False)
+    del state["g_s.0.weight"]
+    src, dst = tmp_path / "broken.pth", tmp_path / "out.pth"
+    torch.save(state, src)
+    with pytest.raises(idemrt.CheckpointError, match=r"g_s\.0\.weight"):
+        convert_checkpoint(src, dst)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, src)
+    with pytest.raises(idemrt.CheckpointError, match="pass its name"):
+        convert_checkpoint(src, dst)
+    assert sorted(os.listdir(tmp_path)) == ["broken.pth"]
