@@ -28,12 +28,22 @@ def read_checkpoint(source) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # weights_only reports both a forbidden global (a pickle that would run code) and plain
+        # garbage as UnpicklingError; tell the user which one it is.
+        if "GLOBAL" in str(exc) or "global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused to load; the file contains Python objects other than tensors "
+                f"(only weights_only checkpoints are accepted): {exc}"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused to load; the file contains Python objects other than tensors "
-            f"(only weights_only checkpoints are accepted): {exc}"
+            f"{path}: refused to load; not a weights-only PyTorch checkpoint (the file is corrupt, or "
+            f"holds pickled data other than tensors): {str(exc).strip().splitlines()[-1]}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {exc}") from None
+        raise CheckpointError(
+            f"{path}: refused to load; not a weights-only PyTorch checkpoint (the file is corrupt, or "
+            f"holds pickled data other than tensors): {str(exc).strip().splitlines()[-1]}"
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping), found {type(obj).__name__}")
     return dict(obj)

@@ -1,0 +1,55 @@
+"""Load an ADM UNet checkpoint into :class:`~idemrt.models.unet.ADMUNet`.
+
+The model is built on the ``meta`` device and the checkpoint tensors are assigned to
+it, so a 550M-parameter model is never allocated twice. Any mismatch fails loudly
+(guided-diffusion silently falls back to random weights).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..errors import CheckpointError
+from .checkpoint_io import check_keys, load_state_dict
+from .unet import ADMUNet, UNetConfig, unet_config
+
+__all__ = ["load_unet"]
+
+
+def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, **config) -> ADMUNet:
+    """Return an inference-ready ADM UNet (eval mode, fp32, parameters without gradients).
+
+    source: a checkpoint path or a state_dict, bare or wrapped as {"state_dict": ...},
+        {"model": ...} or {"ema": ...}; fp16 or fp32 tensors.
+    preset: "ffhq256" or "imagenet256" (or a UNetConfig); ``config`` keyword arguments
+        (guided-diffusion ``create_model`` names) override it or, without a preset,
+        define the architecture. The architecture is never guessed from the checkpoint.
+    device: where the weights go (default: where they are, i.e. CPU for a file).
+
+    Raises CheckpointError if the file is unreadable or unsafe, or its keys, shapes,
+    dtypes or values do not fit the architecture; ValueError/TypeError for a bad config.
+    """
+    cfg = unet_config(preset, **config)
+    with torch.device("meta"):
+        model = ADMUNet(cfg)
+    what = f"ADM UNet ({preset if isinstance(preset, str) else 'custom config'})"
+
+    state = load_state_dict(source)
+    check_keys(state, {k: v.shape for k, v in model.state_dict().items()}, what)
+    not_float = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{what}: non floating-point tensors: {', '.join(not_float[:10])}")
+
+    # Copy a caller's dict so the model never shares storage with it; tensors read
+    # from a file are private and are converted (or moved) only if needed, one at a
+    # time so that an fp16 file and its fp32 copy are never held in full together.
+    copy = isinstance(source, Mapping)
+    weights = {}
+    for k in list(state):
+        weights[k] = state.pop(k).to(device=device, dtype=torch.float32, copy=copy).contiguous()
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{what}: non-finite values in {', '.join(bad[:10])}")
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

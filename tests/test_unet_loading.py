@@ -1,0 +1,173 @@
+"""load_unet: sources, wrappers, dtypes, and every way a checkpoint can be refused."""
+import os
+import pickle
+
+import pytest
+import torch
+
+import adm_reference as ref
+import idemrt
+from idemrt import CheckpointError
+from idemrt.models.unet import ADMUNet, UNetConfig
+from idemrt.models.unet_loading import load_unet
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=True,
+            attention_resolutions="16", num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True)
+# The same architecture expressed as overrides of the FFHQ preset.
+TINY_FROM_FFHQ = dict(image_size=32, num_channels=32, channel_mult="1,2", num_head_channels=16)
+
+
+@pytest.fixture(scope="module")
+def state():
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ADMUNet(UNetConfig(**TINY)).state_dict().items()}
+    return ref.random_state(shapes, seed=5)
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(2)
+    return torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1, torch.tensor([999, 3])
+
+
+def assert_matches_reference(model, state64):
+    x, t = inputs()
+    with torch.no_grad():
+        got = model(x, t).double()
+    want = ref.unet(state64, TINY, x.double(), t)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def assert_inference_ready(model):
+    assert isinstance(model, ADMUNet) and not model.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 and not p.is_meta for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ accepted sources
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "ema"])
+def test_path_source_with_wrappers(tmp_path, state, wrapper):
+    path = tmp_path / "unet.pt"
+    torch.save(state if wrapper is None else {wrapper: state, "step": torch.tensor(7)}, path)
+    model = load_unet(path, **TINY)
+    assert_inference_ready(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert_matches_reference(model, ref.to64(state))
+
+
+def test_str_path_and_preset_with_overrides(tmp_path, state):
+    path = tmp_path / "unet.pt"
+    torch.save(state, path)
+    model = load_unet(str(path), "ffhq256", **TINY_FROM_FFHQ)
+    assert model.config == UNetConfig(**dict(TINY, num_heads=4))
+    assert_matches_reference(model, ref.to64(state))
+
+
+def test_dict_source_is_copied_not_shared(state):
+    model = load_unet({"model": state}, UNetConfig(**TINY))
+    assert_inference_ready(model)
+    assert_matches_reference(model, ref.to64(state))
+    params = dict(model.named_parameters())
+    assert all(params[k].data_ptr() != v.data_ptr() for k, v in state.items())
+
+
+def test_fp16_checkpoint_loads_into_fp32(tmp_path, state):
+    half = {k: v.half() for k, v in state.items()}
+    torch.save(half, tmp_path / "unet16.pt")
+    model = load_unet(tmp_path / "unet16.pt", device="cpu", **TINY)
+    assert_inference_ready(model)
+    assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in half.items())
+    assert_matches_reference(model, ref.to64(half))
+
+
+def test_lazy_top_level_export():
+    assert idemrt.load_unet is load_unet
+
+
+def test_no_parameter_gradients_after_input_gradient(state):
+    model = load_unet(state, **TINY)
+    x, t = inputs()
+    x.requires_grad_(True)
+    (g,) = torch.autograd.grad(model(x, t).square().sum(), x)
+    assert g.shape == x.shape and g.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ refused checkpoints
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(state):
+    broken = dict(state)
+    del broken["middle_block.1.qkv.weight"]
+    broken["label_emb.weight"] = torch.zeros(1000, 128)
+    broken["out.2.weight"] = torch.zeros(3, 32, 3, 3)
+    with pytest.raises(CheckpointError) as info:
+        load_unet(broken, **TINY)
+    msg = str(info.value)
+    assert "missing keys: middle_block.1.qkv.weight" in msg
+    assert "unexpected keys: label_emb.weight" in msg
+    assert "out.2.weight: checkpoint (3, 32, 3, 3) vs model (6, 32, 3, 3)" in msg
+
+
+def test_checkpoint_for_another_preset_is_refused(state):
+    with pytest.raises(CheckpointError, match="ffhq256"):
+        load_unet(state, "ffhq256")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda s: s.update({"step": 3}), "non-tensor"),
+        (lambda s: s.update({"out.2.bias": torch.zeros(6, dtype=torch.int64)}), "non floating-point.*out.2.bias"),
+        (lambda s: s["time_embed.0.bias"].__setitem__(0, float("nan")), "non-finite.*time_embed.0.bias"),
+    ],
+)
+def test_bad_tensor_content(state, change, match):
+    broken = {k: v.clone() for k, v in state.items()}
+    change(broken)
+    with pytest.raises(CheckpointError, match=match):
+        load_unet(broken, **TINY)
+
+
+class _Exploit:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, state, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = dict(state, extra=_Exploit(marker))
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_unet(path, **TINY)
+    assert not marker.exists()
+
+
+def test_corrupt_and_missing_files(tmp_path, state):
+    full = tmp_path / "full.pt"
+    torch.save(state, full)
+    for name, content in [("truncated.pt", full.read_bytes()[:5000]), ("garbage.pt", b"\x00junk" * 10)]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=name):
+            load_unet(tmp_path / name, **TINY)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_unet(tmp_path / "absent.pt", **TINY)
+
+
+def test_architecture_is_never_guessed(state):
+    with pytest.raises(ValueError, match="preset"):
+        load_unet(state)
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        load_unet(state, "ffhq128")
