@@ -155,7 +155,7 @@ class Codec(nn.Module):
     tables are loaded (``Codec(name, model)``; masked-convolution weights get their mask applied).
     """
 
-    def __init__(self, name: str, model: nn.Module, quality: Optional[int] = None):
+    def __init__(self, name: str, model: nn.Module, quality: Optional[int] = None, *, native_coder: bool = True):
         super().__init__()
         if name not in _ARCHS:
             raise CheckpointError(_unknown_name(name))
@@ -176,6 +176,12 @@ class Codec(nn.Module):
         self._hash: Optional[bytes] = None
         # compressai's default coder; its streams can be sanity-checked before decoding (see _unflatten).
         self._rans = {m.entropy_coder.name for m in model.modules() if isinstance(m, EntropyModel)} == {"ans"}
+        if self._rans and native_coder:
+            # The native coder writes the same bytes, without Python lists and with bounds checks;
+            # without the extension this is a no-op and compressai's coder stays.
+            from ..entropy import install
+
+            install(model)
         self._quantize_values = {
             "factorized": self._quantize_factorized,
             "hyperprior": self._quantize_hyperprior,
