@@ -1,0 +1,25 @@
+"""The eager backend: PyTorch autograd, fp32, exactly the composition of ``idemrt.diffusion``.
+
+It is the reference every other backend is tested against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..diffusion import guided_step, plain_step
+from ..errors import BackendError
+from .base import StepSpec, register
+
+
+@register("eager")
+class EagerBackend:
+    def __init__(self, spec: StepSpec, *, device: torch.device, dtype=None):
+        if dtype not in (None, torch.float32):
+            raise BackendError("the eager backend computes in float32; use backend='fast' for bf16/fp16")
+        self.spec = spec
+
+    def step(self, x_t, i, target, noise):
+        s = self.spec
+        if s.guidance is None:
+            return plain_step(s.unet, s.sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])
+        return guided_step(s.unet, s.operator, s.sampler, s.guidance, x_t, i, target, noise)
