@@ -1,0 +1,210 @@
+"""The ``idemrt`` command line: compress, decompress, info, convert-checkpoint, export.
+
+Exit codes: 0 success; 2 usage error; 3 bad input (bitstream, image, checkpoint, existing output);
+4 decoding failed; 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import BackendError, BitstreamError, CheckpointError, DecodeError, IdemrtError, ImageError
+from .fileio import SameFileError
+
+# A bitstream larger than this is refused before it is read into memory.
+MAX_BITSTREAM_BYTES = 1 << 30
+
+EXIT_BAD_INPUT = 3
+EXIT_DECODE = 4
+
+
+def _psnr(a, b) -> float:
+    import math
+
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else -10 * math.log10(mse)
+
+
+def _read_bitstream(path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BITSTREAM_BYTES + 1)
+    except OSError as exc:
+        raise BitstreamError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_BITSTREAM_BYTES:
+        raise BitstreamError(f"{path}: larger than {MAX_BITSTREAM_BYTES} bytes; not an .idm bitstream")
+    return data
+
+
+def _codec_from_args(name, quality, checkpoint, pretrained, device):
+    from .models.codec import load_codec
+
+    return load_codec(name, quality=quality, checkpoint=checkpoint, pretrained=pretrained, device=device)
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from . import bitstream as bsfmt
+    from .api import Encoder
+    from .fileio import atomic_write_bytes, check_output_path
+    from .images import load_image
+
+    t0 = time.perf_counter()
+    check_output_path(args.output, force=args.force, inputs=[args.input])
+    codec = _codec_from_args(args.codec, args.quality, args.checkpoint, args.pretrained, args.device)
+    x = load_image(args.input)
+    data = Encoder(codec).encode(x)
+    atomic_write_bytes(args.output, data, force=args.force, inputs=[args.input])
+    bs = bsfmt.decode(data)
+    with torch.no_grad():
+        x_mse = codec.decompress(bs.streams, bs.latent_shape)[..., : bs.height, : bs.width].cpu()
+    info = bsfmt.describe(bs)
+    print(
+        f"{args.output}: {len(data)} bytes, {info['bpp']:.4f} bpp, {bs.width}x{bs.height}, "
+        f"{bs.codec} q{bs.quality}; MSE decode PSNR {_psnr(x, x_mse):.2f} dB; "
+        f"{time.perf_counter() - t0:.2f} s"
+    )
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    import torch
+
+    from . import bitstream as bsfmt
+    from .api import Decoder
+    from .fileio import check_output_path
+    from .images import save_image
+
+    t0 = time.perf_counter()
+    check_output_path(args.output, force=args.force, inputs=[args.input])
+    bs = bsfmt.decode(_read_bitstream(args.input))
+    codec = _codec_from_args(bs.codec, bs.quality, args.codec_checkpoint, args.pretrained_codec, args.device)
+    unet = None
+    if not args.mse:
+        if not args.unet:
+            raise CheckpointError("a perceptual decode needs the diffusion model: pass --unet FILE (or --mse)")
+        from .models.unet_loading import load_unet
+
+        unet = load_unet(args.unet, preset=args.preset)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    decoder = Decoder(
+        codec,
+        unet,
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=args.guidance,
+        scale=args.scale,
+        constraint=args.constraint,
+        device=args.device,
+        dtype=dtype,
+        backend=args.backend,
+        max_retries=args.max_retries,
+        progress=not args.quiet,
+    )
+    img = decoder.decode(bs, seed=args.seed, mode="mse" if args.mse else "perceptual", output="tensor")
+    stats = decoder.last
+    save_image(img, args.output, force=args.force, inputs=[args.input])
+    facts = [f"{args.output}: {bs.width}x{bs.height}", f"{bsfmt.describe(bs)['bpp']:.4f} bpp"]
+    if not args.mse:
+        x_mse = decoder.decode(bs, mode="mse", output="tensor")
+        facts += [
+            f"{stats.steps} steps",
+            f"final constraint distance {stats.distance[0]:.4f}",
+            f"PSNR vs MSE decode {_psnr(img, x_mse):.2f} dB",
+            f"sampling {stats.timings['sample']:.2f} s",
+        ]
+    facts.append(f"total {time.perf_counter() - t0:.2f} s")
+    print(", ".join(facts))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import bitstream as bsfmt
+
+    for key, value in bsfmt.describe(bsfmt.decode(_read_bitstream(args.input))).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .models.codec_convert import convert_checkpoint
+
+    name = convert_checkpoint(args.input, args.output, name=args.codec, force=args.force)
+    print(f"{args.output}: written ({name}, compressai format)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idemrt", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="image -> .idm bitstream with an MSE codec")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--codec", required=True, help="compressai model name, e.g. bmshj2018-hyperprior")
+    c.add_argument("--quality", type=int, default=None)
+    c.add_argument("--checkpoint", help="codec checkpoint file (compressai, old compressai or ELiC-ReImplementation)")
+    c.add_argument("--pretrained", action="store_true", help="download compressai's pretrained weights")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("decompress", help=".idm bitstream -> PNG (perceptual, or --mse)")
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--mse", action="store_true", help="the MSE codec's own reconstruction")
+    d.add_argument("--unet", help="ADM UNet checkpoint (guided-diffusion .pt)")
+    d.add_argument("--preset", default="ffhq256", choices=["ffhq256", "imagenet256"])
+    d.add_argument("--codec-checkpoint", help="the codec checkpoint the file was made with")
+    d.add_argument("--pretrained-codec", action="store_true", help="use compressai's pretrained codec")
+    d.add_argument("--steps", default="1000", help="1000, 100, 'ddim200', or section counts '10,20'")
+    d.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    d.add_argument("--guidance", default="dps", choices=["dps", "dsg", "none"])
+    d.add_argument("--scale", type=float, default=None, help="DPS step size zeta (default 0.6)")
+    d.add_argument("--constraint", default="x", choices=["x", "y"])
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-retries", type=int, default=0)
+    d.add_argument("--device", default=None)
+    d.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    d.add_argument("--backend", default="eager", choices=["eager", "fast", "onnxruntime", "tensorrt"])
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    d.set_defaults(func=cmd_decompress)
+
+    i = sub.add_parser("info", help="describe an .idm bitstream")
+    i.add_argument("input")
+    i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("convert-checkpoint", help="convert a codec checkpoint to compressai's format")
+    v.add_argument("input")
+    v.add_argument("output")
+    v.add_argument("--codec", default=None, help="model name when it cannot be inferred")
+    v.add_argument("--force", action="store_true")
+    v.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "steps", None) is not None and args.steps.isdigit():
+            args.steps = int(args.steps)
+        return args.func(args)
+    except (BitstreamError, ImageError, CheckpointError, FileExistsError, SameFileError, BackendError) as exc:
+        print(f"idemrt: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DecodeError as exc:
+        print(f"idemrt: decoding failed: {exc}", file=sys.stderr)
+        return EXIT_DECODE
+    except IdemrtError as exc:
+        print(f"idemrt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("idemrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
