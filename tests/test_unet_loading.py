@@ -171,3 +171,28 @@ def test_architecture_is_never_guessed(state):
         load_unet(state)
     with pytest.raises(ValueError, match="unknown UNet preset"):
         load_unet(state, "ffhq128")
+
+
+def test_sha256_pinning(tmp_path):
+    """Optional digest pinning; compressai-zoo-named files are checked against their name."""
+    import hashlib
+
+    from idemrt.models.checkpoint_io import read_checkpoint
+
+    path = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert torch.equal(read_checkpoint(path, sha256=digest)["w"], torch.ones(3))
+    assert torch.equal(read_checkpoint(path, sha256=digest[:8].upper())["w"], torch.ones(3))
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(path, sha256=wrong)
+    with pytest.raises(ValueError):
+        read_checkpoint(path, sha256="abc")
+    zoo_ok = tmp_path / f"bmshj2018-hyperprior-1-{digest[:8]}.pth.tar"
+    zoo_bad = tmp_path / f"bmshj2018-hyperprior-1-{wrong[:8]}.pth.tar"
+    zoo_ok.write_bytes(path.read_bytes())
+    zoo_bad.write_bytes(path.read_bytes())
+    assert "w" in read_checkpoint(zoo_ok)
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(zoo_bad)

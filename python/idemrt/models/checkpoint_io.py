@@ -5,8 +5,10 @@ is refused with :class:`idemrt.CheckpointError` instead of being run.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 
@@ -18,13 +20,51 @@ from ..errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model", "ema", "model_state_dict", "net")
 
 
-def read_checkpoint(source) -> dict:
-    """Return the raw object stored in a checkpoint file (or ``source`` if it is a mapping)."""
+# compressai's zoo names its files NAME-HASH8.pth.tar, HASH8 the first 8 hex digits of the sha256.
+_ZOO_NAME = re.compile(r"-([0-9a-f]{8})\.pth(\.tar)?$")
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path, sha256: str | None = None) -> None:
+    """Pin a checkpoint file to its sha256 (a full digest or a prefix of at least 8 hex digits).
+
+    Without ``sha256``, files named the compressai-zoo way (``...-HASH8.pth.tar``) are checked
+    against the digest prefix in their name, as compressai's own downloader does.
+    """
+    if sha256 is None:
+        match = _ZOO_NAME.search(os.path.basename(os.fspath(path)))
+        if match is None:
+            return
+        sha256 = match.group(1)
+    sha256 = sha256.lower()
+    if len(sha256) < 8 or not re.fullmatch(r"[0-9a-f]+", sha256):
+        raise ValueError(f"sha256 pin must be at least 8 hex digits, got {sha256!r}")
+    actual = file_sha256(path)
+    if not actual.startswith(sha256):
+        raise CheckpointError(
+            f"{path}: sha256 {actual[:16]}... does not match the expected {sha256[:16]}...; "
+            "the file is corrupt or not the one you meant"
+        )
+
+
+def read_checkpoint(source, sha256: str | None = None) -> dict:
+    """Return the raw object stored in a checkpoint file (or ``source`` if it is a mapping).
+
+    ``sha256``: optional pin of the file's digest (see :func:`verify_sha256`).
+    """
     if isinstance(source, Mapping):
         return dict(source)
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_sha256(path, sha256)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -64,9 +104,9 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict(source) -> dict[str, torch.Tensor]:
+def load_state_dict(source, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read ``source`` (path or mapping) and return a bare ``{name: tensor}`` state_dict."""
-    return unwrap_state_dict(read_checkpoint(source))
+    return unwrap_state_dict(read_checkpoint(source, sha256))
 
 
 def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], what: str) -> None:

@@ -442,6 +442,7 @@ def load_codec(
     *,
     device=None,
     random_init: bool = False,
+    sha256: Optional[str] = None,
 ) -> Codec:
     """Build codec ``name`` (one of :data:`KNOWN_CODECS`) with its weights.
 
@@ -455,6 +456,9 @@ def load_codec(
       The zoo has no ELIC weights.
     * ``random_init=True``: untrained weights (tests, benchmarks) with the zoo widths of ``quality``
       (ELIC: N=192, M=320).
+
+    ``sha256`` pins the checkpoint file's digest (full or a prefix of >= 8 hex digits); files named
+    the compressai-zoo way (``...-HASH8.pth.tar``) are checked against their name's prefix anyway.
 
     CDF tables missing from the checkpoint are computed (``update(force=True)``). Raises
     :class:`idemrt.CheckpointError` for unknown names, missing weights and checkpoints that do not fit.
@@ -476,7 +480,7 @@ def load_codec(
         model = arch.cls(**_zoo_widths(name, quality))
         model.update(force=True)
     else:
-        state = _download(name, quality) if pretrained else checkpoint_io.load_state_dict(checkpoint)
+        state = _download(name, quality) if pretrained else checkpoint_io.load_state_dict(checkpoint, sha256)
         model = _model_from_state_dict(name, state)
 
     codec = Codec(name, model, quality=quality)

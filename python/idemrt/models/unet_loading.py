@@ -17,7 +17,8 @@ from .unet import ADMUNet, UNetConfig, unet_config
 __all__ = ["load_unet"]
 
 
-def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, **config) -> ADMUNet:
+def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, sha256: str | None = None,
+              **config) -> ADMUNet:
     """Return an inference-ready ADM UNet (eval mode, fp32, parameters without gradients).
 
     source: a checkpoint path or a state_dict, bare or wrapped as {"state_dict": ...},
@@ -26,6 +27,7 @@ def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, **
         (guided-diffusion ``create_model`` names) override it or, without a preset,
         define the architecture. The architecture is never guessed from the checkpoint.
     device: where the weights go (default: where they are, i.e. CPU for a file).
+    sha256: optional pin of the checkpoint file's digest (full, or a prefix of >= 8 hex digits).
 
     Raises CheckpointError if the file is unreadable or unsafe, or its keys, shapes,
     dtypes or values do not fit the architecture; ValueError/TypeError for a bad config.
@@ -35,7 +37,7 @@ def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, **
         model = ADMUNet(cfg)
     what = f"ADM UNet ({preset if isinstance(preset, str) else 'custom config'})"
 
-    state = load_state_dict(source)
+    state = load_state_dict(source, sha256)
     check_keys(state, {k: v.shape for k, v in model.state_dict().items()}, what)
     not_float = [f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point()]
     if not_float:
