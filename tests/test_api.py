@@ -222,3 +222,15 @@ def test_bad_arguments():
         idemrt.Decoder(codec, tiny_unet(), steps=2, device="cpu", backend="cuda-magic").step(
             torch.zeros(1, 3, 64, 64), 1, torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)
         )
+
+
+def test_backend_choice_and_options(models, data):
+    unet, codec = models
+    dec = idemrt.Decoder(codec, unet, steps=3, device="cpu")
+    assert dec.backend_name == "eager"  # fast (CUDA graphs, bf16) is the default on CUDA only
+    eager = dec.decode(data, seed=0, output="tensor")
+    fast = idemrt.Decoder(codec, unet, steps=3, device="cpu", backend="fast", dtype=torch.float32,
+                          backend_options={"kernels": "torch"}).decode(data, seed=0, output="tensor")
+    assert torch.allclose(fast, eager, atol=1e-4)
+    with pytest.raises(idemrt.BackendError, match="options"):
+        idemrt.Decoder(codec, unet, steps=3, device="cpu", backend_options={"warp": 9}).decode(data, seed=0)

@@ -3,11 +3,13 @@
 Data flows one way: bitstream -> entropy decode -> y_hat -> x_mse -> guided sampler -> image.
 
 Random numbers (documented order, so a decode is reproducible and the same alone or in a batch):
-each image owns one ``torch.Generator`` (CPU, seeded with its seed). From it the decoder draws
-x_T ~ N(0, I) of the padded image shape first, then one noise tensor of the same shape per step,
-for i = N-1 down to 0 (the last one is drawn but multiplied by 0, as in the reference). A retry
-continues drawing from the same generator. Drawing on the CPU makes the noise identical on every
-device; only the arithmetic may differ across devices and backends (docs/reliability.md).
+each image owns one ``torch.Generator`` seeded with its seed, on ``noise_device``. From it the
+decoder draws x_T ~ N(0, I) of the padded image shape first, then one noise tensor of the same
+shape per step, for i = N-1 down to 0 (the last one is drawn but multiplied by 0, as in the
+reference). A retry continues drawing from the same generator. ``noise_device`` defaults to the
+decoding device: on a GPU the noise is drawn there (no per-step host work), so the same seed gives
+the same noise on every backend of that device; ``noise_device="cpu"`` gives the same noise on
+every device (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -90,8 +92,10 @@ class Decoder:
         constraint: str = "x",
         device=None,
         dtype: Optional[torch.dtype] = None,
-        backend: str = "eager",
+        backend: Optional[str] = None,
         *,
+        backend_options: Optional[dict] = None,
+        noise_device=None,
         eta: float = 1.0,
         max_retries: int = 0,
         retry_threshold: float = 20.0,
@@ -125,7 +129,10 @@ class Decoder:
         self.retry = RetryPolicy(threshold=retry_threshold, factor=1.5, max_retries=max_retries)
         self.nan_retries = nan_retries
         self.check_every = max(1, int(check_every))
-        self.backend_name = backend
+        # The fast backend (bf16, CUDA graphs) is the default on CUDA; eager (fp32) elsewhere.
+        self.backend_name = backend or ("fast" if self.device.type == "cuda" else "eager")
+        self.backend_options = dict(backend_options or {})
+        self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
         self.dtype = dtype
         self._backends: dict = {}  # guidance -> backend (a retry escalates the scale)
         self._lock = threading.Lock()
@@ -159,7 +166,9 @@ class Decoder:
                     sampler=self.sampler,
                     guidance=guidance,
                 )
-                backend = create_backend(self.backend_name, spec, device=self.device, dtype=self.dtype)
+                backend = create_backend(
+                    self.backend_name, spec, device=self.device, dtype=self.dtype, **self.backend_options
+                )
                 self._backends[guidance] = backend
             return backend
 
@@ -190,7 +199,7 @@ class Decoder:
                 raise ValueError("shape is required with constraint='y'")
             shape = tuple(target.shape)
         shape = (n, *shape[1:])
-        gens = [torch.Generator().manual_seed(s) for s in _seeds(seed, n)]
+        gens = [torch.Generator(self.noise_device).manual_seed(s) for s in _seeds(seed, n)]
         x, dist, failed = self._run_with_nan_retries(self.guidance, target, gens, x_T, shape)
         retries = [0] * n
         guidance = self.guidance
@@ -231,13 +240,17 @@ class Decoder:
             )
         return x, dist, bad_at
 
+    def _noise(self, gens, shape):
+        noise = torch.stack([torch.randn(shape[1:], generator=g, device=self.noise_device) for g in gens])
+        return noise.to(self.device, non_blocking=True)
+
     def _run(self, backend, target, gens, x_T, shape):
         """The loop proper. Returns x, the last distances and, per image, the step (index i) at
         which it first became non-finite (None if it stayed finite)."""
         n = len(gens)
         num_steps = self.schedule.num_steps
         if x_T is None:
-            x = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
+            x = self._noise(gens, shape)
         else:
             x = x_T.to(self.device, torch.float32)
         target = target.to(self.device)
@@ -245,7 +258,7 @@ class Decoder:
         bad_at: list = [None] * n
         bar = _progress(num_steps, self.progress)
         for i in range(num_steps - 1, -1, -1):
-            noise = torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
+            noise = self._noise(gens, shape)
             x, dist = backend.step(x, i, target, noise)
             # Non-finite values never heal, so a check every few steps (one host sync) is enough.
             if i % self.check_every == 0:

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-retries", type=int, default=0)
     d.add_argument("--device", default=None)
     d.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    d.add_argument("--backend", default="eager", choices=["eager", "fast", "onnxruntime", "tensorrt"])
+    d.add_argument("--backend", default=None, choices=["eager", "fast", "onnxruntime", "tensorrt"],
+                   help="how a step runs (default: fast on CUDA, eager otherwise)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     d.set_defaults(func=cmd_decompress)

@@ -57,10 +57,16 @@ def available_backends() -> list[str]:
     return sorted(_MODULES)
 
 
-def create_backend(name: str, spec: StepSpec, *, device: torch.device, dtype: Optional[torch.dtype] = None):
-    """Instantiate backend ``name`` for ``spec`` on ``device``."""
+def create_backend(name: str, spec: StepSpec, *, device: torch.device, dtype: Optional[torch.dtype] = None,
+                   **options):
+    """Instantiate backend ``name`` for ``spec`` on ``device``; ``options`` are the backend's own."""
     if name not in _MODULES:
         raise BackendError(f"unknown backend {name!r}; choose one of {available_backends()}")
     if name not in _REGISTRY:
         import_module(f"{__package__}.{_MODULES[name]}")
-    return _REGISTRY[name](spec, device=device, dtype=dtype)
+    try:
+        return _REGISTRY[name](spec, device=device, dtype=dtype, **options)
+    except TypeError as exc:
+        if options and "unexpected keyword" in str(exc):
+            raise BackendError(f"backend {name!r} does not take these options: {sorted(options)}") from None
+        raise
