@@ -18,12 +18,7 @@ from compressai.models import ScaleHyperprior  # noqa: E402
 from idemrt.kernels.gdn import PRECISIONS, gdn, gdn_backward, gdn_parameters, gdn_reference  # noqa: E402
 from idemrt.kernels.gdn_chain import GDNChain  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                  reason="CPU tensors need the Triton interpreter")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-]
+from kernel_devices import DEVICES  # noqa: E402
 
 
 def _perturb(module, seed):

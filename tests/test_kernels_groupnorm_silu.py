@@ -16,12 +16,7 @@ from idemrt.errors import BackendError  # noqa: E402
 from idemrt.kernels import groupnorm_silu as gn  # noqa: E402
 from idemrt.kernels._launch import check_launchable  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                  reason="CPU tensors need the Triton interpreter")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-]
+from kernel_devices import DEVICES  # noqa: E402
 
 
 def _inputs(shape, device, mean=0.5, std=2.0, seed=0):

@@ -13,12 +13,7 @@ pytest.importorskip("triton", reason="Triton is not installed")
 
 from idemrt.kernels import loss_seed as ls  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                  reason="CPU tensors need the Triton interpreter")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-]
+from kernel_devices import DEVICES  # noqa: E402
 
 
 def _expected(target, a, per_sample=True):

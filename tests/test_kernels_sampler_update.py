@@ -15,12 +15,7 @@ pytest.importorskip("triton", reason="Triton is not installed")
 
 from idemrt.kernels import sampler_update as su  # noqa: E402
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                  reason="CPU tensors need the Triton interpreter")),
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]),
-]
+from kernel_devices import DEVICES  # noqa: E402
 STEPS = 10
 
 
