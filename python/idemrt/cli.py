@@ -1,4 +1,4 @@
-"""The ``idemrt`` command line: compress, decompress, info, convert-checkpoint, export.
+"""The ``idemrt`` command line: compress, decompress, info, convert-checkpoint, demo, eval, export.
 
 Exit codes: 0 success; 2 usage error; 3 bad input (bitstream, image, checkpoint, existing output);
 4 decoding failed; 1 anything else.
@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--codec", default=None, help="model name when it cannot be inferred")
     v.add_argument("--force", action="store_true")
     v.set_defaults(func=cmd_convert)
+
+    from .demo import add_subparsers as add_demo_subparsers
+
+    add_demo_subparsers(sub)
     return p
 
 
