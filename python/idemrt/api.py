@@ -25,6 +25,7 @@ from .backends.base import StepSpec, create_backend
 from .diffusion import DDIMSampler, DDPMSampler, DPS, DSG, RetryPolicy, Schedule
 from .errors import BitstreamError, DecodeError
 from .images import load_image, to_pil
+from .models.codec import diffusion_operator
 
 _SAMPLERS = ("ddpm", "ddim")
 _GUIDANCE = ("dps", "dsg", "none")
@@ -114,6 +115,7 @@ class Decoder:
         self.codec = codec.to(self.device)
         self.unet = unet.to(self.device) if unet is not None else None  # None: MSE decodes only
         self.constraint = constraint
+        self._operator = diffusion_operator(self.codec, constraint)  # A(x0) in the target's domain
         self.progress = progress
         self.max_pixels = max_pixels
         self.schedule = Schedule.create(steps=1000, respacing=steps)
@@ -146,11 +148,6 @@ class Decoder:
         return self._local.stats
 
     # -- the math of one step -------------------------------------------------------------
-    def _operator(self, x0: torch.Tensor) -> torch.Tensor:
-        """A(x0) in the target's domain; x0 in [-1, 1]."""
-        out = self.codec.operator((x0 + 1) / 2, domain=self.constraint)
-        return 2 * out - 1 if self.constraint == "x" else out
-
     def _backend_for(self, guidance):
         """The backend running ``guidance`` (created once; a Decoder may be shared by threads)."""
         if self.unet is None:

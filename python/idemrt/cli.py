@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_subparsers as add_demo_subparsers
 
     add_demo_subparsers(sub)
+    from .export.cli import add_export_subparser
+
+    add_export_subparser(sub)
     return p
 
 

@@ -586,3 +586,20 @@ def _check_cdf_tables(state: dict, cdf_keys: set, name: str) -> None:
         ok = ok and not lengths.is_floating_point() and bool(((lengths >= 2) & (lengths <= cdf.shape[-1])).all())
         if not ok:
             raise CheckpointError(f"{name}: inconsistent CDF tables under {prefix!r}")
+
+
+def diffusion_operator(codec: Codec, domain: str = "x"):
+    """The idempotence operator A in the diffusion model's units, as the reference forms it.
+
+    x0 lives in [-1, 1]. "x": ``2·codec.operator((x0+1)/2, "x") - 1``, i.e. 2·g_s(round_ste(g_a)) - 1,
+    not clamped; "y": ``codec.operator((x0+1)/2, "y")``, the straight-through rounded latent.
+    Every backend builds A with this one function.
+    """
+    if domain not in ("x", "y"):
+        raise ValueError(f"domain must be 'x' or 'y', got {domain!r}")
+
+    def operator(x0: torch.Tensor) -> torch.Tensor:
+        out = codec.operator((x0 + 1) / 2, domain=domain)
+        return 2 * out - 1 if domain == "x" else out
+
+    return operator
