@@ -51,6 +51,10 @@ def cmd_compress(args) -> int:
     from .fileio import atomic_write_bytes, check_output_path
     from .images import load_image
 
+    if args.codec == "psc":
+        from .psc.cli import compress_cli
+
+        return compress_cli(args)
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
     codec = _codec_from_args(args.codec, args.quality, args.checkpoint, args.pretrained, args.device)
@@ -80,6 +84,10 @@ def cmd_decompress(args) -> int:
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
     bs = bsfmt.decode(_read_bitstream(args.input))
+    if bs.codec == "psc":
+        from .psc.cli import decompress_cli
+
+        return decompress_cli(args, bs)
     codec = _codec_from_args(bs.codec, bs.quality, args.codec_checkpoint, args.pretrained_codec, args.device)
     unet = None
     if not args.mse:
@@ -137,18 +145,22 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .psc.cli import add_compress_arguments as add_psc_compress_arguments
+    from .psc.cli import add_decompress_arguments as add_psc_decompress_arguments
+
     p = argparse.ArgumentParser(prog="idemrt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="image -> .idm bitstream with an MSE codec")
     c.add_argument("input")
     c.add_argument("output")
-    c.add_argument("--codec", required=True, help="compressai model name, e.g. bmshj2018-hyperprior")
+    c.add_argument("--codec", required=True, help="compressai model name, e.g. bmshj2018-hyperprior, or psc")
     c.add_argument("--quality", type=int, default=None)
     c.add_argument("--checkpoint", help="codec checkpoint file (compressai, old compressai or ELiC-ReImplementation)")
     c.add_argument("--pretrained", action="store_true", help="download compressai's pretrained weights")
     c.add_argument("--device", default="cpu")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    add_psc_compress_arguments(c)
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help=".idm bitstream -> PNG (perceptual, or --mse)")
@@ -172,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how a step runs (default: fast on CUDA, eager otherwise)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    add_psc_decompress_arguments(d)
     d.set_defaults(func=cmd_decompress)
 
     i = sub.add_parser("info", help="describe an .idm bitstream")
