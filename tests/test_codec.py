@@ -73,15 +73,6 @@ FORWARD_EXACT = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean",
                  "elic2022-chandelier")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny convolutions: on a shared 2-core machine a second thread only adds spin-waiting (50x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=KNOWN_CODECS)
 def setup(request):
     name = request.param

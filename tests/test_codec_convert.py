@@ -35,14 +35,6 @@ MAPPING = ELIC_MAP["mapping"]
 ALIASES = ELIC_MAP["checkpoint_key_aliases"]["aliases"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _spell(state, old):
     """Rename list-style entropy-bottleneck keys to compressai 1.0 (``old``) or else 1.1 spelling."""
     out = {}
