@@ -414,3 +414,23 @@ def test_gpu_kernel_options_match_torch(unet, codec, exact_fp32, kernels):
         got_x, got_d = other.step(x, i, target, noise)
         assert rel_err(got_x, want_x) <= 1e-4 and rel_err(got_d, want_d) <= 1e-4
     assert other.num_graphs == 1
+
+
+def test_backends_of_one_unet_share_its_inference_copy():
+    """A Decoder's retries build a backend per DPS scale; they must not each copy the UNet."""
+    import idemrt
+    from idemrt.backends.base import StepSpec, create_backend
+    from idemrt.diffusion import DDPMSampler, Schedule
+    from tiny_models import tiny_unet
+
+    unet = tiny_unet()
+    sampler = DDPMSampler(Schedule.create(1000, respacing=4))
+
+    def make(scale, kernels="torch"):
+        spec = StepSpec(unet=unet, operator=lambda x0: x0, codec=None, domain="x", sampler=sampler,
+                        guidance=idemrt.diffusion.DPS(scale=scale))
+        return create_backend("fast", spec, device=torch.device("cpu"), dtype=torch.float32, kernels=kernels)
+
+    a, b = make(0.6), make(0.9)
+    assert a.unet is b.unet and a.unet is not unet
+    assert make(0.6, kernels="compile").unet is not a.unet
