@@ -174,7 +174,7 @@ def test_eval_writes_csv_json_and_plot(tiny_dir, tmp_path, codec, unet, capsys):
 
     saved = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
     assert {k: float(v) for k, v in saved["mean"].items()} == pytest.approx(result["mean"])
-    assert "FID/KID skipped" in saved["fid"]
+    assert saved["fid"]["skipped"].startswith("FID/KID skipped: no --inception weights")
     assert Image.open(out / "rd.png").format == "PNG"
     # The saved decodes are the measured ones.
     original = np.asarray(Image.open(tiny_dir / "a.png")).astype(np.float64)
@@ -183,6 +183,40 @@ def test_eval_writes_csv_json_and_plot(tiny_dir, tmp_path, codec, unet, capsys):
     # Outputs are never overwritten silently.
     with pytest.raises(OutputExistsError):
         demo.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False)
+
+
+def test_eval_patch_fid_kid_of_the_saved_decodes(tiny_dir, tmp_path, codec, unet, capsys):
+    """With Inception weights, eval reports FID/KID of the decodes as saved (8-bit PNGs) against the
+    originals: recomputed here from the files with idemrt.fid's pieces."""
+    from tiny_models import random_inception_state
+
+    from idemrt.fid import frechet_distance, kernel_inception_distance, load_inception, statistics
+
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(random_inception_state(), weights)
+    out = tmp_path / "eval"
+    result = demo.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False, inception=weights)
+    printed = capsys.readouterr().out
+    fid = json.loads((out / "metrics.json").read_text())["fid"]
+    assert fid == json.loads(json.dumps(result["fid"])) and fid["patches"] == 2 and fid["patch"] == 64
+    assert "patch FID mse" in printed and "biased high" in printed
+    net = load_inception(weights)
+
+    def features(folder):
+        files = sorted(folder.glob("*.png"))
+        return net(torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                                for f in files]).float() / 255)
+
+    reference = features(tiny_dir)
+    for name in ("mse", "perceptual"):
+        decoded = features(out / name)
+        assert fid[name]["fid"] == pytest.approx(frechet_distance(*statistics(reference), *statistics(decoded)),
+                                                 rel=1e-6)
+        assert fid[name]["kid"] == pytest.approx(kernel_inception_distance(reference, decoded)[0], rel=1e-6)
+        assert fid[name]["fid"] > 0
+    with pytest.raises(CheckpointError, match="sha256"):  # a pinned file is checked before any decoding
+        demo.evaluate(tiny_dir, tmp_path / "eval2", codec=codec, unet=unet, steps=2, progress=False,
+                      inception=weights, inception_sha256="0" * 64)
 
 
 def test_eval_refuses_an_empty_dir(tmp_path):

@@ -1,8 +1,10 @@
-"""Tiny random models shared by the API, CLI and backend tests.
+"""Tiny random models shared by the API, CLI and backend tests (and random FID Inception weights).
 
 Weights are random and non-zero everywhere (ADM's zero-initialised layers included) so that
 every path of the computation influences the result.
 """
+import math
+
 import torch
 
 from idemrt.models.codec import load_codec
@@ -51,3 +53,20 @@ def tiny_codec_state(seed: int = 0) -> dict:
 
 def tiny_codec(seed: int = 0):
     return load_codec("bmshj2018-hyperprior", quality=1, checkpoint=tiny_codec_state(seed))
+
+
+def random_inception_state(seed: int = 0) -> dict:
+    """A state_dict of the FID Inception (idemrt.fid) whose activations neither vanish nor explode
+    (He-scaled convs, BatchNorm statistics near the identity), so that features differ between images."""
+    from idemrt.fid import build_inception
+
+    g = torch.Generator().manual_seed(seed)
+    state = build_inception().state_dict()
+    for key, v in state.items():
+        if v.ndim == 4:
+            v.copy_(torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel()))
+        elif key.endswith("running_var") or (key.endswith("weight") and v.ndim == 1):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+        elif v.is_floating_point():
+            v.copy_(torch.randn(v.shape, generator=g) * 0.1)
+    return state

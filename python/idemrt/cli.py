@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from .errors import BackendError, BitstreamError, CheckpointError, DecodeError, IdemrtError, ImageError
 from .fileio import SameFileError
@@ -208,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # compressai imports torch_geometric, whose import-time torch.jit.script calls warn on recent torch:
+    # noise about a dependency's internals that a command-line user can do nothing about.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "steps", None) is not None and args.steps.isdigit():

@@ -259,9 +259,8 @@ COLUMNS = ["image", "width", "height", "bpp"] + [
     for m in ("psnr", "mse", "recompress_mse", "recompress_psnr", "symbols_equal", "sharpness")
 ] + ["perc_distance", "perc_seconds"]
 
-FID_SKIPPED = ("FID/KID skipped: idemrt does not implement the Inception network; the decodes are saved "
-               "under {out}/mse and {out}/perceptual, so run pytorch-fid or torch-fidelity on them and a "
-               "reference folder")
+FID_NO_WEIGHTS = ("FID/KID skipped: no --inception weights given (pytorch-fid's FID Inception, "
+                  "pt_inception-2015-12-05-6726825d.pth; see docs/real_weights.md)")
 
 
 def list_images(image_dir) -> list[Path]:
@@ -276,12 +275,15 @@ def list_images(image_dir) -> list[Path]:
 
 def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sampler: str = "ddpm",
              guidance: str = "dps", scale: float = DEMO_SCALE, seed: int = 0, device="cpu",
-             inception=None, force: bool = False, progress: bool = True) -> dict:
+             inception=None, inception_sha256=None, force: bool = False, progress: bool = True) -> dict:
     """Per-image and mean metrics of the MSE and perceptual decodes of every image in ``image_dir``.
 
     ``codec``/``unet``: models (default: the demo models). Writes into ``out_dir``: ``metrics.csv``
     (one row per image, then the mean), ``metrics.json``, ``rd.png`` and the decodes as PNGs
     (``mse/``, ``perceptual/``). Returns the JSON content.
+
+    ``inception``: path of pytorch-fid's FID Inception weights: adds patch FID and KID of both
+    decodes against the originals (:mod:`idemrt.fid`, the paper's 64×64-patch protocol).
     """
     from .fileio import atomic_write_bytes, check_output_path
     from .images import load_image, save_image
@@ -292,6 +294,11 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
     outputs += [out / sub / f"{f.stem}.png" for sub in ("mse", "perceptual") for f in files]
     for path in outputs:  # fail before the expensive part
         check_output_path(path, force=force, inputs=files)
+    scores = None
+    if inception is not None:
+        from .fid import PatchScores, load_inception
+
+        scores = PatchScores(load_inception(inception, device, inception_sha256))
     codec = load_demo_codec(device) if codec is None else codec
     unet = load_demo_unet(device) if unet is None else unet
     pipe = Pipeline(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale, device=device,
@@ -304,6 +311,10 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
         res = pipe.run(x, seed + k)
         save_image(res["images"]["mse"], out / "mse" / f"{path.stem}.png", force=force)
         save_image(res["images"]["perceptual"], out / "perceptual" / f"{path.stem}.png", force=force)
+        if scores is not None:  # the images as saved: 8-bit, like the paper's test_codec.py reads them
+            scores.add("original", x)
+            scores.add("mse", as_8bit(res["images"]["mse"]))
+            scores.add("perceptual", as_8bit(res["images"]["perceptual"]))
         row = {"image": path.name, "width": x.shape[-1], "height": x.shape[-2], "bpp": res["bpp"]}
         for d in ("mse", "perc"):
             row.update({f"{d}_{m}": v for m, v in res[d].items()})
@@ -313,7 +324,7 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
                   f"{row['perc_psnr']:.2f} dB, re-compression MSE mse {row['mse_recompress_mse']:.2f} / "
                   f"perceptual {row['perc_recompress_mse']:.2f}")
     mean = {c: sum(r[c] for r in rows) / len(rows) for c in COLUMNS if c not in ("image", "width", "height")}
-    fid = fid_message(inception, out)
+    fid = fid_scores(scores)
     result = {
         "images": rows,
         "mean": mean,
@@ -333,7 +344,7 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
     print(f"mean over {len(rows)} images: {mean['bpp']:.3f} bpp; PSNR mse {mean['mse_psnr']:.2f} / perceptual "
           f"{mean['perc_psnr']:.2f} dB; re-compression MSE mse {mean['mse_recompress_mse']:.2f} / perceptual "
           f"{mean['perc_recompress_mse']:.2f}; sharpness mse {mean['mse_sharpness']:.2f} / perceptual "
-          f"{mean['perc_sharpness']:.2f}\n{fid}\nwrote {out / 'metrics.csv'}, {out / 'metrics.json'}, "
+          f"{mean['perc_sharpness']:.2f}\n{fid_line(fid)}\nwrote {out / 'metrics.csv'}, {out / 'metrics.json'}, "
           f"{out / 'rd.png'}")
     return result
 
@@ -349,11 +360,31 @@ def _json_safe(value):
     return value
 
 
-def fid_message(inception, out: Path) -> str:
-    msg = FID_SKIPPED.format(out=out)
-    if inception is None:
-        return msg + " (no --inception weights given)"
-    return msg + f" (--inception {inception} was not used)"
+def fid_scores(scores) -> dict:
+    """Patch FID and KID of each decode against the originals, or {"skipped": why}."""
+    if scores is None:
+        return {"skipped": FID_NO_WEIGHTS}
+    n = scores.count("original")
+    if n < 2:
+        return {"skipped": f"FID/KID skipped: {n} patches of {scores.patch}x{scores.patch} in all; images "
+                           f"smaller than a patch give none"}
+    result = {"patch": scores.patch, "patches": n}
+    for name in ("mse", "perceptual"):
+        kid, kid_std = scores.kid("original", name)
+        result[name] = {"fid": scores.fid("original", name), "kid": kid, "kid_std": kid_std}
+    return result
+
+
+def fid_line(fid: dict) -> str:
+    if "skipped" in fid:
+        return fid["skipped"]
+    line = (f"patch FID mse {fid['mse']['fid']:.2f} / perceptual {fid['perceptual']['fid']:.2f}; KID mse "
+            f"{fid['mse']['kid']:.4f} / perceptual {fid['perceptual']['kid']:.4f} ({fid['patches']} patches of "
+            f"{fid['patch']}x{fid['patch']})")
+    if fid["patches"] < 2048:
+        line += (f"; with fewer patches than the 2048 feature dimensions FID is biased high: compare it only "
+                 f"at equal counts (the paper uses 16,000)")
+    return line
 
 
 def plot_rd(rows, mean, png: Path, *, force: bool) -> None:
@@ -416,7 +447,8 @@ def cmd_eval(args) -> int:
         unet = load_unet(args.unet, preset=args.preset)
     evaluate(args.dir, args.out, codec=codec, unet=unet, steps=_steps(args.steps), sampler=args.sampler,
              guidance=args.guidance, scale=args.scale, seed=args.seed, device=args.device,
-             inception=args.inception, force=args.force, progress=not args.quiet)
+             inception=args.inception, inception_sha256=args.inception_sha256, force=args.force,
+             progress=not args.quiet)
     return 0
 
 
@@ -449,7 +481,9 @@ def add_subparsers(subparsers) -> None:
     e.add_argument("--scale", type=float, default=DEMO_SCALE)
     e.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per image)")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--inception", default=None, help="pytorch-fid Inception weights (FID/KID; see docs)")
+    e.add_argument("--inception", default=None,
+                   help="pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth: adds patch FID/KID")
+    e.add_argument("--inception-sha256", default=None, help="pin the Inception file's sha256 (or a prefix)")
     e.add_argument("--force", action="store_true", help="overwrite existing outputs")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)

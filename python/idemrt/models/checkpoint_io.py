@@ -32,13 +32,16 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path, sha256: str | None = None) -> None:
+def verify_sha256(path, sha256: str | None = None, *, name_pin: bool = True) -> None:
     """Pin a checkpoint file to its sha256 (a full digest or a prefix of at least 8 hex digits).
 
     Without ``sha256``, files named the compressai-zoo way (``...-HASH8.pth.tar``) are checked
-    against the digest prefix in their name, as compressai's own downloader does.
+    against the digest prefix in their name, as compressai's own downloader does, unless
+    ``name_pin`` is False (files whose names carry some other hash).
     """
     if sha256 is None:
+        if not name_pin:
+            return
         match = _ZOO_NAME.search(os.path.basename(os.fspath(path)))
         if match is None:
             return
@@ -54,17 +57,17 @@ def verify_sha256(path, sha256: str | None = None) -> None:
         )
 
 
-def read_checkpoint(source, sha256: str | None = None) -> dict:
+def read_checkpoint(source, sha256: str | None = None, *, name_pin: bool = True) -> dict:
     """Return the raw object stored in a checkpoint file (or ``source`` if it is a mapping).
 
-    ``sha256``: optional pin of the file's digest (see :func:`verify_sha256`).
+    ``sha256``, ``name_pin``: optional pin of the file's digest (see :func:`verify_sha256`).
     """
     if isinstance(source, Mapping):
         return dict(source)
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    verify_sha256(path, sha256)
+    verify_sha256(path, sha256, name_pin=name_pin)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -104,9 +107,9 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict(source, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(source, sha256: str | None = None, *, name_pin: bool = True) -> dict[str, torch.Tensor]:
     """Read ``source`` (path or mapping) and return a bare ``{name: tensor}`` state_dict."""
-    return unwrap_state_dict(read_checkpoint(source, sha256))
+    return unwrap_state_dict(read_checkpoint(source, sha256, name_pin=name_pin))
 
 
 def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], what: str) -> None:
