@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything issue 4 and issue 9 measure on a GPU, in parts that each fit one call of the device tool
+# (10 minutes): run tools/device_wheels.sh here first, then, there, from the repository root with
+# .whl carried:
+#
+#     bash benchmarks/gpu_session.sh check          # environment, -m gpu tests, kernel micro-benchmarks
+#     bash benchmarks/gpu_session.sh ffhq           # latency.py, ffhq256, both codecs, batch 1 and 8
+#     bash benchmarks/gpu_session.sh imagenet       # latency.py, imagenet256
+#     bash benchmarks/gpu_session.sh psc            # benchmarks/psc.py, eager and fast
+#
+# Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
+# call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
+set -uo pipefail
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc}
+OUT=${OUT:-/tmp/idemrt_out}
+mkdir -p "$OUT" /tmp/site /tmp/pkg
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# idemrt as its wheel lays it out (kernels/ and export/ as sub-packages), without building the C++
+# extension: the native rANS coder is optional and nothing timed here uses it.
+rm -rf /tmp/pkg/idemrt && cp -r python/idemrt /tmp/pkg/ && cp -r kernels /tmp/pkg/idemrt/kernels && cp -r export /tmp/pkg/idemrt/export
+export PYTHONPATH=/tmp/pkg:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+limit=${PART_SECONDS:-540}
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import torch, triton, compressai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'compressai', compressai.__version__)"
+    date -u +%FT%TZ
+} 2>&1 | tee "$OUT/env_$part.txt"
+torch_modes=reference,eager,fast,fast-triton,fast-compile
+case $part in
+    check)
+        timeout $((limit * 2 / 3)) python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+        timeout $((limit / 3)) python3 benchmarks/kernels.py --device cuda --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    ffhq|imagenet)
+        preset=${part}256
+        timeout "$limit" python3 benchmarks/latency.py --preset "$preset" --modes "$torch_modes" --max-decode-seconds 20 \
+            --json "$OUT/latency_$preset.json" 2>&1 | tee "$OUT/latency_$preset.log" ;;
+    psc)
+        for backend in fast eager; do
+            timeout $((limit / 2)) python3 benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.05 0.1 0.2 \
+                --backend "$backend" --max-rounds 4 --json "$OUT/psc_$backend.json" 2>&1 | tee "$OUT/psc_$backend.log"
+        done ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+esac
