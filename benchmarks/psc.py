@@ -1,20 +1,24 @@
 """PSC speed (and, with --rd, rate-distortion on the bundled demo UNet).
 
-    python benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.1          # 256², random weights
+    python benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.05 0.1 0.2 --backend fast   # 256², random weights
+    python benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.05 0.1 0.2 --backend eager
     python benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.1 --max-rounds 4
-    python benchmarks/psc.py --smoke                                            # CPU, tiny; numbers mean nothing
+    python benchmarks/psc.py --smoke [--backend fast]                           # CPU, tiny; numbers mean nothing
     python benchmarks/psc.py --rd --device cpu --size 64 --s 8 --r 6 --steps 10 --bpp 0.2
 
 Speed mode: a UNet of the preset with random weights (timing does not depend on them) and a
-random image. Reports UNet sample evaluations per second (one forward of the round's batch of
-s samples, median of --repeats after --warmup), then seconds per round and per image for
-encode and decode (rows rebuilt and checked, then the restoration) at the rate of --bpp or
---rounds. With --max-rounds below the rounds the rate needs, only that many rounds run and the
-per-image seconds are per-round seconds x rounds, marked "extrapolated". The round-0 cache is
-off (every round is timed as the work it is).
+random image, in the compute mode of --backend/--dtype (default: fast bf16 on CUDA, eager fp32
+otherwise; "compute" in the JSON). Reports UNet sample evaluations per second (the sampler's x̂0
+of the round's batch of s samples, as PSC runs it: a CUDA graph replay on the fast path; median
+of --repeats after --warmup), then, under "rates", seconds per round and per image for encode
+and decode (rows rebuilt and checked, then the restoration) at each rate of --bpp, or at
+--rounds. With --max-rounds below the rounds a rate needs, only that many rounds run and the
+per-image seconds are per-round seconds x rounds, marked "extrapolated" (an underestimate: the
+row recipe's cost grows with the rows already sent). The round-0 cache is off (every round is
+timed as the work it is).
 
 RD mode (--rd): the demo UNet (idemrt/demo_models, trained on 64x64 crops) codes a held-out
-photograph resized to --size at the rate of --bpp; one decode rebuilds and checks all rows, then
+photograph resized to --size at the (first) rate of --bpp; one decode rebuilds and checks all rows, then
 every prefix of rounds is restored (projected and guided), and the table lists payload bpp,
 file bpp and PSNR (peak 1, on the [0, 1] image) per prefix, with the linear estimate Hᵀy_q as
 a reference.
@@ -34,6 +38,7 @@ import torch
 from idemrt import bitstream as bsfmt
 from idemrt import psc
 from idemrt.psc import stream
+from idemrt.psc.sampling import DTYPES, deterministic
 from idemrt.models.unet import PRESETS, ADMUNet, UNetConfig
 
 TINY_UNET = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=True,
@@ -58,16 +63,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def unet_evals_per_second(unet, batch: int, size: int, device, warmup: int, repeats: int) -> float:
-    x = torch.randn(batch, 3, size, size, device=device)
-    t = torch.full((batch,), 500, device=device)
+def unet_evals_per_second(den, batch: int, size: int, warmup: int, repeats: int) -> float:
+    """Sample evaluations per second of the sampler's x̂0 as PSC runs it (the compute mode's
+    denoiser, under PSC's cuDNN settings): one call evaluates the round's batch once."""
+    x = torch.randn(batch, 3, size, size, device=den.device)
     times = []
-    with torch.no_grad():
+    with deterministic(), torch.no_grad():
         for k in range(warmup + repeats):
-            _sync(device)
+            _sync(den.device)
             t0 = time.perf_counter()
-            unet(x, t)
-            _sync(device)
+            den.x0(x, den.steps // 2)
+            _sync(den.device)
             if k >= warmup:
                 times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
@@ -77,17 +83,25 @@ def speed(args) -> dict:
     device = torch.device(args.device)
     unet = build_unet(args.preset, device)
     size = args.size or UNETS[args.preset].image_size
-    params = psc.Params(s=args.s, r=args.r, steps=args.steps, seed=0)
-    rounds = args.rounds or psc.rounds_for_bpp(params, args.bpp, size, size)
-    run_rounds = min(rounds, args.max_rounds or rounds)
-    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    mode = dict(backend=args.backend, dtype=DTYPES.get(args.dtype))
+    enc = psc.Encoder(unet, s=args.s, r=args.r, steps=args.steps, device=device, cache=False, **mode)
+    dec = psc.Decoder(unet, device=device, cache=False, **mode)
     out = {"device": _describe(device), "preset": args.preset, "size": size, "s": args.s, "r": args.r,
-           "steps": args.steps, "rounds": rounds, "rounds_run": run_rounds,
-           "extrapolated": run_rounds < rounds}
-    out["unet_evals_per_s"] = unet_evals_per_second(unet, args.s, size, device, args.warmup, args.repeats)
+           "steps": args.steps, "compute": str(enc.compute),
+           "unet_evals_per_s": unet_evals_per_second(enc.denoiser, args.s, size, args.warmup, args.repeats)}
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if args.rounds:
+        rates = [args.rounds]
+    else:
+        rates = [psc.rounds_for_bpp(enc.params, bpp, size, size) for bpp in args.bpp]
+    out["rates"] = [_time_rate(args, enc, dec, image, rounds) for rounds in rates]
+    return out
 
-    enc = psc.Encoder(unet, s=args.s, r=args.r, steps=args.steps, device=device, cache=False)
-    dec = psc.Decoder(unet, device=device, cache=False)
+
+def _time_rate(args, enc, dec, image, rounds: int) -> dict:
+    """Encode and decode ``image`` at ``rounds`` rounds (at most --max-rounds run, then extrapolated)."""
+    device, size = enc.device, image.shape[-1]
+    run_rounds = min(rounds, args.max_rounds or rounds)
     _sync(device)
     t0 = time.perf_counter()
     data = enc.encode(image, rounds=run_rounds)
@@ -98,15 +112,17 @@ def speed(args) -> dict:
     _sync(device)
     dec_s = time.perf_counter() - t0
     rows_s, restore_s = dec.last.timings["rows"], dec.last.timings["restoration"]
-    t0 = time.perf_counter()
     h, y, code = dec.measurements(data)
     t1 = time.perf_counter()
     dec.restore(h, y, (1, 3, code.padded_height, code.padded_width), args.steps, "guided")
     _sync(device)
     guided_s = time.perf_counter() - t1
     per_round_enc, per_round_dec = enc_s / run_rounds, rows_s / run_rounds
-    out.update({
-        "bpp": 8 * stream.payload_bytes(params, rounds) / (size * size),
+    return {
+        "bpp": 8 * stream.payload_bytes(enc.params, rounds) / (size * size),
+        "rounds": rounds,
+        "rounds_run": run_rounds,
+        "extrapolated": run_rounds < rounds,
         "encode_s_per_round": per_round_enc,
         "decode_rows_s_per_round": per_round_dec,
         "projected_restoration_s": restore_s,
@@ -116,8 +132,7 @@ def speed(args) -> dict:
         "decode_guided_s_per_image": per_round_dec * rounds + guided_s,
         "measured_encode_s": enc_s,
         "measured_decode_s": dec_s,
-    })
-    return out
+    }
 
 
 def _describe(device: torch.device) -> str:
@@ -141,11 +156,12 @@ def rate_distortion(args) -> dict:
     with demo_file(f"{args.image or DEMO_IMAGES[0]}.png").open("rb") as f:
         img = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
     x = load_image(img)
-    enc = psc.Encoder(unet, s=args.s, r=args.r, steps=args.steps, seed=0, device=device, cache=False)
+    mode = dict(backend=args.backend, dtype=DTYPES.get(args.dtype))
+    enc = psc.Encoder(unet, s=args.s, r=args.r, steps=args.steps, seed=0, device=device, cache=False, **mode)
     t0 = time.perf_counter()
-    data = enc.encode(x, bpp=args.bpp) if args.rounds is None else enc.encode(x, rounds=args.rounds)
+    data = enc.encode(x, bpp=args.bpp[0]) if args.rounds is None else enc.encode(x, rounds=args.rounds)
     enc_s = time.perf_counter() - t0
-    dec = psc.Decoder(unet, device=device, cache=False)
+    dec = psc.Decoder(unet, device=device, cache=False, **mode)
     t0 = time.perf_counter()
     h, y, code = dec.measurements(data)
     rows_s = time.perf_counter() - t0
@@ -163,7 +179,8 @@ def rate_distortion(args) -> dict:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     bs = bsfmt.decode(data)
-    return {"device": _describe(device), "model": "idemrt demo UNet (64x64, 1.9M parameters)",
+    return {"device": _describe(device), "compute": str(enc.compute),
+            "model": "idemrt demo UNet (64x64, 1.9M parameters)",
             "image": args.image or DEMO_IMAGES[0], "size": size, "s": p.s, "r": p.r, "steps": p.steps,
             "hash_bits": p.hash_bits, "entropy": bs.extra["entropy"],
             "measurement_bytes": len(code.codes), "measurement_stream_bytes": len(bs.streams[0]),
@@ -184,20 +201,24 @@ def main(argv=None):
     parser.add_argument("--s", type=int, default=16, help="posterior samples per round")
     parser.add_argument("--r", type=int, default=12, help="measurements per round")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--bpp", type=float, default=0.1)
+    parser.add_argument("--bpp", type=float, nargs="+", default=[0.1],
+                        help="payload rates to time, each by its own encode and decode (--rd: the first)")
     parser.add_argument("--rounds", type=int, help="instead of --bpp")
+    parser.add_argument("--backend", choices=["eager", "fast"], help="PSC compute mode (default: fast on CUDA, "
+                                                                    "eager otherwise)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="UNet dtype of --backend fast (default bf16)")
     parser.add_argument("--max-rounds", type=int, help="run at most this many rounds and extrapolate")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rd", action="store_true", help="rate-distortion on the demo UNet instead of speed")
     parser.add_argument("--image", help="--rd: demo image name (chelsea or coffee)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run (CI): --device cpu --preset tiny "
-                                                            "--size 16 --s 4 --r 2 --steps 3 --rounds 2")
+                                                            "--size 16 --s 4 --r 2 --steps 3 --bpp 0.125 0.25")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.preset, args.size, args.s, args.r, args.steps = "cpu", "tiny", 16, 4, 2, 3
-        args.rounds, args.warmup, args.repeats = 2, 1, 2
+        args.bpp, args.rounds, args.warmup, args.repeats = [0.125, 0.25], None, 1, 2
     result = rate_distortion(args) if args.rd else speed(args)
     text = json.dumps(result, indent=2)
     print(text)

@@ -17,6 +17,7 @@ tested one by one instead: eps, the UNet VJP and the operator VJP against float3
 inputs, plus the end result of a short decode (final distance within 10 %).
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from compressai.models import ScaleHyperprior
 
 import adm_reference as ref
 from idemrt.backends.base import StepSpec, create_backend
-from idemrt.backends.fast import FastBackend
+from idemrt.backends.fast import FastBackend, GraphSet
 from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, Schedule
 from idemrt.errors import BackendError
 from idemrt.models.codec import Codec
@@ -304,6 +305,17 @@ def test_compile_option(unet, codec, monkeypatch):
     x, noise, target = inputs(codec)
     want_x, _ = create_backend("eager", spec, device=CPU).step(x, 4, target, noise)
     assert rel_err(fast.step(x, 4, target, noise)[0], want_x) <= 1e-5
+
+
+def test_a_failed_capture_warns_once_and_runs_uncaptured():
+    graphs = GraphSet("owner")
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match="owner: CUDA graph capture failed for key"):
+        (y,) = graphs.run("key", lambda t: (t * 2,), x)  # CPU tensors: there is no CUDA stream to capture on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (z,) = graphs.run("key", lambda t: (t * 2,), x + 1)
+    assert torch.equal(y, x * 2) and torch.equal(z, (x + 1) * 2) and len(graphs) == 0
 
 
 # --- GPU ----------------------------------------------------------------------------------------

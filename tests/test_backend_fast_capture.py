@@ -4,8 +4,8 @@ A CUDA graph cannot capture a host sync (``.item()``, ``bool(tensor)``, a data-d
 capture fails, and the backend falls back to an uncaptured step with a warning. Under PyTorch's
 FakeTensorMode every such operation raises (DataDependentOutputException /
 DynamicOutputShapeException), so running the exact step functions that the backend captures on fake
-tensors proves, on CPU, that they contain none: for every sampler x guidance combination, both dtypes
-and both operator domains. The GPU tests (``-m gpu``) then check the replay itself.
+tensors proves, on CPU, that they contain none: for every sampler x guidance combination and both dtypes,
+and for the PSC fast denoiser. The GPU tests (``-m gpu``) then check the replay itself.
 """
 import pytest
 import torch
@@ -47,3 +47,16 @@ def test_the_check_catches_a_host_sync(unet, codec, monkeypatch):
     monkeypatch.setattr(cls, "update", syncing_update)
     with pytest.raises(DataDependentOutputException, match="_local_scalar_dense"):  # the .item() behind float()
         run_fake(backend, guided=True)
+
+
+def test_psc_denoiser_capture_has_no_host_sync(unet):
+    """The PSC fast denoiser's captured function (x̂0 from the step-index tensor) is capturable too."""
+    from idemrt.psc.sampling import FastDenoiser
+
+    den = FastDenoiser(unet, steps=10, device="cpu", dtype=torch.bfloat16, graphs=False)
+    den._i.fill_(4)
+    x = torch.randn(3, 3, 32, 32)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        (x0,) = den._x0(mode.from_tensor(x))
+    assert x0.shape == x.shape and x0.dtype == torch.float32

@@ -11,17 +11,18 @@ from hypothesis import given, settings, strategies as st
 from idemrt import BitstreamError
 from idemrt import bitstream as bsfmt
 from idemrt.psc import stream
-from idemrt.psc.stream import Code, Params
+from idemrt.psc.stream import Code, Compute, Params
 
 PARAMS = Params(s=4, r=2, steps=3, seed=7, hash_bits=16, hash_every=2)
+FAST = Compute("fast", "bf16", "cuda")
 
 
-def _code(rounds=5, codes=None, params=PARAMS, height=15, width=16):
+def _code(rounds=5, codes=None, params=PARAMS, height=15, width=16, compute=FAST):
     codes = bytes((37 * i + 11) % 0x7F for i in range(rounds * params.r)) if codes is None else codes
     marks = stream.checkpoints(rounds, params.hash_every)
     return Code(params=params, rounds=rounds, codes=codes,
                 hashes=[bytes([k, 255 - k])[: params.hash_bytes] for k in marks], height=height, width=width,
-                padded_height=16, padded_width=16, weights_hash=bytes(range(16)))
+                padded_height=16, padded_width=16, weights_hash=bytes(range(16)), compute=compute)
 
 
 def _forge(data: bytes, streams=None, **extra) -> bytes:
@@ -55,7 +56,30 @@ def test_round_trip(entropy):
     code = _code()
     got = _unpack(stream.pack(code, entropy))
     assert got == code
-    assert bsfmt.decode(stream.pack(code, entropy)).extra["entropy"] == "raw"  # 10 varied bytes do not shrink
+    extra = bsfmt.decode(stream.pack(code, entropy)).extra
+    assert extra["entropy"] == "raw"  # 10 varied bytes do not shrink
+    assert (extra["version"], extra["compute"]) == (2, "fast-bf16-cuda")
+
+
+def test_version_1_streams_have_no_compute_mode_and_stay_version_1():
+    old = _forge(GOOD, version=1, compute=None)  # as written before the compute mode was recorded
+    code = _unpack(old)
+    assert code.compute is None and code == _code(compute=None)
+    assert stream.pack(code, "raw") == old  # a prefix of an old stream is an old stream
+    with pytest.raises(BitstreamError, match="unknown field.*compute"):
+        _unpack(_forge(GOOD, version=1))
+    with pytest.raises(BitstreamError, match="missing field.*compute"):
+        _unpack(_forge(old, version=2))
+
+
+def test_compute_modes_print_and_parse():
+    for backend, dtypes in stream.BACKENDS.items():
+        for dtype in dtypes:
+            for device in stream.DEVICE_TYPES:
+                mode = Compute(backend, dtype, device)
+                assert Compute.parse(str(mode)) == mode and str(mode) == f"{backend}-{dtype}-{device}"
+    with pytest.raises(ValueError, match="fp32"):
+        Compute("eager", "bf16", "cpu")
 
 
 def test_zlib_is_used_only_when_it_shrinks_the_measurements():
@@ -75,7 +99,13 @@ GOOD = stream.pack(_code(), "raw")
     ({"rounds": 0}, "rounds"), ({"rounds": -1}, "rounds"), ({"rounds": 2**40}, "rounds"),
     ({"steps": 1}, "steps"), ({"steps": 1001}, "steps"), ({"seed": -1}, "seed"),
     ({"hash_bits": 12}, "hash_bits"), ({"hash_bits": 72}, "hash_bits"), ({"hash_every": 0}, "hash_every"),
-    ({"version": 2}, "version"), ({"quantizer": "e5m2"}, "quantizer"), ({"entropy": "lzma"}, "entropy"),
+    ({"version": 3}, "version 3 is not supported"), ({"version": 0}, "version 0 is not supported"),
+    ({"version": "2"}, "must be an int"), ({"quantizer": "e5m2"}, "quantizer"), ({"entropy": "lzma"}, "entropy"),
+    ({"compute": "fast-bf16-tpu"}, "cpu or cuda"), ({"compute": "eager-bf16-cpu"}, "eager path computes in fp32"),
+    ({"compute": "fast-fp8-cuda"}, "fast path computes in"), ({"compute": "trt-fp16-cuda"}, "backend must be"),
+    ({"compute": "fast-bf16"}, "backend-dtype-device"), ({"compute": "fast-bf16-cuda-0"}, "backend-dtype-device"),
+    ({"compute": "x" * 5000 + "-a-b"}, "backend-dtype-device"), ({"compute": ""}, "backend-dtype-device"),
+    ({"compute": 2}, "must be a str"),
     ({"s": "4"}, "must be an int"), ({"rounds": b"\x05"}, "must be an int"), ({"quantizer": 1}, "must be a str"),
     ({"extra_key": 1}, "unknown field"),
     ({"rounds": 6}, "measurement bytes"),  # same 3 hashes as 5 rounds, but 2 bytes short
@@ -87,7 +117,7 @@ def test_forged_fields_are_rejected(fields, message):
 
 
 @pytest.mark.parametrize("key", ["s", "r", "rounds", "steps", "seed", "hash_bits", "hash_every", "version",
-                                 "quantizer", "entropy"])
+                                 "quantizer", "entropy", "compute"])
 def test_every_field_is_required(key):
     with pytest.raises(BitstreamError, match=f"missing field.*{key}"):
         _unpack(_forge(GOOD, **{key: None}))
@@ -153,3 +183,15 @@ def test_fuzzed_ints_parse_in_range_or_raise_bitstream_error(fields):
     p = code.params
     assert 2 <= p.s <= stream.MAX_S and 1 <= p.r < p.s and 1 <= code.rounds < stream.MAX_ROUNDS
     assert len(code.codes) == code.rounds * p.r <= 3 * 16 * 16
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.lists(st.sampled_from(["fast", "eager", "bf16", "fp32", "fp16", "cpu",
+                                                                "cuda", "", "x"]), max_size=4).map("-".join)))
+def test_fuzzed_compute_modes_parse_exactly_or_raise_bitstream_error(text):
+    try:
+        code = _unpack(_forge(GOOD, compute=text))
+    except BitstreamError:
+        return
+    assert str(code.compute) == text  # only the canonical spelling of a known mode is accepted
+    assert code.compute.dtype in stream.BACKENDS[code.compute.backend]

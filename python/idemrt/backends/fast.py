@@ -57,15 +57,13 @@ from ..errors import BackendError
 from ..models.unet import ADMUNet
 from .base import StepSpec, register
 
-__all__ = ["FastBackend", "KERNELS"]
+__all__ = ["FastBackend", "GraphSet", "KERNELS", "inference_unet"]
 
 KERNELS = ("torch", "triton", "compile")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Warm-up runs before capture (PyTorch's CUDA-graph notes: lazy init, cuDNN autotuning, Triton JIT
 # and autograd's stream bookkeeping must all happen outside the capture).
 _WARMUP = 3
-
-StepFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], tuple]
 
 
 @register("fast")
@@ -104,10 +102,7 @@ class FastBackend:
         self.graphs = graphs
         self.kernels = kernels
         self.sampler = spec.sampler.to(device)
-        if dtype != torch.float32 and not isinstance(spec.unet, ADMUNet):
-            raise BackendError(f"bfloat16/float16 need an idemrt ADMUNet (its mixed-precision layout), got "
-                               f"{type(spec.unet).__name__}; use dtype=torch.float32")
-        self.unet = _shared_inference_copy(spec.unet, dtype, device, kernels)
+        self.unet = inference_unet(spec.unet, dtype, device, kernels)
         self.operator = spec.operator
         self._fused_update = None
         if kernels == "triton":
@@ -118,7 +113,7 @@ class FastBackend:
             self._unet_fn = torch.compile(self.unet, mode=mode, fullgraph=True, dynamic=False)
         # The step index of every graph: updated in place before each replay.
         self._i = torch.zeros((), dtype=torch.long, device=device)
-        self._captured: dict = {}
+        self._graphs = GraphSet("fast backend", lambda: _cudnn_autotune(device))
         self._lock = threading.Lock()
 
     # -- the math ----------------------------------------------------------------------------
@@ -182,19 +177,14 @@ class FastBackend:
         i = self._check(x_t, i, target, noise)
         guided = self.spec.guidance is not None and bool(self.spec.guidance.active(i))
         fn = self._guided_step if guided else self._plain_step
+        target = target if guided else None
         with self._lock, _on_device(self.device):
             self._i.fill_(i)
             if not self.graphs:
                 with _cudnn_autotune(self.device):
-                    return fn(x_t, self._i, target if guided else None, noise)
-            key = (guided, tuple(x_t.shape), tuple(target.shape) if guided else None)
-            graph = self._captured.get(key)
-            if graph is None:
-                graph = self._capture(fn, key, x_t, target if guided else None, noise)
-            if graph is False:  # capture failed for this shape: run it uncaptured
-                with _cudnn_autotune(self.device):
-                    return fn(x_t, self._i, target if guided else None, noise)
-            return graph.replay(x_t, target if guided else None, noise)
+                    return fn(x_t, self._i, target, noise)
+            key = (guided, tuple(x_t.shape), None if target is None else tuple(target.shape))
+            return self._graphs.run(key, lambda x, tg, z: fn(x, self._i, tg, z), x_t, target, noise)
 
     def step_uncaptured(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor):
         """:meth:`step` without CUDA graphs (same kernels, same step-index tensor): for tests and
@@ -209,27 +199,12 @@ class FastBackend:
     @property
     def num_graphs(self) -> int:
         """How many CUDA graphs are captured (one per step kind and shape)."""
-        return sum(1 for g in self._captured.values() if g)
+        return len(self._graphs)
 
     def release_graphs(self) -> None:
         """Drop every captured graph and its memory pool."""
         with self._lock:
-            self._captured.clear()
-
-    def _capture(self, fn: StepFn, key, x_t, target, noise):
-        try:
-            with _cudnn_autotune(self.device):
-                graph = _Graph(fn, self._i, x_t, target, noise)
-        except Exception as exc:  # noqa: BLE001 - any capture failure falls back, loudly
-            warnings.warn(
-                f"fast backend: CUDA graph capture failed for shape {key[1]} "
-                f"({type(exc).__name__}: {exc}); this shape runs without graphs",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            graph = False
-        self._captured[key] = graph
-        return graph
+            self._graphs.clear()
 
     def _check(self, x_t, i, target, noise) -> int:
         if isinstance(i, torch.Tensor):
@@ -303,30 +278,73 @@ class FastBackend:
         return i if isinstance(i, torch.Tensor) else torch.tensor(i, device=self.device)
 
 
-class _Graph:
-    """One captured step: static input buffers, the graph and its static outputs."""
+class GraphSet:
+    """CUDA graphs of functions of static-shaped tensors, one per key, captured on first use.
 
-    def __init__(self, fn: StepFn, step_index, x_t, target, noise):
-        self.x = x_t.clone()
-        self.target = None if target is None else target.clone()
-        self.noise = noise.clone()
-        device = x_t.device
+    ``run(key, fn, *inputs)`` replays the graph of ``key`` (capturing ``fn(*inputs)`` the first
+    time) and returns fresh copies of ``fn``'s outputs, a tuple of tensors. ``fn`` must read any
+    other changing state (a step index) from device tensors it closes over. A key whose capture
+    fails runs uncaptured from then on, after a warning. ``settings()`` is the context (cuDNN
+    flags) that warm-up, capture and uncaptured runs happen in. Callers serialise ``run``: every
+    graph owns one set of static buffers.
+    """
+
+    def __init__(self, owner: str, settings: Callable = contextlib.nullcontext):
+        self.owner = owner
+        self.settings = settings
+        self._graphs: dict = {}
+
+    def run(self, key, fn: Callable, *inputs):
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(key, fn, inputs)
+        if graph is False:
+            with self.settings():
+                return fn(*inputs)
+        return graph.replay(*inputs)
+
+    def __len__(self) -> int:
+        return sum(1 for g in self._graphs.values() if g)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def _capture(self, key, fn, inputs):
+        try:
+            with self.settings():
+                return _Graph(fn, *inputs)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back, loudly
+            warnings.warn(
+                f"{self.owner}: CUDA graph capture failed for {key} ({type(exc).__name__}: {exc}); "
+                f"this shape runs without graphs",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+
+
+class _Graph:
+    """One captured call ``fn(*inputs)``: static input buffers (None stays None), the graph and
+    its static outputs."""
+
+    def __init__(self, fn: Callable, *inputs):
+        self.inputs = [None if t is None else t.clone() for t in inputs]
+        device = next(t for t in inputs if t is not None).device
         # Warm up on a side stream, then capture (the order PyTorch's CUDA-graph notes require).
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(_WARMUP):
-                fn(self.x, step_index, self.target, self.noise)
+                fn(*self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = fn(self.x, step_index, self.target, self.noise)
+            self.outputs = fn(*self.inputs)
 
-    def replay(self, x_t, target, noise):
-        self.x.copy_(x_t)
-        self.noise.copy_(noise)
-        if target is not None:
-            self.target.copy_(target)
+    def replay(self, *inputs):
+        for static, t in zip(self.inputs, inputs):
+            if static is not None:
+                static.copy_(t)
         self.graph.replay()
         # Copies, so that results survive the next replay (a few hundred KB: negligible).
         return tuple(t.clone() for t in self.outputs)
@@ -336,6 +354,15 @@ class _Graph:
 # inference copy instead of holding another (about 1.1 GB in bf16 for imagenet256).
 _COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _COPIES_LOCK = threading.Lock()
+
+
+def inference_unet(unet: nn.Module, dtype: torch.dtype, device: torch.device, kernels: str = "torch") -> nn.Module:
+    """The UNet's inference copy for ``dtype`` (one of bfloat16, float16, float32), shared by every
+    user of this UNet, device, dtype and ``kernels`` (see :func:`_inference_copy`)."""
+    if dtype != torch.float32 and not isinstance(unet, ADMUNet):
+        raise BackendError(f"bfloat16/float16 need an idemrt ADMUNet (its mixed-precision layout), got "
+                           f"{type(unet).__name__}; use dtype=torch.float32")
+    return _shared_inference_copy(unet, dtype, device, kernels)
 
 
 def _shared_inference_copy(module: nn.Module, dtype: torch.dtype, device: torch.device, kernels: str) -> nn.Module:

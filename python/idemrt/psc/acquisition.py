@@ -2,9 +2,11 @@
 
 Round k (0-based) draws s posterior samples given the rows H and quantized measurements y of
 rounds < k, in one UNet batch, with noise keyed by (seed, round k, step); their top-r principal
-directions (:mod:`.rows`) become the round's rows. The encoder then measures the image along
-them; the decoder reads the measurements from the bitstream. Both feed the rows, in order, into
-one running sha256 whose prefix is stored (encoder) or checked (decoder) at checkpoint rounds.
+directions (:mod:`.rows`) become the round's rows. The UNet runs through the denoiser of the
+stream's compute mode, under deterministic cuDNN settings (:func:`.sampling.deterministic`).
+The encoder then measures the image along them; the decoder reads the measurements from the
+bitstream. Both feed the rows, in order, into one running sha256 whose prefix is stored
+(encoder) or checked (decoder) at checkpoint rounds.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from . import noise
 from .cache import RowCache, cache_key
 from .rows import principal_rows, rows_digest
-from .sampling import Denoiser, projected_sample
+from .sampling import Denoiser, deterministic, projected_sample
 from .stream import Params
 
 _HASH_DOMAIN = b"idemrt.psc.rows.v1\0"
@@ -23,14 +25,15 @@ _HASH_DOMAIN = b"idemrt.psc.rows.v1\0"
 
 class Acquisition:
     """Rows H (float32 on the device for the sampler, and exactly as float64 on the CPU for the
-    row recipe) and the measurements y."""
+    row recipe) and the measurements y. ``denoiser`` runs ``params.steps`` steps in the stream's
+    compute mode; it may be reused across images (its CUDA graphs too)."""
 
-    def __init__(self, unet: torch.nn.Module, params: Params, shape: tuple[int, int, int], device,
-                 weights_hash: bytes, cache: RowCache | None = None):
+    def __init__(self, denoiser: Denoiser, params: Params, shape: tuple[int, int, int], weights_hash: bytes,
+                 cache: RowCache | None = None):
         self.params = params
         self.shape = tuple(shape)
-        self.device = torch.device(device)
-        self.denoiser = Denoiser(unet, params.steps, self.device)
+        self.device = denoiser.device
+        self.denoiser = denoiser
         self.weights_hash = weights_hash
         self.cache = cache
         n = shape[0] * shape[1] * shape[2]
@@ -51,7 +54,8 @@ class Acquisition:
         batch = (p.s, *self.shape)
         z = noise.prefetch(p.seed, noise.ACQUIRE, k, self.denoiser.noise_steps(), batch, self.device)
         self.unet_evals += p.s * p.steps
-        return projected_sample(self.denoiser, self.h, self.y, batch, z)
+        with deterministic():
+            return projected_sample(self.denoiser, self.h, self.y, batch, z)
 
     def next_rows(self) -> torch.Tensor:
         """The rows (r, n) of the next round; raises DegenerateSamplesError if there are none."""
@@ -59,7 +63,8 @@ class Acquisition:
         key = None
         if k == 0 and self.cache is not None:
             threads = torch.get_num_threads() if self.device.type == "cpu" else 0
-            key = cache_key(self.weights_hash, p.seed, p.s, p.r, p.steps, self.shape, self.device, threads)
+            key = cache_key(self.weights_hash, p.seed, p.s, p.r, p.steps, self.shape, self.device, threads,
+                            self.denoiser.compute)
             rows = self.cache.get(key, (p.r, self.h.shape[1]))
             if rows is not None:
                 self.cache_hit = True

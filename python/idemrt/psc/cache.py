@@ -1,9 +1,10 @@
 """Cache of the round-0 rows, which depend on the model and the seed only.
 
 Round 0 conditions on nothing (H and y are empty), so its rows are a function of the UNet
-weights, seed, s, r, steps, image shape and the arithmetic that ran them: the device and the
-library versions. All of these form the key. Entries live in a small in-process LRU and, when a
-directory is given, in files of raw float32 bytes with a checked header (no pickle).
+weights, seed, s, r, steps, image shape and the arithmetic that ran them: the compute mode
+(backend, dtype), the device and the library versions. All of these form the key. Entries live
+in a small in-process LRU and, when a directory is given, in files of raw float32 bytes with a
+checked header (no pickle).
 
 A cached row set is only as good as the run that made it; the decoder's row hash still checks
 it against the encoder's.
@@ -37,9 +38,11 @@ def platform_tag(device: torch.device) -> str:
 
 
 def cache_key(weights_hash: bytes, seed: int, s: int, r: int, steps: int, shape, device: torch.device,
-              threads: int) -> bytes:
+              threads: int, compute) -> bytes:
+    """``compute``: the :class:`.stream.Compute` mode of the acquisition sampler."""
     text = (f"psc-round0 v{RECIPE_VERSION} weights={bytes(weights_hash).hex()} seed={seed} s={s} r={r} "
-            f"steps={steps} shape={tuple(shape)} threads={threads} platform={platform_tag(device)}")
+            f"steps={steps} shape={tuple(shape)} threads={threads} compute={compute} "
+            f"platform={platform_tag(device)}")
     return hashlib.sha256(text.encode()).digest()
 
 

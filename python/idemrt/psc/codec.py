@@ -8,8 +8,10 @@
     decoder: the same loop with q(rows·x) read from the bytes, then one restoration from (H, y_q)
 
 No side information: the decoder rebuilds every row from the same model, noise and y_q, which
-works only when its arithmetic is bit-identical to the encoder's (docs/psc.md). Row hashes in
-the stream turn a divergence into :class:`idemrt.DecodeError` instead of a wrong image.
+works only when its arithmetic is bit-identical to the encoder's (docs/psc.md). The stream
+records the encoder's compute mode (backend, dtype, device type), which the decoder's
+acquisition then uses; row hashes turn any remaining divergence into :class:`idemrt.DecodeError`
+instead of a wrong image.
 
 Images are mapped to the diffusion model's [-1, 1] and padded (replicated edges) to a multiple
 of the UNet's downsampling factor; measurements see the padded image, rates count the original
@@ -32,8 +34,8 @@ from .acquisition import Acquisition
 from .cache import SHARED, RowCache
 from .quantize import dequantize, quantize
 from .rows import DegenerateSamplesError
-from .sampling import Denoiser, guided_sample, projected_sample
-from .stream import Code, Params
+from .sampling import DTYPE_NAMES, deterministic, guided_sample, make_denoiser, projected_sample
+from .stream import Code, Compute, Params
 
 RESTORATIONS = ("projected", "guided")
 
@@ -47,6 +49,7 @@ class Stats:
     unet_evals: int = 0  # sample evaluations: batch items x steps (the guided restoration counts one each)
     cache_hit: bool = False
     residual: float = float("nan")  # ||H x̂ - y_q|| / sqrt(m) of the restoration ([-1, 1] units)
+    compute: str = ""  # the acquisition's compute mode, e.g. "fast-bf16-cuda"
     timings: dict = field(default_factory=dict)
 
 
@@ -61,6 +64,17 @@ def _factor(unet) -> int:
     config = getattr(unet, "config", None)
     mults = getattr(config, "channel_mults", None)
     return 2 ** (len(mults) - 1) if mults else 1
+
+
+def _compute(backend, dtype, device: torch.device) -> Compute:
+    """The compute mode of ``backend`` ("eager", "fast") and ``dtype`` (a torch dtype) on ``device``;
+    by default fast (bf16) on CUDA and eager (fp32) elsewhere, as :class:`idemrt.Decoder`."""
+    backend = backend or ("fast" if device.type == "cuda" else "eager")
+    if dtype is None:
+        return Compute(backend, "bf16" if backend == "fast" else "fp32", device.type)
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPE_NAMES))}, got {dtype!r}")
+    return Compute(backend, DTYPE_NAMES[dtype], device.type)
 
 
 def _cache(cache, cache_dir) -> RowCache | None:
@@ -93,17 +107,26 @@ class Encoder:
     multiple of 8) of a running hash of the rows are stored every ``hash_every`` rounds and at
     the last one. ``entropy``: "zlib" (kept only if smaller) or "raw". ``cache``: reuse round 0
     across images (in memory), or ``cache_dir`` for a persistent cache.
+
+    ``backend`` and ``dtype`` choose how the sampler's UNet runs: "eager" (the UNet as given,
+    fp32) or "fast" (the fast backend's inference copy in ``dtype``: torch.bfloat16 by default,
+    torch.float16 or torch.float32; one CUDA graph per batch shape on CUDA). Default: fast on
+    CUDA, eager otherwise. The mode is written into the stream and decoders follow it; the fast
+    path snapshots the weights here.
     """
 
     def __init__(self, unet: torch.nn.Module, s: int = 16, r: int = 12, steps: int = 25, seed: int = 0,
-                 device=None, *, hash_bits: int = 16, hash_every: int = 1, entropy: str = "zlib",
+                 device=None, *, backend: str | None = None, dtype: torch.dtype | None = None,
+                 hash_bits: int = 16, hash_every: int = 1, entropy: str = "zlib",
                  cache: bool = True, cache_dir=None, progress: bool = False):
         if entropy not in stream.ENTROPY:
             raise ValueError(f"entropy must be one of {stream.ENTROPY}, got {entropy!r}")
         self.params = Params(s=s, r=r, steps=steps, seed=seed, hash_bits=hash_bits, hash_every=hash_every)
         self.device = _device(device)
+        self.compute = _compute(backend, dtype, self.device)
         self.unet = unet.to(self.device).eval()
         self.weights_hash = bsfmt.weights_digest(self.unet.state_dict())
+        self.denoiser = make_denoiser(self.unet, steps, self.device, self.compute)
         self.factor = _factor(self.unet)
         self.entropy = entropy
         self.cache = _cache(cache, cache_dir)
@@ -123,7 +146,7 @@ class Encoder:
         if rounds * self.params.r > n:
             raise ValueError(f"{rounds} rounds of {self.params.r} exceed the {n} dimensions of the image")
         flat = x.reshape(-1).double()
-        acq = Acquisition(self.unet, self.params, shape, self.device, self.weights_hash, self.cache)
+        acq = Acquisition(self.denoiser, self.params, shape, self.weights_hash, self.cache)
         marks = set(stream.checkpoints(rounds, self.params.hash_every))
         codes, hashes = [], []
         for k in _progress(range(rounds), self.progress, "encoding"):
@@ -135,10 +158,10 @@ class Encoder:
                 hashes.append(digest)
         code = Code(params=self.params, rounds=rounds, codes=b"".join(codes), hashes=hashes,
                     height=int(height), width=int(width), padded_height=shape[1], padded_width=shape[2],
-                    weights_hash=self.weights_hash)
+                    weights_hash=self.weights_hash, compute=self.compute)
         data = stream.pack(code, self.entropy)
         self.last = Stats(rounds=rounds, unet_evals=acq.unet_evals, cache_hit=acq.cache_hit,
-                          timings={"total": time.perf_counter() - t0})
+                          compute=str(self.compute), timings={"total": time.perf_counter() - t0})
         return data
 
     def _rounds(self, bpp, rounds, height, width) -> int:
@@ -154,16 +177,21 @@ class Encoder:
 class Decoder:
     """Decode PSC ``.idm`` bitstreams with the encoder's UNet, on the encoder's kind of machine.
 
+    The rows are rebuilt in the compute mode the stream records (the encoder's backend and
+    dtype), on this decoder's device, which must be of the encoder's device type. ``backend`` and
+    ``dtype`` (as for :class:`Encoder`; default fast bf16 on CUDA, eager elsewhere),
     ``restoration_steps`` (default: the stream's sampler steps), ``restoration_seed``,
     ``guidance_scale`` and ``eta`` shape the final restoration only, which need not match the
     encoder. ``max_measurements`` bounds the rows held in memory (reader policy).
     """
 
-    def __init__(self, unet: torch.nn.Module, device=None, *, restoration_steps: int | None = None,
+    def __init__(self, unet: torch.nn.Module, device=None, *, backend: str | None = None,
+                 dtype: torch.dtype | None = None, restoration_steps: int | None = None,
                  restoration_seed: int = 0, guidance_scale: float = 1.0, eta: float = 1.0,
                  max_measurements: int = stream.DEFAULT_MAX_MEASUREMENTS, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS,
                  cache: bool = True, cache_dir=None, progress: bool = False):
         self.device = _device(device)
+        self.compute = _compute(backend, dtype, self.device)  # the restoration's
         self.unet = unet.to(self.device).eval()
         self.weights_hash = bsfmt.weights_digest(self.unet.state_dict())
         self.factor = _factor(self.unet)
@@ -176,6 +204,7 @@ class Decoder:
         self.cache = _cache(cache, cache_dir)
         self.progress = progress
         self.last = Stats()
+        self._denoisers: dict = {}
 
     def parse(self, data) -> Code:
         """Check a bitstream (bytes, or an already decoded :class:`idemrt.bitstream.Bitstream`)
@@ -201,9 +230,10 @@ class Decoder:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= code.rounds:
             raise ValueError(f"rounds must be an int in [1, {code.rounds}] (the stream's rounds), got {rounds!r}")
         p = code.params
+        compute = self._acquisition_mode(code)
         y_all = dequantize(code.codes)
         shape = (3, code.padded_height, code.padded_width)
-        acq = Acquisition(self.unet, p, shape, self.device, code.weights_hash, self.cache)
+        acq = Acquisition(self._denoiser(p.steps, compute), p, shape, code.weights_hash, self.cache)
         marks = {k: i for i, k in enumerate(stream.checkpoints(code.rounds, p.hash_every))}
         checked = 0
         for k in _progress(range(rounds), self.progress, "rebuilding rows"):
@@ -222,8 +252,31 @@ class Decoder:
                         f"torch/CUDA versions and CPU thread count (docs/psc.md)"
                     )
                 checked += 1
-        self.last = Stats(rounds=rounds, hashes_checked=checked, unet_evals=acq.unet_evals, cache_hit=acq.cache_hit)
+        self.last = Stats(rounds=rounds, hashes_checked=checked, unet_evals=acq.unet_evals, cache_hit=acq.cache_hit,
+                          compute=str(compute))
         return acq.h, acq.y, code
+
+    def _acquisition_mode(self, code: Code) -> Compute:
+        """The encoder's compute mode, which rebuilding its rows needs; DecodeError if this decoder
+        cannot run it."""
+        c = code.compute
+        if c is None:  # a version-1 stream: eager fp32, on a device type it does not record
+            return Compute("eager", "fp32", self.device.type)
+        if c.device != self.device.type:
+            raise DecodeError(
+                f"this file's rows were computed by the {c.backend} {c.dtype} UNet on {c.device} "
+                f"(compute mode {c}), but this decoder runs on {self.device.type}: a UNet on another kind of "
+                f"device computes different last bits, so the rows would diverge from the encoder's. Decode "
+                f"on a {c.device} device of the encoder's kind (device='{c.device}', or --device {c.device})"
+            )
+        return c
+
+    def _denoiser(self, steps: int, compute: Compute):
+        """One denoiser per (steps, mode), kept so that its CUDA graphs serve every later decode."""
+        key = (steps, compute)
+        if key not in self._denoisers:
+            self._denoisers[key] = make_denoiser(self.unet, steps, self.device, compute)
+        return self._denoisers[key]
 
     def decode(self, data, restoration: str = "projected", rounds: int | None = None, output: str = "pil"):
         """The image of the first ``rounds`` rounds (default all). ``restoration``: "projected"
@@ -247,12 +300,14 @@ class Decoder:
         return to_pil(img) if output == "pil" else img
 
     def restore(self, h: torch.Tensor, y: torch.Tensor, shape, steps: int, restoration: str = "projected"):
-        """A restoration x̂ (shape, [-1, 1] units, unclamped) from rows h and measurements y."""
-        den = Denoiser(self.unet, self.restoration_steps or steps, self.device)
+        """A restoration x̂ (shape, [-1, 1] units, unclamped) from rows h and measurements y, in
+        this decoder's compute mode."""
+        den = self._denoiser(self.restoration_steps or steps, self.compute)
         z = noise.prefetch(self.restoration_seed, noise.RESTORE, h.shape[0], den.noise_steps(), shape, self.device)
-        if restoration == "projected":
-            return projected_sample(den, h, y, shape, z)
-        return guided_sample(den, h, y, shape, z, scale=self.guidance_scale, eta=self.eta)
+        with deterministic():
+            if restoration == "projected":
+                return projected_sample(den, h, y, shape, z)
+            return guided_sample(den, h, y, shape, z, scale=self.guidance_scale, eta=self.eta)
 
 
 def truncate(data, rounds: int) -> bytes:
@@ -276,7 +331,7 @@ def truncate(data, rounds: int) -> bytes:
     hashes = [code.hashes[old.index(k)] for k in new] if p.hash_bytes else []
     prefix = Code(params=p, rounds=rounds, codes=code.codes[: rounds * p.r], hashes=hashes, height=code.height,
                   width=code.width, padded_height=code.padded_height, padded_width=code.padded_width,
-                  weights_hash=code.weights_hash)
+                  weights_hash=code.weights_hash, compute=code.compute)
     return stream.pack(prefix, bs.extra["entropy"])
 
 

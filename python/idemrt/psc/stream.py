@@ -8,7 +8,9 @@
 * ``streams[1]``: the row hashes, ``hash_bits / 8`` bytes per checkpoint round (see
   :func:`checkpoints`);
 * ``extra``: the ints s, r, rounds, steps, seed, hash_bits, hash_every, version and the strs
-  quantizer, entropy. Every key is required and no other is accepted.
+  quantizer, entropy, compute (:class:`Compute`, how the acquisition sampler ran). Every key is
+  required and no other is accepted. Version 1, written before ``compute`` existed, has no such
+  key; its rows came from the eager fp32 UNet on a device it does not record.
 
 Everything parsed here is hostile input: each field is type- and range-checked before it sizes
 anything, and any defect is a :class:`idemrt.BitstreamError`.
@@ -23,7 +25,7 @@ from ..errors import BitstreamError
 from .quantize import QUANTIZER
 
 CODEC = "psc"
-VERSION = 1
+VERSION = 2
 MAX_S = 256  # samples per round: one UNet batch
 MAX_ROUNDS = 1 << 16
 MAX_STEPS = 1000
@@ -32,8 +34,11 @@ ENTROPY = ("raw", "zlib")
 # Reader policy: the decoder holds H, rounds·r rows of 3·h·w, as float32 on the device and float64
 # on the CPU (8192 rows at 256²: 6.4 + 12.9 GB).
 DEFAULT_MAX_MEASUREMENTS = 8192
+# Compute modes: the backends, each with its dtypes, and the device types.
+BACKENDS = {"eager": ("fp32",), "fast": ("bf16", "fp16", "fp32")}
+DEVICE_TYPES = ("cpu", "cuda")
 _INT_KEYS = ("hash_bits", "hash_every", "r", "rounds", "s", "seed", "steps", "version")
-_STR_KEYS = ("entropy", "quantizer")
+_STR_KEYS = {1: ("entropy", "quantizer"), 2: ("compute", "entropy", "quantizer")}  # per version
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,37 @@ class Params:
         return self.hash_bits // 8
 
 
+@dataclass(frozen=True)
+class Compute:
+    """How the acquisition sampler's UNet runs: ``backend`` ("eager" or "fast"), its ``dtype``
+    ("fp32", "bf16", "fp16") and the torch device type. Different modes give different last
+    bits, so encoder and decoder must use the same one; it travels in the stream as its
+    :meth:`str`, e.g. ``"fast-bf16-cuda"``."""
+
+    backend: str
+    dtype: str
+    device: str
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
+        if self.dtype not in BACKENDS[self.backend]:
+            raise ValueError(f"the {self.backend} path computes in {', '.join(BACKENDS[self.backend])}, "
+                             f"not {self.dtype!r}")
+        if self.device not in DEVICE_TYPES:
+            raise ValueError(f"PSC runs on {' or '.join(DEVICE_TYPES)} devices, not {self.device!r}")
+
+    def __str__(self) -> str:
+        return f"{self.backend}-{self.dtype}-{self.device}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Compute":
+        parts = text.split("-")
+        if len(text) > 32 or len(parts) != 3:
+            raise ValueError(f"compute mode {text[:32]!r} is not backend-dtype-device")
+        return cls(*parts)
+
+
 def checkpoints(rounds: int, hash_every: int) -> list[int]:
     """Rounds (0-based) after which a hash of all rows so far is stored: every ``hash_every``-th
     round, and the last one."""
@@ -98,6 +134,7 @@ class Code:
     padded_height: int
     padded_width: int
     weights_hash: bytes
+    compute: Compute | None  # None: a version-1 stream (eager fp32, device not recorded)
 
 
 def pack(code: Code, entropy: str = "zlib") -> bytes:
@@ -112,14 +149,17 @@ def pack(code: Code, entropy: str = "zlib") -> bytes:
             measurements = packed
         else:
             entropy = "raw"
+    extra = {"version": VERSION, "s": p.s, "r": p.r, "rounds": code.rounds, "steps": p.steps, "seed": p.seed,
+             "hash_bits": p.hash_bits, "hash_every": p.hash_every, "quantizer": QUANTIZER, "entropy": entropy}
+    if code.compute is None:  # a prefix of a version-1 stream stays version 1
+        extra["version"] = 1
+    else:
+        extra["compute"] = str(code.compute)
     bs = bsfmt.Bitstream(
         codec=CODEC, quality=None, weights_hash=bytes(code.weights_hash),
         height=code.height, width=code.width,
         padded_height=code.padded_height, padded_width=code.padded_width,
-        streams=[measurements, b"".join(code.hashes)], latent_shape=(),
-        extra={"version": VERSION, "s": p.s, "r": p.r, "rounds": code.rounds, "steps": p.steps,
-               "seed": p.seed, "hash_bits": p.hash_bits, "hash_every": p.hash_every,
-               "quantizer": QUANTIZER, "entropy": entropy},
+        streams=[measurements, b"".join(code.hashes)], latent_shape=(), extra=extra,
     )
     return bsfmt.encode(bs)
 
@@ -136,8 +176,13 @@ def unpack(bs: bsfmt.Bitstream, *, factor: int | None, max_measurements: int = D
     if bs.quality is not None or bs.latent_shape != ():
         raise BitstreamError("corrupt PSC file: quality and latent shape must be empty")
     extra = bs.extra
-    missing = sorted(set(_INT_KEYS + _STR_KEYS) - set(extra))
-    unknown = sorted(set(extra) - set(_INT_KEYS + _STR_KEYS))
+    version = extra.get("version", VERSION)  # a missing version is reported with the other missing keys
+    if isinstance(version, int) and version not in _STR_KEYS:
+        raise BitstreamError(f"PSC stream version {version} is not supported (this idemrt reads "
+                             f"{', '.join(map(str, _STR_KEYS))})")
+    str_keys = _STR_KEYS.get(version, _STR_KEYS[VERSION])
+    missing = sorted(set(_INT_KEYS + str_keys) - set(extra))
+    unknown = sorted(set(extra) - set(_INT_KEYS + str_keys))
     if missing:
         raise BitstreamError(f"corrupt PSC file: missing field(s) {', '.join(missing)}")
     if unknown:
@@ -145,11 +190,9 @@ def unpack(bs: bsfmt.Bitstream, *, factor: int | None, max_measurements: int = D
     for key in _INT_KEYS:
         if not isinstance(extra[key], int):
             raise BitstreamError(f"corrupt PSC file: field {key!r} must be an int")
-    for key in _STR_KEYS:
+    for key in str_keys:
         if not isinstance(extra[key], str):
             raise BitstreamError(f"corrupt PSC file: field {key!r} must be a str")
-    if extra["version"] != VERSION:
-        raise BitstreamError(f"PSC stream version {extra['version']} is not supported (this idemrt reads {VERSION})")
     if extra["quantizer"] != QUANTIZER:
         raise BitstreamError(f"unknown PSC quantizer {extra['quantizer']!r} (this idemrt knows {QUANTIZER!r})")
     if extra["entropy"] not in ENTROPY:
@@ -157,6 +200,7 @@ def unpack(bs: bsfmt.Bitstream, *, factor: int | None, max_measurements: int = D
     try:
         params = Params(s=extra["s"], r=extra["r"], steps=extra["steps"], seed=extra["seed"],
                         hash_bits=extra["hash_bits"], hash_every=extra["hash_every"])
+        compute = Compute.parse(extra["compute"]) if "compute" in str_keys else None
     except ValueError as exc:
         raise BitstreamError(f"corrupt PSC file: {exc}") from None
     rounds = extra["rounds"]
@@ -185,7 +229,7 @@ def unpack(bs: bsfmt.Bitstream, *, factor: int | None, max_measurements: int = D
     hb = params.hash_bytes
     hashes = [raw_hashes[i * hb:(i + 1) * hb] for i in range(len(marks))] if hb else []
     return Code(params=params, rounds=rounds, codes=codes, hashes=hashes, height=bs.height, width=bs.width,
-                padded_height=ph, padded_width=pw, weights_hash=bs.weights_hash)
+                padded_height=ph, padded_width=pw, weights_hash=bs.weights_hash, compute=compute)
 
 
 def _measurements(stream: bytes, entropy: str, m: int) -> bytes:
