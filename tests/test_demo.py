@@ -278,4 +278,4 @@ def test_hybrid_loss_vanishes_for_the_true_noise_and_posterior_variance():
 
 def test_json_safe_writes_infinite_psnr_as_a_string():
     value = {"a": [float("inf"), 1.5], "b": {"c": float("nan")}}
-    assert demo._json_safe(value) == {"a": ["inf", 1.5], "b": {"c": "nan"}}
+    assert demo.json_safe(value) == {"a": ["inf", 1.5], "b": {"c": "nan"}}

@@ -1,22 +1,30 @@
-"""Smoke test of benchmarks/psc.py on the CPU: it runs on both compute paths, writes its JSON, and
-the rates it reports are the hand formula. Its times mean nothing here and are only checked to be
-positive."""
+"""Smoke tests of benchmarks/psc.py on the CPU. Speed mode: it runs on both compute paths, writes its
+JSON, and the rates it reports are the hand formula; its times mean nothing here and are only checked
+to be positive. RD mode (--rd, tiny settings): every row's rate and quality figures are recomputed
+here, independently of the script, from the decodes it returns and from a fresh demo-codec encode."""
 import importlib.util
 import json
 import pathlib
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("options, compute", [([], "eager-fp32-cpu"), (["--backend", "fast"], "fast-bf16-cpu")])
-def test_smoke_run_writes_consistent_json(tmp_path, options, compute):
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("psc_benchmark", ROOT / "benchmarks" / "psc.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("options, compute", [([], "eager-fp32-cpu"), (["--backend", "fast"], "fast-bf16-cpu")])
+def test_smoke_run_writes_consistent_json(bench, tmp_path, options, compute):
     out = tmp_path / "psc.json"
-    module.main(["--smoke", "--json", str(out), *options])
+    bench.main(["--smoke", "--json", str(out), *options])
     result = json.loads(out.read_text())
     assert (result["size"], result["s"], result["r"], result["compute"]) == (16, 4, 2, compute)
     assert result["unet_evals_per_s"] > 0
@@ -26,3 +34,68 @@ def test_smoke_run_writes_consistent_json(tmp_path, options, compute):
     for rate in result["rates"]:
         for key in ("encode_s_per_image", "decode_s_per_image", "guided_restoration_s"):
             assert rate[key] > 0
+
+
+def _psnr_8bit(decoded: torch.Tensor, original: torch.Tensor) -> float:
+    """PSNR (peak 255) of the decode as an 8-bit PNG would store it, against the 8-bit original."""
+    a = np.floor(np.clip(decoded.double().numpy(), 0, 1) * 255 + 0.5)
+    b = np.round(original.double().numpy() * 255)
+    return 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+
+
+def _gradient_energy(x: torch.Tensor) -> float:
+    a = x.double().numpy()
+    dx, dy = np.diff(a, axis=-1), np.diff(a, axis=-2)
+    return ((dx**2).sum() + (dy**2).sum()) / (dx.size + dy.size)
+
+
+def test_rd_rows_match_an_independent_recomputation(bench, tmp_path):
+    from PIL import Image
+
+    import idemrt
+    from idemrt import bitstream
+    from idemrt.demo import demo_file, load_demo_codec
+    from idemrt.images import load_image
+
+    size, r = 32, 2
+    out, images = tmp_path / "rd.json", {}
+    bench.main(["--rd", "--device", "cpu", "--image", "coffee", "--size", str(size), "--s", "3", "--r", str(r),
+                "--steps", "2", "--rounds", "2", "--idem-steps", "2", "--json", str(out)], images)
+    result = json.loads(out.read_text())
+    rows = {row["name"]: row for row in result["rows"]}
+    # Default prefixes 1/8, 1/4, 1/2, 1 of 2 rounds: 1 and 2 rounds, each linear, projected, guided.
+    assert list(rows) == ["mse", "idempotence"] + [f"psc-{m}-{k}" for k in (1, 2)
+                                                   for m in ("linear", "projected", "guided")]
+
+    # Every row is measured on the same image: the test's own bicubic resize of the held-out PNG.
+    with demo_file("coffee.png").open("rb") as f:
+        x = load_image(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))
+    assert torch.equal(images["original"], x)
+    for name, row in rows.items():
+        # rel 1e-6: idemrt.demo quantizes in float32; a different definition (e.g. PSNR before the
+        # 8-bit cast) is off by 1e-3 or more.
+        assert row["psnr"] == pytest.approx(_psnr_8bit(images[name], x), rel=1e-6), name
+        decoded = torch.from_numpy(np.floor(np.clip(images[name].double().numpy(), 0, 1) * 255 + 0.5) / 255)
+        assert row["sharpness"] == pytest.approx(_gradient_energy(decoded) / _gradient_energy(x), rel=1e-6), name
+        assert row["patch_swd"] >= 0 and row["file_bpp"] > row["bpp"] > 0, name
+
+    # The MSE row is the demo codec's own encode and MSE decode of that image.
+    codec = load_demo_codec("cpu")
+    data = idemrt.Encoder(codec).encode(x)
+    payload = sum(len(s) for s in bitstream.decode(data).streams)
+    assert rows["mse"]["bpp"] == rows["idempotence"]["bpp"] == 8 * payload / size**2
+    assert rows["mse"]["file_bpp"] == 8 * len(data) / size**2
+    assert torch.equal(images["mse"], idemrt.Decoder(codec, device="cpu").decode(data, mode="mse", output="tensor"))
+    assert rows["mse"]["sharpness"] < 1  # the MSE decode is blurred
+    # PSC: r one-byte measurements and a 2-byte hash per round.
+    for k in (1, 2):
+        for m in ("linear", "projected", "guided"):
+            assert rows[f"psc-{m}-{k}"]["bpp"] == 8 * k * (r + 2) / size**2
+
+
+def test_patch_swd_is_a_distance_between_patch_statistics(bench):
+    a, b = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(k), dtype=torch.float64) for k in (1, 2))
+    assert bench.patch_swd(a, a) == 0
+    assert bench.patch_swd(a, b) == pytest.approx(bench.patch_swd(b, a), rel=1e-12) and bench.patch_swd(a, b) > 0
+    # A brightness offset translates every projected patch set: W1 grows linearly with the offset.
+    assert bench.patch_swd(a, a + 0.2) == pytest.approx(2 * bench.patch_swd(a, a + 0.1), rel=1e-9)

@@ -338,7 +338,7 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
     for r in rows + [{"image": "mean", "width": "", "height": "", **mean}]:
         writer.writerow({c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in r.items()})
     atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode(), force=force)
-    text = json.dumps(_json_safe(result), indent=2, allow_nan=False)
+    text = json.dumps(json_safe(result), indent=2, allow_nan=False)
     atomic_write_bytes(out / "metrics.json", (text + "\n").encode(), force=force)
     plot_rd(rows, mean, out / "rd.png", force=force)
     print(f"mean over {len(rows)} images: {mean['bpp']:.3f} bpp; PSNR mse {mean['mse_psnr']:.2f} / perceptual "
@@ -349,14 +349,14 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
     return result
 
 
-def _json_safe(value):
+def json_safe(value):
     """Strict JSON: an infinite PSNR (an exact re-compression) is written as the string "inf"."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
