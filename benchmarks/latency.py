@@ -34,7 +34,6 @@ time, against the bf16 matmul peak measured here (an 8192^3 matmul on CUDA).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import gc
@@ -52,6 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from idemrt.backends.base import StepSpec, create_backend
+from idemrt.backends.fast import capture, cudnn_autotune
 from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, Schedule, distance, guided_step
 from idemrt.errors import BackendError
 from idemrt.models.unet import PRESETS, ADMUNet, AttentionBlock, UNetConfig
@@ -185,30 +185,13 @@ def time_ms(fn, device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-@contextlib.contextmanager
-def cudnn_benchmark(on: bool):
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
-
-
 def graphed(fn, device):
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns its replay."""
+    """``fn`` captured in a CUDA graph as the fast backend captures (cuDNN autotuned, warmed up on a
+    side stream first); returns its replay."""
     if device.type != "cuda":
         return fn
-    with cudnn_benchmark(True):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+    with cudnn_autotune(device):
+        graph, _ = capture(fn, device)
     return graph.replay
 
 

@@ -57,7 +57,7 @@ from ..errors import BackendError
 from ..models.unet import ADMUNet
 from .base import StepSpec, register
 
-__all__ = ["FastBackend", "GraphSet", "KERNELS", "inference_unet"]
+__all__ = ["FastBackend", "GraphSet", "KERNELS", "capture", "cudnn_autotune", "inference_unet"]
 
 KERNELS = ("torch", "triton", "compile")
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -113,7 +113,7 @@ class FastBackend:
             self._unet_fn = torch.compile(self.unet, mode=mode, fullgraph=True, dynamic=False)
         # The step index of every graph: updated in place before each replay.
         self._i = torch.zeros((), dtype=torch.long, device=device)
-        self._graphs = GraphSet("fast backend", lambda: _cudnn_autotune(device))
+        self._graphs = GraphSet("fast backend", lambda: cudnn_autotune(device))
         self._lock = threading.Lock()
 
     # -- the math ----------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class FastBackend:
         with self._lock, _on_device(self.device):
             self._i.fill_(i)
             if not self.graphs:
-                with _cudnn_autotune(self.device):
+                with cudnn_autotune(self.device):
                     return fn(x_t, self._i, target, noise)
             key = (guided, tuple(x_t.shape), None if target is None else tuple(target.shape))
             return self._graphs.run(key, lambda x, tg, z: fn(x, self._i, tg, z), x_t, target, noise)
@@ -192,7 +192,7 @@ class FastBackend:
         i = self._check(x_t, i, target, noise)
         guided = self.spec.guidance is not None and bool(self.spec.guidance.active(i))
         fn = self._guided_step if guided else self._plain_step
-        with self._lock, _on_device(self.device), _cudnn_autotune(self.device):
+        with self._lock, _on_device(self.device), cudnn_autotune(self.device):
             self._i.fill_(i)
             return fn(x_t, self._i, target if guided else None, noise)
 
@@ -323,6 +323,21 @@ class GraphSet:
             return False
 
 
+def capture(fn: Callable, device: torch.device):
+    """``(graph, outputs)``: ``fn()`` warmed up on a side stream, then captured (the order
+    PyTorch's CUDA-graph notes require); replaying ``graph`` rewrites ``outputs`` in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 class _Graph:
     """One captured call ``fn(*inputs)``: static input buffers (None stays None), the graph and
     its static outputs."""
@@ -330,16 +345,7 @@ class _Graph:
     def __init__(self, fn: Callable, *inputs):
         self.inputs = [None if t is None else t.clone() for t in inputs]
         device = next(t for t in inputs if t is not None).device
-        # Warm up on a side stream, then capture (the order PyTorch's CUDA-graph notes require).
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP):
-                fn(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.inputs)
+        self.graph, self.outputs = capture(lambda: fn(*self.inputs), device)
 
     def replay(self, *inputs):
         for static, t in zip(self.inputs, inputs):
@@ -436,7 +442,7 @@ class _FusedGDN(nn.Module):
 
 
 @contextlib.contextmanager
-def _cudnn_autotune(device: torch.device):
+def cudnn_autotune(device: torch.device):
     """cuDNN benchmark mode for static shapes, unless determinism was asked for; restored after."""
     if device.type != "cuda" or torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled():
         yield
