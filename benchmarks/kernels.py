@@ -4,7 +4,7 @@
     python benchmarks/kernels.py --device cpu          # smoke check in the Triton interpreter, no timing
     python benchmarks/kernels.py --only gdn --json out.json
 
-Shapes are those of a 256x256 image at batch 1 (ADM_UNET.md §2, CODEC_OPERATORS.md §2.2). On CUDA,
+Shapes are those of a 256x256 image at batch 1 (docs/reference_code.md §1.2, §3.2.2). On CUDA,
 times are medians of ``triton.testing.do_bench`` (ms, L2 flushed between runs); every case is first
 checked against its reference, and the largest relative deviation is reported. ``--device cpu``
 runs tiny shapes once through the interpreter and checks them, nothing more: interpreter times mean
@@ -118,28 +118,30 @@ def _gdn_cases(device, tiny):
 
 
 def _sampler_cases(device, tiny):
-    from idemrt.kernels.sampler_update import (coefficient_table, predict_x0_reference, sampler_update,
-                                               sampler_update_reference, x0_and_mask)
+    from idemrt.diffusion import DDPMSampler, Schedule
+    from idemrt.kernels.sampler_update import (predict_x0_reference, sampler_update, sampler_update_reference,
+                                               x0_and_mask)
 
     shape = (1, 3, 8, 9) if tiny else (1, 3, 256, 256)
-    steps = 10
-    ramp = torch.linspace(0.1, 0.9, steps, dtype=torch.float64)
-    table = coefficient_table(1 + ramp, ramp, 1 - ramp, ramp, torch.log(ramp), torch.log(ramp / 2), 0.6, device)
+    # The table the kernels read is the sampler's own (a 10-step respacing of the 1000-step process).
+    table = DDPMSampler(Schedule.create(1000, respacing=10)).coefficients().to(device)
 
     def make_update():
         n, c, h, w = shape
         out = torch.randn(n, 2 * c, h, w, device=device)
         x, grad, noise = (torch.randn(shape, device=device) for _ in range(3))
         eps, v = out[:, :c], out[:, c:]
+        # Step and DPS scale as device tensors, as in a captured graph; the reference gathers the
+        # same rows on the device (per_sample broadcasting), as the samplers do.
         step = torch.tensor([5], device=device)
-        # The reference indexes the table on the host, as the original sampler does per coefficient.
-        return (lambda: sampler_update(x, eps, v, grad, noise, table, step),
-                lambda: sampler_update_reference(x, eps, v, grad, noise, table, 5))
+        scale = torch.tensor([0.6], device=device)
+        return (lambda: sampler_update(x, eps, v, grad, noise, table, step, scale),
+                lambda: sampler_update_reference(x, eps, v, grad, noise, table, step, scale))
 
     def make_x0():
         x, eps = torch.randn(shape, device=device), torch.randn(shape, device=device)
         step = torch.tensor([5], device=device)
-        return (lambda: x0_and_mask(x, eps, table, step)[0], lambda: predict_x0_reference(x, eps, table, 5))
+        return (lambda: x0_and_mask(x, eps, table, step)[0], lambda: predict_x0_reference(x, eps, table, step))
 
     yield Case("sampler_update (DDPM + ps)", str(shape), "float32", make_update)
     yield Case("x0_and_mask", str(shape), "float32", make_x0)

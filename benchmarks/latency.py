@@ -10,11 +10,11 @@ Guidance is DPS with a DDPM sampler (the paper's configuration) unless ``--sampl
 otherwise; the constraint is the "x" operator of ``idemrt.Decoder``: ||2·A((x0+1)/2)-1 - target||.
 
 Modes:
-  reference     fp32 eager, run the way the official code runs (ADM_UNET.md §5): UNet parameters
+  reference     fp32 eager, run the way the official code runs (docs/reference_code.md §1.5): UNet parameters
                 require grad and every attention block is checkpointed by guided-diffusion's
                 CheckpointFunction (forward recomputed in backward, parameter gradients computed
                 and discarded). Its per-step host syncs and coefficient uploads
-                (DIFFUSION_AND_DPS.md §11) are NOT emulated: this row is a lower bound for it.
+                (docs/reference_code.md §2.11) are NOT emulated: this row is a lower bound for it.
   eager         idemrt's eager backend (fp32, frozen weights, no graphs).
   fast          idemrt's fast backend (--dtype, default bf16; CUDA graphs on CUDA); fast-triton and
                 fast-compile are the same with kernels="triton" / kernels="compile".
@@ -51,9 +51,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from idemrt.backends.base import StepSpec, create_backend
-from idemrt.backends.fast import capture, cudnn_autotune
-from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, Schedule, distance, guided_step
+from idemrt.backends.cuda_graphs import capture, cudnn_autotune
+from idemrt.defaults import DTYPE_CHOICES, dtype_from_name
+from idemrt.diffusion import GUIDANCE, SAMPLERS, Schedule, distance, guided_step
 from idemrt.errors import BackendError
+from idemrt.models.codec import diffusion_operator
 from idemrt.models.unet import PRESETS, ADMUNet, AttentionBlock, UNetConfig
 
 TINY_UNET = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=True,
@@ -67,7 +69,6 @@ CODECS = {
 }
 TORCH_MODES = ("reference", "eager", "fast", "fast-triton", "fast-compile")
 EXPORT_MODES = ("onnxruntime", "tensorrt")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STEP_INDEX = 500  # the timed single step: mid-schedule of 1000 steps (any i costs the same)
 
 
@@ -134,7 +135,8 @@ def build_unet(preset: str, device: torch.device) -> ADMUNet:
 def build_codec(name: str, device: torch.device):
     from compressai.models import ScaleHyperprior
 
-    from idemrt.models.codec import Codec, load_codec
+    from idemrt.models.codec import Codec
+    from idemrt.models.codec_loading import load_codec
 
     arch, quality = CODECS[name]
     if name == "tiny":
@@ -144,16 +146,11 @@ def build_codec(name: str, device: torch.device):
     return load_codec(arch, quality, random_init=True, device=device)
 
 
-def x_operator(codec):
-    """idemrt.Decoder's "x" constraint operator (images in [-1, 1])."""
-    return lambda x0: 2 * codec.operator((x0 + 1) / 2, "x") - 1
-
-
 def make_spec(unet, codec, sampler_name: str, guidance_name: str, device) -> StepSpec:
-    schedule = Schedule.create(1000)
-    sampler = (DDPMSampler(schedule) if sampler_name == "ddpm" else DDIMSampler(schedule)).to(device)
-    guidance = DPS(0.6) if guidance_name == "dps" else DSG(interval=1)
-    return StepSpec(unet=unet, operator=x_operator(codec), codec=codec, domain="x", sampler=sampler, guidance=guidance)
+    sampler = SAMPLERS[sampler_name](Schedule.create(1000)).to(device)
+    guidance = GUIDANCE[guidance_name]()  # DPS(0.6) or DSG(interval=1): the shipped settings
+    return StepSpec(unet=unet, operator=diffusion_operator(codec, "x"), codec=codec, constraint="x", sampler=sampler,
+                    guidance=guidance)
 
 
 # --------------------------------------------------------------------------- timing
@@ -257,8 +254,8 @@ class Mode:
 
             unet.requires_grad_(False)
             kernels = name.partition("-")[2] or "torch"
-            self.backend = FastBackend(spec, device=device, dtype=DTYPES[args.dtype],
-                                       operator_dtype=DTYPES[args.operator_dtype or args.dtype], kernels=kernels)
+            self.backend = FastBackend(spec, device=device, dtype=dtype_from_name(args.dtype),
+                                       operator_dtype=dtype_from_name(args.operator_dtype or args.dtype), kernels=kernels)
             self.graphs = self.backend.graphs
             self.unet_fn, self.operator_fn = self.backend.model_output, self.backend.apply_operator
             self.step_fn = self.backend.step
@@ -433,8 +430,8 @@ def main(argv=None):
     parser.add_argument("--codec", type=csv, default=["hyperprior", "elic"], help=f"of {sorted(CODECS)}")
     parser.add_argument("--batch", type=csv, default=["1", "8"])
     parser.add_argument("--modes", type=csv, default=list(TORCH_MODES + EXPORT_MODES))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype of the fast modes")
-    parser.add_argument("--operator-dtype", choices=sorted(DTYPES), help="the fast modes' operator dtype (default: --dtype)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="compute dtype of the fast modes")
+    parser.add_argument("--operator-dtype", choices=DTYPE_CHOICES, help="the fast modes' operator dtype (default: --dtype)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     parser.add_argument("--guidance", choices=["dps", "dsg"], default="dps")
     parser.add_argument("--size", type=int, help="image side (default: the preset's image_size)")

@@ -57,7 +57,8 @@ from idemrt import psc
 from idemrt.demo import (DEMO_IMAGES, DEMO_SCALE, DEMO_STEPS, Pipeline, json_safe, as_8bit, demo_file,
                          gradient_energy, load_demo_codec, load_demo_unet, mse255, psnr)
 from idemrt.psc import stream
-from idemrt.psc.sampling import DTYPES, deterministic
+from idemrt.defaults import DTYPE_CHOICES, dtype_from_name
+from idemrt.psc.sampling import deterministic
 from idemrt.models.unet import PRESETS, ADMUNet, UNetConfig
 
 TINY_UNET = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=True,
@@ -102,7 +103,7 @@ def speed(args) -> dict:
     device = torch.device(args.device)
     unet = build_unet(args.preset, device)
     size = args.size or UNETS[args.preset].image_size
-    mode = dict(backend=args.backend, dtype=DTYPES.get(args.dtype))
+    mode = dict(backend=args.backend, dtype=dtype_from_name(args.dtype))
     enc = psc.Encoder(unet, s=args.s, r=args.r, steps=args.steps, device=device, cache=False, **mode)
     dec = psc.Decoder(unet, device=device, cache=False, **mode)
     out = {"device": _describe(device), "preset": args.preset, "size": size, "s": args.s, "r": args.r,
@@ -180,7 +181,7 @@ def rate_distortion(args, images: dict | None = None) -> dict:
     images = {} if images is None else images
     images["original"] = x
     rows = _mse_codec_rows(args, unet, x, images)
-    mode = dict(backend=args.backend, dtype=DTYPES.get(args.dtype))
+    mode = dict(backend=args.backend, dtype=dtype_from_name(args.dtype))
     enc = psc.Encoder(unet, s=args.s, r=args.r, steps=args.steps, seed=0, device=device, cache=False, **mode)
     t0 = time.perf_counter()
     data = enc.encode(x, bpp=args.bpp[0]) if args.rounds is None else enc.encode(x, rounds=args.rounds)
@@ -286,7 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="instead of --bpp")
     parser.add_argument("--backend", choices=["eager", "fast"], help="PSC compute mode (default: fast on CUDA, "
                                                                     "eager otherwise)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="UNet dtype of --backend fast (default bf16)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="UNet dtype of --backend fast (default bf16)")
     parser.add_argument("--max-rounds", type=int, help="run at most this many rounds and extrapolate")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)

@@ -4,43 +4,27 @@
 * :mod:`.onnx_export` -- the graphs (codec analysis/synthesis, UNet, step gradient), validation
   against PyTorch on onnxruntime;
 * :mod:`.trt_ops` -- the static TensorRT-parser compatibility check;
-* :mod:`.graph_cache` / :mod:`.graph_backend` -- graphs cached on disk, and the guided step over
-  them shared by the ``onnxruntime`` and ``tensorrt`` backends;
+* :mod:`.graph_cache` -- graphs cached on disk (the guided step over them, shared by the
+  ``onnxruntime`` and ``tensorrt`` backends, is :mod:`idemrt.backends.graph`);
 * :mod:`.tensorrt_build` -- engines (TensorRT 10 Python API), cached per GPU;
 * :mod:`.cli` -- ``idemrt export``.
 
 Names are imported on first use, so ``import idemrt.export`` stays light.
 """
-from importlib import import_module
+from idemrt.lazy import lazy_getattr
 
-_LAZY = {
-    "ExportedGraph": "onnx_export",
-    "codec_operator": "onnx_export",
-    "export_analysis": "onnx_export",
-    "export_graph": "onnx_export",
-    "export_step_gradient": "onnx_export",
-    "export_synthesis": "onnx_export",
-    "export_unet": "onnx_export",
-    "interior_step_inputs": "onnx_export",
-    "step_gradient_inputs": "onnx_export",
-    "validate_with_onnxruntime": "onnx_export",
-    "step_gradient_fn": "joint_graph",
-    "trace": "joint_graph",
-    "check_tensorrt_compatible": "trt_ops",
-    "tensorrt_problems": "trt_ops",
-    "StepGraphs": "graph_cache",
-    "GraphStepBackend": "graph_backend",
-    "build_engine": "tensorrt_build",
-    "add_export_subparser": "cli",
-    "main_export": "cli",
+_LAZY = {  # module -> the names it provides
+    ".onnx_export": ("ExportedGraph", "codec_operator", "default_sampler", "export_analysis", "export_graph",
+                     "export_step_gradient", "export_synthesis", "export_unet", "interior_step_inputs",
+                     "step_gradient_inputs", "validate_with_onnxruntime"),
+    ".joint_graph": ("step_gradient_fn", "trace"),
+    ".trt_ops": ("check_tensorrt_compatible", "tensorrt_problems"),
+    ".graph_cache": ("StepGraphs",),
+    "idemrt.backends.graph": ("GraphStepBackend",),
+    ".tensorrt_build": ("build_engine",),
+    ".cli": ("add_export_subparser", "main_export"),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(name for names in _LAZY.values() for name in names)
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -16,6 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
+from idemrt.cli_options import add_unet_options
+
 __all__ = ["GRAPHS", "add_export_subparser", "main_export"]
 
 GRAPHS = ("step_gradient", "unet", "analysis", "synthesis")
@@ -23,19 +25,22 @@ GRAPHS = ("step_gradient", "unet", "analysis", "synthesis")
 
 def add_export_subparser(subparsers) -> argparse.ArgumentParser:
     """Add the ``export`` command to an argparse ``add_subparsers()`` object; it runs :func:`main_export`."""
+    from idemrt.diffusion import SAMPLERS
+
     p = subparsers.add_parser("export", help="ONNX graphs / TensorRT engines of the UNet, codec and guided step",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("output_dir")
     p.add_argument("--graphs", default=",".join(GRAPHS), help=f"comma-separated subset of {','.join(GRAPHS)}")
-    p.add_argument("--preset", default="ffhq256", choices=["ffhq256", "imagenet256"])
-    p.add_argument("--unet", help="ADM UNet checkpoint (guided-diffusion .pt)")
+    add_unet_options(p)
     p.add_argument("--random-unet", action="store_true", help="random UNet weights (smoke tests, timing)")
     p.add_argument("--codec", default="bmshj2018-hyperprior", help="compressai model name")
     p.add_argument("--quality", type=int, default=None)
     p.add_argument("--codec-checkpoint", help="codec checkpoint file")
     p.add_argument("--pretrained-codec", action="store_true", help="download compressai's pretrained codec")
     p.add_argument("--random-codec", action="store_true", help="random codec weights (smoke tests, timing)")
-    p.add_argument("--constraint", default="x", choices=["x", "y"], help="domain of the step graph's A")
+    p.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS),
+                   help="the sampler whose table rows the step graph takes")
+    p.add_argument("--constraint", default="x", choices=["x", "y"], help="the constraint of the step graph's A")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--dynamic-hw", action="store_true", help="dynamic height/width (multiples of 64)")
@@ -49,7 +54,7 @@ def add_export_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def _models(args, graphs):
-    from idemrt.models.codec import load_codec
+    from idemrt.models.codec_loading import load_codec
 
     codec = load_codec(args.codec, quality=args.quality, checkpoint=args.codec_checkpoint,
                        pretrained=args.pretrained_codec, random_init=args.random_codec)
@@ -77,6 +82,8 @@ def main_export(args) -> int:
 
     from idemrt.errors import BackendError
 
+    from idemrt.diffusion import SAMPLERS, Schedule
+
     from . import onnx_export as ox
     from .joint_graph import step_gradient_fn
     from .trt_ops import check_tensorrt_compatible
@@ -91,15 +98,17 @@ def main_export(args) -> int:
     out_dir = Path(args.output_dir)
     H, W, dyn = args.height, args.width, args.dynamic_hw
     operator = ox.codec_operator(codec, args.constraint)
+    sampler = SAMPLERS[args.sampler](Schedule.create(1000))  # the rows' layout; not the schedule
     with torch.no_grad():
         y_shape = tuple(codec.analysis(torch.zeros(1, 3, H, W)).shape[1:])
         target_shape = tuple(operator(torch.zeros(1, 3, H, W)).shape[1:])
 
     jobs = {
         "step_gradient": (
-            lambda p: ox.export_step_gradient(unet, p, H, W, codec=codec, domain=args.constraint, dynamic_hw=dyn),
-            step_gradient_fn(unet, operator),
-            lambda n: ox.interior_step_inputs(unet, n, H, W, target_shape),
+            lambda p: ox.export_step_gradient(unet, p, H, W, codec=codec, constraint=args.constraint,
+                                              sampler=sampler, dynamic_hw=dyn),
+            step_gradient_fn(unet, operator, sampler),
+            lambda n: ox.interior_step_inputs(unet, n, H, W, target_shape, sampler),
         ),
         "unet": (
             lambda p: ox.export_unet(unet, p, H, W, dynamic_hw=dyn),

@@ -2,7 +2,7 @@
 
 A cached graph is found again by a key over everything that defines it: the weights (a SHA-256
 over every tensor of the UNet and the codec), the architecture, the graph kind and shapes, the
-constraint domain, the export recipe (:data:`RECIPE_VERSION`, opset) and the torch version.
+constraint and the sampler's table layout, the export recipe (:data:`RECIPE_VERSION`, opset) and the torch version.
 Each graph lives in its own directory (``<cache>/onnx/<kind>-<key>/model.onnx``, with its
 external-data file when the weights exceed protobuf's 2 GB), written to a temporary directory
 first and renamed into place, so a crash never leaves a half-written graph behind.
@@ -35,7 +35,7 @@ from .onnx_export import (
 __all__ = ["CACHE_ENV", "RECIPE_VERSION", "StepGraphs", "default_cache_dir", "state_fingerprint"]
 
 CACHE_ENV = "IDEMRT_CACHE_DIR"
-RECIPE_VERSION = 1  # bump whenever the exported graphs change for the same weights and shapes
+RECIPE_VERSION = 2  # bump whenever the exported graphs change for the same weights and shapes
 _MODEL_FILE = "model.onnx"
 
 
@@ -66,7 +66,7 @@ def _cpu(module: nn.Module) -> nn.Module:
 class StepGraphs:
     """Exported graphs of one :class:`~idemrt.backends.base.StepSpec`, by kind and shape.
 
-    The operator A is rebuilt from ``spec.codec`` and ``spec.domain``
+    The operator A is rebuilt from ``spec.codec`` and ``spec.constraint``
     (:func:`~idemrt.export.onnx_export.codec_operator`, the formula of ``idemrt.Decoder``),
     as the StepSpec contract says exporting backends do.
     """
@@ -88,8 +88,10 @@ class StepGraphs:
         return self._weights
 
     def _key(self, kind: str, shapes: tuple) -> str:
+        # The step graph takes the sampler's table rows: its layout (columns) is part of the graph.
         fields = [RECIPE_VERSION, OPSET, torch.__version__, kind, "dynamic" if self.dynamic_hw else shapes,
-                  self.spec.domain, self._weights_key()]
+                  self.spec.constraint, tuple(self.spec.sampler.columns) if kind == "step" else None,
+                  self._weights_key()]
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:32]
 
     def _get(self, kind: str, key: str, export, input_names, output_names) -> ExportedGraph:
@@ -116,8 +118,8 @@ class StepGraphs:
 
         def export(path):
             export_step_gradient(_cpu(self.spec.unet), path, height, width, codec=_cpu(self.spec.codec),
-                                 domain=self.spec.domain, target_shape=target_shape,
-                                 dynamic_hw=self.dynamic_hw)
+                                 constraint=self.spec.constraint, sampler=self.spec.sampler.to("cpu"),
+                                 target_shape=target_shape, dynamic_hw=self.dynamic_hw)
 
         return self._get("step", key, export, STEP_INPUTS, STEP_OUTPUTS)
 

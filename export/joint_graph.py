@@ -33,6 +33,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.overrides import TorchFunctionMode
 
+from idemrt.diffusion.step import step_gradient
+
 __all__ = ["ExportableOps", "frozen", "step_gradient_fn", "trace"]
 
 aten = torch.ops.aten
@@ -188,25 +190,16 @@ def trace(fn: Callable[..., Sequence[Tensor]], example_inputs: Sequence[Tensor],
                        _allow_non_fake_inputs=True)(*fakes)
 
 
-def step_gradient_fn(unet: nn.Module, operator: Callable[[Tensor], Tensor]):
-    """The guided step's differentiable part, as a function of plain tensors.
+def step_gradient_fn(unet: nn.Module, operator: Callable[[Tensor], Tensor], sampler):
+    """The guided step's differentiable part as a function of plain tensors, for tracing:
+    :func:`idemrt.diffusion.step.step_gradient` itself.
 
-    ``(x_t (N,3,H,W), t (N,) original timesteps as float, target, c_a (N,), c_b (N,))
-    -> (model_out, dist (N,), grad (N,3,H,W))`` with
-    ``x0 = clamp(c_a·x_t - c_b·eps, -1, 1)`` (c_a = sqrt(1/abar_i), c_b = sqrt(1/abar_i - 1)),
-    ``dist = ||target - A(x0)||`` per sample, ``grad = d dist_b / d x_t``. This is
-    :func:`idemrt.diffusion.guided_step` up to the sampler update.
+    ``(x_t (N,3,H,W), t (N,) original timesteps as float, target, rows (N, K) the sampler's
+    table rows of each sample's step) -> (model_out, dist (N,), grad (N,3,H,W))``.
     """
 
-    def step_gradient(x_t: Tensor, t: Tensor, target: Tensor, c_a: Tensor, c_b: Tensor):
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
-            out = unet(x, t)
-            eps = out[:, : x.shape[1]]
-            x0 = (c_a[:, None, None, None] * x - c_b[:, None, None, None] * eps).clamp(-1, 1)
-            dist = torch.linalg.vector_norm((target - operator(x0)).flatten(1), dim=1)
-            # Samples are independent, so d(sum)/d x_t holds each sample's own gradient.
-            (grad,) = torch.autograd.grad(dist.sum(), x)
-        return out.detach(), dist.detach(), grad
+    def step_gradient_graph(x_t: Tensor, t: Tensor, target: Tensor, rows: Tensor):
+        g = step_gradient(unet, operator, sampler, x_t, t, rows, target)
+        return g.model_out, g.dist, g.grad
 
-    return step_gradient
+    return step_gradient_graph

@@ -13,12 +13,14 @@ graph           inputs                                           outputs
 synthesis       y_hat (N, M, h, w)                               x_hat (N, 3, 16h, 16w)
 analysis        x (N, 3, H, W) in [0, 1]                         y (N, M, H/16, W/16)
 unet            x_t (N, 3, H, W), t (N,) float original steps    model_out (N, 6, H, W)
-step_gradient   x_t, t, target, c_a (N,), c_b (N,)               model_out, dist (N,), grad
+step_gradient   x_t, t, target, rows (N, K)                      model_out, dist (N,), grad
 =============== ================================================ ==========================
 
-``step_gradient`` is :func:`joint_graph.step_gradient_fn`: ``c_a``/``c_b`` are the
-step's ``sqrt(1/abar_i)`` and ``sqrt(1/abar_i - 1)``, ``dist`` the per-sample
-``||target - A(x0)||`` and ``grad = d dist / d x_t``.
+``step_gradient`` is :func:`idemrt.diffusion.step.step_gradient` traced
+(:func:`joint_graph.step_gradient_fn`): ``rows`` are the sampler's coefficient-table rows of
+each sample's step (``sampler.rows(i)``; K columns, ``sampler.columns``), ``dist`` the
+per-sample ``||target - A(x0)||`` and ``grad = d dist / d x_t``. The graph is specific to the
+sampler's table layout (DDPM's or DDIM's), not to its schedule.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from idemrt.deprecation import renamed_argument
+from idemrt.diffusion import DDPMSampler, Schedule
 from idemrt.errors import BackendError
 from idemrt.models.codec import diffusion_operator as codec_operator  # A as every backend forms it
 
@@ -44,6 +48,7 @@ __all__ = [
     "ExportedGraph",
     "check_exportable_codec",
     "codec_operator",
+    "default_sampler",
     "export_analysis",
     "export_graph",
     "export_step_gradient",
@@ -168,10 +173,10 @@ def _codec_modules(codec) -> list[nn.Module]:
 
 def check_exportable_codec(codec) -> None:
     """Raise BackendError for codecs whose operator cannot become one static graph."""
-    family = getattr(codec, "family", None)
-    if family == "autoregressive":
+    latent_family = getattr(codec, "latent_family", None)
+    if latent_family is not None and latent_family.serial:
         raise BackendError(
-            f"codec {getattr(codec, 'name', family)!r}: its serial autoregressive context model (one "
+            f"codec {codec.name!r}: its serial autoregressive context model (one "
             "decoding step per latent position) is not exported to ONNX; exportable codecs: "
             "bmshj2018-factorized, bmshj2018-hyperprior, mbt2018-mean, elic2022-*"
         )
@@ -208,62 +213,78 @@ def export_unet(unet: nn.Module, path, height: int, width: int, *, dynamic_hw: b
                         dynamic={"x_t": _image_axes(dynamic_hw), "t": {0: "batch"}}, modules=[unet])
 
 
-STEP_INPUTS = ("x_t", "t", "target", "c_a", "c_b")
+STEP_INPUTS = ("x_t", "t", "target", "rows")
 STEP_OUTPUTS = ("model_out", "dist", "grad")
 
 
-def step_gradient_inputs(batch: int, height: int, width: int, target_shape: Sequence[int]) -> tuple[Tensor, ...]:
-    """Example inputs of the step-gradient graph (a mid-schedule step: c_a = 1.5, c_b = 1.1)."""
+def default_sampler():
+    """The sampler whose table layout a step graph takes when none is given: DDPM's."""
+    return DDPMSampler(Schedule.create(1000))
+
+
+def step_gradient_inputs(batch: int, height: int, width: int, target_shape: Sequence[int],
+                         sampler=None) -> tuple[Tensor, ...]:
+    """Example inputs of the step-gradient graph: a mid-schedule step of ``sampler`` (default
+    :func:`default_sampler`), the same for every sample (sqrt(1/abar) about 1.5)."""
+    sampler = sampler or default_sampler()
     g = torch.Generator().manual_seed(0)
+    i = int((sampler.coefficients()[:, 0] - 1.5).abs().argmin())
     return (
         torch.randn(batch, 3, height, width, generator=g),
-        torch.linspace(999.0, 0.0, batch).round(),  # original timesteps are integers
+        sampler.model_timesteps(i, batch).to(torch.float32),
         torch.randn(batch, *target_shape, generator=g) * 0.5,
-        torch.full((batch,), 1.5),
-        torch.full((batch,), 1.1),
+        sampler.rows(torch.full((batch,), i)),
     )
 
 
 def interior_step_inputs(unet: nn.Module, batch: int, height: int, width: int,
-                         target_shape: Sequence[int]) -> tuple[Tensor, ...]:
-    """Step-gradient inputs whose x0 stays inside [-0.9, 0.9] (|x_t| <= 0.6, |c_b·eps| <= 0.3).
+                         target_shape: Sequence[int], sampler=None) -> tuple[Tensor, ...]:
+    """Step-gradient inputs whose x0 stays inside [-0.9, 0.9] (|x_t| <= 0.6, |c_b·eps| <= 0.3,
+    with the rows' two x0 coefficients c_a = 1 and c_b set so).
 
     For validating big graphs: where some x0 lands within float error of ±1, the clamp's
     gradient mask can differ between two correct fp32 implementations (the reference calls
     that value measure-zero), and with ~10^5 elements per image that happens.
     """
-    x, t, target, _, _ = step_gradient_inputs(batch, height, width, target_shape)
+    x, t, target, rows = step_gradient_inputs(batch, height, width, target_shape, sampler)
     x = 0.5 * x.clamp(-1.2, 1.2)
     with torch.no_grad():
         eps = unet(x, t)[:, :3]
-    c_b = 0.3 / eps.abs().amax(dim=(1, 2, 3)).clamp_min(1e-6)
-    return x, t, target, torch.ones(batch), c_b
+    rows = rows.clone()
+    rows[:, 0] = 1.0
+    rows[:, 1] = 0.3 / eps.abs().amax(dim=(1, 2, 3)).clamp_min(1e-6)
+    return x, t, target, rows
 
 
-def export_step_gradient(unet: nn.Module, path, height: int, width: int, *, codec=None, domain: str = "x",
-                         operator: Callable[[Tensor], Tensor] | None = None,
-                         target_shape: Sequence[int] | None = None, dynamic_hw: bool = False) -> ExportedGraph:
+def export_step_gradient(unet: nn.Module, path, height: int, width: int, *, codec=None, constraint: str = "x",
+                         operator: Callable[[Tensor], Tensor] | None = None, sampler=None,
+                         target_shape: Sequence[int] | None = None, dynamic_hw: bool = False,
+                         domain: str | None = None) -> ExportedGraph:
     """The guided step's gradient graph (see the module table).
 
     A is ``operator`` if given (e.g. a :class:`~idemrt.backends.base.StepSpec`'s),
-    else :func:`codec_operator` (codec, domain). ``target_shape`` (C, h, w) defaults to
-    A's output for one image. ``codec`` is also where the frozen codec weights come from.
+    else :func:`codec_operator` (codec, constraint). ``sampler`` fixes the rows' layout (default
+    :func:`default_sampler`). ``target_shape`` (C, h, w) defaults to A's output for one image.
+    ``codec`` is also where the frozen codec weights come from. ``domain`` is the deprecated
+    name of ``constraint``.
     """
+    constraint = renamed_argument("domain", domain, "constraint", constraint)
     _check_hw(height, width, dynamic_hw)
     check_exportable_codec(codec)
+    sampler = sampler or default_sampler()
     if operator is None:
         if codec is None:
-            raise ValueError("pass the codec (and domain) or the operator A")
-        operator = codec_operator(codec, domain)
+            raise ValueError("pass the codec (and constraint) or the operator A")
+        operator = codec_operator(codec, constraint)
     if target_shape is None:
         with torch.no_grad():
             target_shape = tuple(operator(torch.zeros(1, 3, height, width)).shape[1:])
-    if dynamic_hw and domain != "x":
-        raise BackendError("dynamic height/width is supported for the x-domain step graph only")
-    inputs = step_gradient_inputs(_TRACE_BATCH, height, width, target_shape)
+    if dynamic_hw and constraint != "x":
+        raise BackendError("dynamic height/width is supported for the x-constraint step graph only")
+    inputs = step_gradient_inputs(_TRACE_BATCH, height, width, target_shape, sampler)
     image = _image_axes(dynamic_hw)
-    dynamic = {"x_t": image, "t": {0: "batch"}, "target": image, "c_a": {0: "batch"}, "c_b": {0: "batch"}}
-    return export_graph(step_gradient_fn(unet, operator), inputs, path, input_names=STEP_INPUTS,
+    dynamic = {"x_t": image, "t": {0: "batch"}, "target": image, "rows": {0: "batch"}}
+    return export_graph(step_gradient_fn(unet, operator, sampler), inputs, path, input_names=STEP_INPUTS,
                         output_names=STEP_OUTPUTS, dynamic=dynamic, modules=[unet, *_codec_modules(codec)])
 
 

@@ -1,4 +1,4 @@
-"""GDN / IGDN (compressai, CODEC_OPERATORS.md §2.2) forward and input-gradient backward.
+"""GDN / IGDN (compressai, docs/reference_code.md §3.2.2) forward and input-gradient backward.
 
 Per pixel, with s = beta + Gamma @ x² (Gamma [C, C] and beta [C] the *effective* parameters, i.e.
 after compressai's NonNegativeParametrizer) and p = -1/2 for GDN, +1/2 for IGDN:

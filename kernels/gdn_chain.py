@@ -1,6 +1,6 @@
 """Input-gradient backward through a compressai conv/deconv/GDN stack with the fused GDN kernels.
 
-The codec operator's VJP (CODEC_OPERATORS.md §2.3) runs through g_s (and g_a) of the scale
+The codec operator's VJP (docs/reference_code.md §3.2.3) runs through g_s (and g_a) of the scale
 hyperprior: ConvTranspose2d / Conv2d layers interleaved with GDN or IGDN. The weights are frozen and
 only d/d(input) is needed, so instead of autograd the chain runs explicit VJPs:
 * ConvTranspose2d: dx = conv2d(g, W) with the layer's stride/padding/dilation/groups (its output

@@ -1,6 +1,7 @@
 """Fused GroupNorm(32, eps 1e-5, affine) + optional FiLM scale-shift + SiLU, forward and backward.
 
-This is the ``out_layers`` head of an ADM ResBlock with ``use_scale_shift_norm`` (ADM_UNET.md §3):
+This is the ``out_layers`` head of an ADM ResBlock with ``use_scale_shift_norm``
+(docs/reference_code.md §1.3):
 
     y = SiLU(GN(x) * (1 + scale) + shift)
 

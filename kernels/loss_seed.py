@@ -1,6 +1,6 @@
 """Seed of the DPS backward: dist_b = ||target_b - A_b||₂ and d dist_b / d A_b = -(target_b - A_b) / dist_b.
 
-DIFFUSION_AND_DPS.md §8: the guidance differentiates the plain (not squared) L2 norm of
+docs/reference_code.md §2.8: the guidance differentiates the plain (not squared) L2 norm of
 r = y - A(x0). The reference takes one norm over the whole batch; idemrt takes one per sample so
 that batched images stay independent (pass ``per_sample=False`` for the whole-tensor norm).
 At dist_b = 0 the seed is defined as 0 (no NaN), which is also what torch's norm backward gives.

@@ -1,4 +1,4 @@
-"""Independent float64 functional ADM UNet, written from the fact sheet (ADM_UNET.md), for tests only.
+"""Independent float64 functional ADM UNet, written from docs/reference_code.md §1, for tests only.
 
 Takes a guided-diffusion state_dict and the ``create_model`` keyword arguments as a plain
 dict. Nothing here imports idemrt: GroupNorm, SiLU, resampling and attention are spelled

@@ -1,6 +1,6 @@
 """Independent float64 re-implementation of the reference sampler, for tests only.
 
-Written from /work/shared/reference/DIFFUSION_AND_DPS.md (§2-§8), not from
+Written from docs/reference_code.md (§2.2-§2.8), not from
 idemrt.diffusion, which it must never import. It follows the reference's
 structure instead of idemrt's: coefficients are recomputed from scratch in
 float64 for each call, norms span the whole tensor as in the reference, and
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 F64 = torch.float64
 
 
-# --- schedule (§2, §3) ---------------------------------------------------------------
+# --- schedule (§2.2, §2.3) ---------------------------------------------------------------
 
 def betas(T: int) -> list[float]:
     """Linear betas by the closed form of linspace, element by element."""
@@ -27,7 +27,7 @@ def betas(T: int) -> list[float]:
 
 
 def kept_steps(T: int, counts: list[int]) -> list[int]:
-    """§3 sections: T // n steps per part, the first T % n parts one more."""
+    """§2.3 sections: T // n steps per part, the first T % n parts one more."""
     out = []
     start = 0
     for k, c in enumerate(counts):
@@ -42,7 +42,7 @@ def kept_steps(T: int, counts: list[int]) -> list[int]:
 
 
 def process(T: int, kept: list[int]) -> dict[str, torch.Tensor]:
-    """The respaced process of §3, all of §2 recomputed from the rebuilt betas."""
+    """The respaced process of §2.3, all of §2.2 recomputed from the rebuilt betas."""
     abar_orig = torch.cumprod(1 - torch.tensor(betas(T), dtype=F64), 0)
     new_betas, last = [], 1.0
     for t in sorted(kept):
@@ -67,7 +67,7 @@ def process(T: int, kept: list[int]) -> dict[str, torch.Tensor]:
     }
 
 
-# --- one step (§4-§6), float64, batch 1 semantics -------------------------------------
+# --- one step (§2.4-§2.6), float64, batch 1 semantics -------------------------------------
 
 def _x0(P, model, x, i):
     out = model(x, P["timestep_map"][i].repeat(x.shape[0]))
@@ -77,7 +77,7 @@ def _x0(P, model, x, i):
 
 
 def ddpm(P, model, x, i, noise):
-    """-> (x0, mean, sigma, sample), §4 + §5."""
+    """-> (x0, mean, sigma, sample), §2.4 + §2.5."""
     x0, v = _x0(P, model, x, i)
     mean = P["c1"][i] * x0 + P["c2"][i] * x
     frac = (v + 1) / 2
@@ -87,7 +87,7 @@ def ddpm(P, model, x, i, noise):
 
 
 def ddim(P, model, x, i, noise, eta=1.0):
-    """-> (x0, mean, sigma, sample), §4 + §6."""
+    """-> (x0, mean, sigma, sample), §2.4 + §2.6."""
     x0, _ = _x0(P, model, x, i)
     eps = (P["sqrt_recip"][i] * x - x0) / P["sqrt_recipm1"][i]
     ab, abp = P["abar"][i], P["abar_prev"][i]
@@ -97,7 +97,7 @@ def ddim(P, model, x, i, noise, eta=1.0):
     return x0, mean, sigma * torch.ones_like(x), sample
 
 
-# --- guidance (§8), whole-tensor norms per call; batches looped ----------------------
+# --- guidance (§2.8), whole-tensor norms per call; batches looped ----------------------
 
 def _guided_one(P, step_fn, model, op, x, i, y, noise, update):
     x = x.detach().requires_grad_(True)

@@ -67,7 +67,7 @@ def test_operator_and_target_are_the_references(models, reference, image, data):
     x0 = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         expected = 2 * reference((x0 + 1) / 2)["x_hat"] - 1
-        assert torch.allclose(dec._operator(x0), expected, atol=1e-6)
+        assert torch.allclose(dec.operator(x0), expected, atol=1e-6)
         bs = bsfmt.decode(data)
         y_hat = codec.decompress_latent(bs.streams, bs.latent_shape)
         target = dec.target_from_latent(y_hat)
@@ -125,7 +125,7 @@ def test_guidance_pulls_the_sample_towards_the_code(models, data):
         target = dec.target_from_latent(codec.decompress_latent(bs.streams, bs.latent_shape))
         x, _ = dec.sample(target, seed=0)
         with torch.no_grad():
-            distances[guidance] = float((dec._operator(x) - target).norm())
+            distances[guidance] = float((dec.operator(x) - target).norm())
     assert distances["dps"] < 0.8 * distances["none"]
 
 
@@ -194,9 +194,18 @@ def test_non_finite_values_retry_with_a_smaller_step_then_fail(models, data):
 def test_retry_loop_escalates_when_the_distance_stays_high(models, data):
     unet, codec = models
     dec = idemrt.Decoder(codec, unet, steps=2, device="cpu", max_retries=2, retry_threshold=0.0)
+    backend = dec.backend
+    step, used = backend.step, []
+
+    def recording_step(x, i, target, noise, scale=None):
+        used.append(round(float(scale[0]), 6))
+        return step(x, i, target, noise, scale)
+
+    backend.step = recording_step
     dec.decode(data, seed=0)
-    assert dec.last.retries == [2]
-    assert sorted(k.scale for k in dec._backends) == pytest.approx([0.6, 0.9, 1.35])
+    assert dec.last.retries == [2] and dec.last.scales == pytest.approx([1.35])
+    # Each retry escalates the per-sample scale, as data of the same backend (no new backend).
+    assert used == pytest.approx([0.6, 0.6, 0.9, 0.9, 1.35, 1.35]) and dec.backend is backend
 
 
 def test_images_in_every_form_encode_alike(models, image, tmp_path):

@@ -25,7 +25,8 @@ from compressai.models import ScaleHyperprior
 
 import adm_reference as ref
 from idemrt.backends.base import StepSpec, create_backend
-from idemrt.backends.fast import FastBackend, GraphSet
+from idemrt.backends.cuda_graphs import GraphSet
+from idemrt.backends.fast import FastBackend
 from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, Schedule
 from idemrt.errors import BackendError
 from idemrt.models.codec import Codec
@@ -70,7 +71,7 @@ def make_spec(unet, codec, sampler="ddpm", guidance="dps"):
     schedule = Schedule.create(1000, STEPS)
     s = DDPMSampler(schedule) if sampler == "ddpm" else DDIMSampler(schedule)
     g = {"dps": DPS(0.6), "dsg": DSG(interval=2), None: None}[guidance]
-    return StepSpec(unet=unet, operator=x_operator(codec) if g else None, codec=codec, domain="x", sampler=s, guidance=g)
+    return StepSpec(unet=unet, operator=x_operator(codec) if g else None, codec=codec, constraint="x", sampler=s, guidance=g)
 
 
 def inputs(codec, n=2, seed=1):
@@ -264,21 +265,62 @@ def test_triton_kernels_are_wired(unet, codec, monkeypatch, constraint):
 
     decoder = Decoder(codec, unet, steps=STEPS, device="cpu", constraint=constraint)
     spec = make_spec(unet, codec)
-    spec.operator, spec.domain = decoder._operator, constraint
+    spec.operator, spec.constraint = decoder.operator, constraint
     eager = create_backend("eager", spec, device=CPU)
     fast = FastBackend(spec, device=CPU, dtype=torch.float32, kernels="triton")
     x, noise, _ = inputs(codec)
     with torch.no_grad():
-        target = decoder._operator(torch.rand(x.shape, generator=torch.Generator().manual_seed(9)) * 2 - 1)
+        target = decoder.operator(torch.rand(x.shape, generator=torch.Generator().manual_seed(9)) * 2 - 1)
     for i in (9, 0):
         want_x, want_d = eager.step(x, i, target, noise)
         got_x, got_d = fast.step(x, i, target, noise)
         assert rel_err(got_x, want_x) <= 1e-5 and rel_err(got_d, want_d) <= 1e-5
+    # Per-sample steps and scales reach the fused kernels as data.
+    mixed, scale = torch.tensor([9, 0]), torch.tensor([0.6, 1.5])
+    want_x, want_d = eager.step(x, mixed, target, noise, scale)
+    got_x, got_d = fast.step(x, mixed, target, noise, scale)
+    assert rel_err(got_x, want_x) <= 1e-5 and rel_err(got_d, want_d) <= 1e-5
     resblocks = sum(isinstance(m, ResBlock) for m in unet.modules())
-    assert calls["gn"] == 2 * (2 * resblocks + 1)  # both norm_acts of every ResBlock and the head
-    # 3 GDN in g_a, and 3 IGDN in g_s for the "x" operator; two steps.
-    assert calls["gdn"] == 2 * (6 if constraint == "x" else 3)
-    assert calls["update"] == 2
+    assert calls["gn"] == 3 * (2 * resblocks + 1)  # both norm_acts of every ResBlock and the head
+    # 3 GDN in g_a, and 3 IGDN in g_s for the "x" operator; three steps.
+    assert calls["gdn"] == 3 * (6 if constraint == "x" else 3)
+    assert calls["update"] == 3
+
+
+class _RecordingGraphs:
+    """Stands in for GraphSet on the CPU: records the key of every run; a new key is a capture."""
+
+    def __init__(self):
+        self.keys, self.captured = [], set()
+
+    def run(self, key, fn, *inputs):
+        self.keys.append(key)
+        self.captured.add(key)
+        return fn(*inputs)
+
+    def __len__(self):
+        return len(self.captured)
+
+
+@pytest.mark.parametrize("sampler,guidance", [("ddpm", "dps"), ("ddim", "dsg")])
+def test_one_capture_serves_mixed_steps_and_retry_scales(unet, codec, sampler, guidance):
+    """Step indices and DPS scales are graph inputs: int steps, mixed-step batches and new scales
+    replay one guided graph (DSG adds the unguided one, for batches all off its interval), and the
+    results equal the eager backend's."""
+    spec = make_spec(unet, codec, sampler, guidance)  # DSG with interval 2
+    fast = FastBackend(spec, device=CPU, dtype=torch.float32, graphs=False)
+    fast.graphs, fast._graphs = True, _RecordingGraphs()  # the graph path, without CUDA
+    eager = create_backend("eager", spec, device=CPU)
+    x, noise, target = inputs(codec)
+    for i, scale in ((8, None), ([9, 0], torch.tensor([0.6, 0.9])), ([4, 7], torch.tensor([1.35, 0.3])),
+                     (torch.tensor([2, 8]), None)):
+        got_x, got_d = fast.step(x, i, target, noise, scale)
+        want_x, want_d = eager.step(x, torch.as_tensor(i), target, noise, scale)
+        assert rel_err(got_x, want_x) <= 1e-5 and torch.allclose(got_d, want_d, rtol=1e-5, atol=1e-6)
+    assert fast.num_graphs == 1
+    if guidance == "dsg":
+        fast.step(x, [3, 1], target, noise)  # every sample off-interval: the unguided graph
+        assert fast.num_graphs == 2
 
 
 def test_triton_kernels_need_a_codec(unet, codec):
@@ -354,6 +396,11 @@ def test_gpu_graph_replay_equals_uncaptured_step(unet, codec, exact_fp32, dtype,
         assert rel_err(got_x, want_x) <= tol and rel_err(got_d, want_d) <= tol
         x = got_x
     assert fast.num_graphs == 1  # one capture served every step
+    mixed, scale = torch.tensor([9, 0]), torch.tensor([0.6, 1.2])
+    got_x, got_d = fast.step(x, mixed, target, noise, scale)
+    want_x, want_d = fast.step_uncaptured(x, mixed, target, noise, scale)
+    assert rel_err(got_x, want_x) <= tol and rel_err(got_d, want_d) <= tol
+    assert fast.num_graphs == 1  # and every mix of steps and scales
 
 
 @pytest.mark.gpu
@@ -429,7 +476,7 @@ def test_gpu_kernel_options_match_torch(unet, codec, exact_fp32, kernels):
 
 
 def test_backends_of_one_unet_share_its_inference_copy():
-    """A Decoder's retries build a backend per DPS scale; they must not each copy the UNet."""
+    """Backends of one UNet (several Decoders, PSC's denoiser) must not each copy the UNet."""
     import idemrt
     from idemrt.backends.base import StepSpec, create_backend
     from idemrt.diffusion import DDPMSampler, Schedule
@@ -439,7 +486,7 @@ def test_backends_of_one_unet_share_its_inference_copy():
     sampler = DDPMSampler(Schedule.create(1000, respacing=4))
 
     def make(scale, kernels="torch"):
-        spec = StepSpec(unet=unet, operator=lambda x0: x0, codec=None, domain="x", sampler=sampler,
+        spec = StepSpec(unet=unet, operator=lambda x0: x0, codec=None, constraint="x", sampler=sampler,
                         guidance=idemrt.diffusion.DPS(scale=scale))
         return create_backend("fast", spec, device=torch.device("cpu"), dtype=torch.float32, kernels=kernels)
 

@@ -32,14 +32,16 @@ from test_backend_fast import SIZE, codec, inputs, make_spec, unet  # noqa: F401
 CUDA = torch.device("cuda", 0)
 
 
-def run_fake(backend: FastBackend, guided: bool, step: int = 5):
+def run_fake(backend: FastBackend, guided: bool, steps=(5, 2)):
+    """The function a graph captures, on fake tensors: per-sample step indices and scales are
+    inputs (device tensors), as in the captured graph."""
     x, noise, target = inputs(backend.spec.codec)
-    backend._i.fill_(step)
+    i, scale = torch.tensor(steps), torch.tensor([0.6, 0.9])
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fn = backend._guided_step if guided else backend._plain_step
+    fn = backend.guided_fn if guided else backend.plain_fn
     with mode:
-        fake = [mode.from_tensor(t) for t in (x, backend._i, target, noise)]
-        return fn(fake[0], fake[1], fake[2] if guided else None, fake[3])
+        fake = [mode.from_tensor(t) for t in (x, target, noise, i, scale)]
+        return fn(fake[0], fake[1] if guided else None, *fake[2:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,9 +58,9 @@ def test_the_check_catches_a_host_sync(unet, codec, monkeypatch):
     cls = type(backend.spec.guidance)
     original = cls.update
 
-    def syncing_update(self, x_prev, pred, grad, i):
+    def syncing_update(self, x_prev, pred, grad, i, scale=None):
         if float(grad.abs().max()) > 0:  # a host sync: what a graph cannot capture
-            return original(self, x_prev, pred, grad, i)
+            return original(self, x_prev, pred, grad, i, scale)
         return x_prev
 
     monkeypatch.setattr(cls, "update", syncing_update)
@@ -106,7 +108,7 @@ def fake_cuda(unet, codec, monkeypatch):
     import idemrt.psc.sampling as psc_sampling
 
     for module in (fast, psc_sampling):  # torch.cuda.device() would initialise CUDA
-        monkeypatch.setattr(module, "_on_device", lambda device: contextlib.nullcontext())
+        monkeypatch.setattr(module, "on_device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.autograd, "grad", lambda outputs, inputs, **kw: tuple(
         torch.zeros_like(t) for t in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))))
     warnings.filterwarnings("ignore", "CUDA is not available", UserWarning)  # autocast: off here, on on a GPU
@@ -119,13 +121,14 @@ def fake_cuda_step(mode, unet, codec, sampler, guidance, dtype, step):
         backend = FastBackend(make_spec(unet, codec, sampler, guidance), device=CUDA, dtype=dtype, graphs=False)
         x = torch.randn(2, 3, SIZE, SIZE, device=CUDA)
         target = backend.apply_operator(torch.randn(2, 3, SIZE, SIZE, device=CUDA)) if guidance else None
-        return backend.step_uncaptured(x, step, target, torch.randn_like(x))
+        return backend.step_uncaptured(x, step, target, torch.randn_like(x), torch.tensor([0.6, 0.9]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sampler,guidance", [("ddpm", "dps"), ("ddim", "dps"), ("ddpm", "dsg"), ("ddim", None)])
 def test_step_keeps_every_tensor_on_the_device(fake_cuda, sampler, guidance, dtype):
-    for step in (5, 4, 0):  # DSG on and off interval; the last step (no noise, no guidance radius)
+    # DSG on and off interval; the last step (no noise, no guidance radius); a mixed-step batch.
+    for step in (5, 4, 0, [5, 0]):
         x_prev, dist = fake_cuda_step(*fake_cuda, sampler, guidance, dtype, step)
         assert x_prev.device == CUDA and dist.device == CUDA and x_prev.dtype == torch.float32
 

@@ -1,4 +1,4 @@
-"""The codec layer against compressai itself: operators, gradients, bitstream, padding, loading errors.
+"""The codec layer against compressai itself: operators, gradients, bitstream, padding.
 
 The references are plain compressai models holding the same weights (loaded by compressai's own
 ``load_state_dict``), compressai's own ``forward`` / ``compress`` / ``decompress``, and gradients
@@ -8,30 +8,26 @@ import copy
 
 import pytest
 import torch
-from compressai.models import (
-    Cheng2020Anchor,
-    Cheng2020Attention,
-    FactorizedPrior,
-    JointAutoregressiveHierarchicalPriors,
-    MeanScaleHyperprior,
-    ScaleHyperprior,
-)
-from compressai.models.sensetime import Elic2022Chandelier, Elic2022Official
 
 import idemrt
-from idemrt.models.codec import KNOWN_CODECS, CompressedLatent, load_codec
+from idemrt.models.codec import ARCHITECTURES, KNOWN_CODECS, CompressedLatent
+from idemrt.models.codec_loading import load_codec
 
-# --- small models shared with test_codec_convert.py -------------------------------------------------
+# --- small models shared with test_codec_loading.py -------------------------------------------------
 
+# Small widths of each model; the classes are the package's registry entries (compressai's own).
 SMALL = {
-    "bmshj2018-factorized": (FactorizedPrior, dict(N=8, M=12)),
-    "bmshj2018-hyperprior": (ScaleHyperprior, dict(N=8, M=12)),
-    "mbt2018-mean": (MeanScaleHyperprior, dict(N=8, M=12)),
-    "mbt2018": (JointAutoregressiveHierarchicalPriors, dict(N=8, M=12)),
-    "cheng2020-anchor": (Cheng2020Anchor, dict(N=8)),
-    "cheng2020-attn": (Cheng2020Attention, dict(N=8)),
-    "elic2022-official": (Elic2022Official, dict(N=8, M=16, groups=[2, 2, 4, 4, 4])),
-    "elic2022-chandelier": (Elic2022Chandelier, dict(N=8, M=16, groups=[2, 2, 4, 4, 4])),
+    name: (ARCHITECTURES[name].cls, kwargs)
+    for name, kwargs in {
+        "bmshj2018-factorized": dict(N=8, M=12),
+        "bmshj2018-hyperprior": dict(N=8, M=12),
+        "mbt2018-mean": dict(N=8, M=12),
+        "mbt2018": dict(N=8, M=12),
+        "cheng2020-anchor": dict(N=8),
+        "cheng2020-attn": dict(N=8),
+        "elic2022-official": dict(N=8, M=16, groups=[2, 2, 4, 4, 4]),
+        "elic2022-chandelier": dict(N=8, M=16, groups=[2, 2, 4, 4, 4]),
+    }.items()
 }
 
 
@@ -298,98 +294,23 @@ def test_malformed_latent_is_bitstream_error(monkeypatch):
         codec.decompress(c.strings, c.shape)
 
 
-# --- loading errors -----------------------------------------------------------------------------------
+def test_renamed_domain_argument_still_works_with_a_warning():
+    """``domain`` was the old name of ``constraint`` (Codec.operator, diffusion_operator,
+    export_step_gradient): it keeps working, with a DeprecationWarning."""
+    import warnings
 
+    from idemrt.models.codec import diffusion_operator
 
-def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(idemrt.CheckpointError) as err:
-        load_codec("bpg", checkpoint=small_state_dict("bmshj2018-hyperprior"))
-    assert all(name in str(err.value) for name in KNOWN_CODECS)
+    from tiny_models import tiny_codec
 
-
-def test_weight_source_must_be_explicit():
-    with pytest.raises(idemrt.CheckpointError, match="weight source"):
-        load_codec("bmshj2018-hyperprior", 1)
-    with pytest.raises(idemrt.CheckpointError, match="weight source"):
-        load_codec("bmshj2018-hyperprior", 1, checkpoint=small_state_dict("bmshj2018-hyperprior"), pretrained=True)
-    with pytest.raises(idemrt.CheckpointError, match="no pretrained"):
-        load_codec("elic2022-chandelier", 1, pretrained=True)
-    with pytest.raises(idemrt.CheckpointError, match="quality"):
-        load_codec("cheng2020-anchor", 7, pretrained=True)
-    with pytest.raises(idemrt.CheckpointError, match="quality"):
-        load_codec("bmshj2018-hyperprior", 0, random_init=True)
-
-
-def test_random_init_uses_zoo_widths():
-    codec = load_codec("bmshj2018-factorized", 1, random_init=True)
-    assert (codec.model.N, codec.model.M) == (128, 192)  # compressai zoo, quality 1
-    c = codec.compress(torch.rand(1, 3, 16, 16))
-    assert codec.decompress(c.strings, c.shape).shape == (1, 3, 16, 16)
-
-
-def test_pretrained_downloads_the_zoo_file_safely(monkeypatch):
-    """pretrained=True fetches compressai's zoo URL with hash check and weights_only, old names accepted."""
-    state = small_state_dict("bmshj2018-hyperprior")
-    # The zoo files were written by compressai 1.0.x: ParameterList names with an underscore.
-    old = {k.replace("entropy_bottleneck.matrices.", "entropy_bottleneck._matrices.")
-           .replace("entropy_bottleneck.biases.", "entropy_bottleneck._biases.")
-           .replace("entropy_bottleneck.factors.", "entropy_bottleneck._factors."): v for k, v in state.items()}
-    calls = []
-
-    def fake_download(url, **kwargs):
-        calls.append((url, kwargs))
-        return old
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
-    codec = load_codec("bmshj2018-hyperprior", 1, pretrained=True)
-    [(url, kwargs)] = calls
-    assert url == "https://compressai.s3.amazonaws.com/models/v1/bmshj2018-hyperprior-1-7eb97409.pth.tar"
-    assert kwargs["weights_only"] is True and kwargs["check_hash"] is True
-    assert codec.quality == 1
-    key = "entropy_bottleneck.matrices.2"
-    assert torch.equal(codec.model.state_dict()[key], state[key])
-
-
-def test_missing_unexpected_and_misshaped_keys_are_named():
-    state = small_state_dict("mbt2018-mean")
-    missing = {k: v for k, v in state.items() if k != "g_s.2.weight"}
-    with pytest.raises(idemrt.CheckpointError, match=r"missing keys: g_s\.2\.weight"):
-        load_codec("mbt2018-mean", checkpoint=missing)
-    with pytest.raises(idemrt.CheckpointError, match=r"unexpected keys: extra\.weight"):
-        load_codec("mbt2018-mean", checkpoint={**state, "extra.weight": torch.zeros(1)})
-    bad = dict(state)
-    bad["h_s.0.bias"] = torch.zeros(5)
-    with pytest.raises(idemrt.CheckpointError, match=r"h_s\.0\.bias: checkpoint \(5,\) vs model \(12,\)"):
-        load_codec("mbt2018-mean", checkpoint=bad)
-    # A width-defining key missing: named too.
-    with pytest.raises(idemrt.CheckpointError, match=r"g_a\.6\.weight"):
-        load_codec("mbt2018-mean", checkpoint={k: v for k, v in state.items() if k != "g_a.6.weight"})
-
-
-def test_wrong_model_name_gets_a_hint():
-    with pytest.raises(idemrt.CheckpointError, match="looks like a 'mbt2018-mean'"):
-        load_codec("bmshj2018-hyperprior", checkpoint=small_state_dict("mbt2018-mean"))
-
-
-def test_non_tensor_and_unsafe_content(tmp_path):
-    state = small_state_dict("bmshj2018-hyperprior")
-    with pytest.raises(idemrt.CheckpointError, match="non-tensor"):
-        load_codec("bmshj2018-hyperprior", checkpoint={**state, "epoch": 3})
-    path = tmp_path / "pickled.pth"
-    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a pickled module, refused by weights_only
-    with pytest.raises(idemrt.CheckpointError):
-        load_codec("bmshj2018-hyperprior", checkpoint=path)
-    with pytest.raises(idemrt.CheckpointError, match="not found"):
-        load_codec("bmshj2018-hyperprior", checkpoint=tmp_path / "absent.pth")
-
-
-def test_inconsistent_cdf_tables_and_masks_are_refused():
-    state = small_state_dict("mbt2018")
-    bad_cdf = dict(state)
-    bad_cdf["gaussian_conditional._cdf_length"] = state["gaussian_conditional._cdf_length"][:-1]
-    with pytest.raises(idemrt.CheckpointError, match="CDF"):
-        load_codec("mbt2018", checkpoint=bad_cdf)
-    bad_mask = dict(state)
-    bad_mask["context_prediction.mask"] = torch.ones_like(state["context_prediction.mask"])
-    with pytest.raises(idemrt.CheckpointError, match="mask"):
-        load_codec("mbt2018", checkpoint=bad_mask)
+    codec = tiny_codec()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = codec.operator(x, domain="y")
+        old_a = diffusion_operator(codec, domain="y")(x * 2 - 1)
+    assert any(issubclass(w.category, DeprecationWarning) and "constraint" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert torch.equal(old, codec.operator(x, "y")) and torch.equal(old_a, diffusion_operator(codec, "y")(x * 2 - 1))
+    with pytest.raises(ValueError, match="constraint"):
+        codec.operator(x, "z")

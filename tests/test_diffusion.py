@@ -34,6 +34,16 @@ def test_respacing_100_known_values():
     assert sorted(space_timesteps(1000, 200))[-3:] == [989, 994, 999]
 
 
+def test_respacing_accepts_a_list_of_section_counts():
+    """guided-diffusion's space_timesteps takes a list of counts as well as the string form."""
+    assert space_timesteps(1000, [10, 15, 20]) == space_timesteps(1000, "10,15,20")
+    assert len(space_timesteps(1000, [10, 15, 20])) == 45
+    assert Schedule.create(1000, [10, 20]).num_steps == 30
+    for bad in ([], [10, 0], [10, "x"], [True]):
+        with pytest.raises(ValueError):
+            space_timesteps(1000, bad)
+
+
 def test_respacing_ddim_stride():
     assert space_timesteps(1000, "ddim100") == set(range(0, 1000, 10))
     assert space_timesteps(1000, "ddim50") == set(range(0, 1000, 20))
@@ -162,6 +172,39 @@ def test_tensor_index_matches_int_index():
             assert torch.equal(sampler.model_timesteps(ti, 2), sampler.model_timesteps(i, 2))
 
 
+@pytest.mark.parametrize("make", [DDPMSampler, DDIMSampler])
+def test_per_sample_steps_equal_each_sample_alone(make):
+    """A batch whose images sit at different steps (an (N,) index tensor) equals each image
+    stepped alone with an int index, bit for bit (the same float32 ops, gathered per sample)."""
+    sampler = make(Schedule.create(1000, 50))
+    steps = [49, 0, 17, 1]
+    x = torch.randn(4, 3, 8, 8)
+    out = torch.randn(4, 6, 8, 8)
+    noise = torch.randn(4, 3, 8, 8)
+    i = torch.tensor(steps)
+    batch = sampler.predict(out, x, i)
+    stepped = sampler.step(batch, noise, i)
+    assert torch.equal(sampler.model_timesteps(i, 4), sampler.timesteps[i])
+    for k, ik in enumerate(steps):
+        alone = sampler.predict(out[k : k + 1], x[k : k + 1], ik)
+        for u, v in zip(batch, alone):
+            torch.testing.assert_close(u[k : k + 1], v.expand_as(u[k : k + 1]), rtol=0, atol=0)
+        torch.testing.assert_close(stepped[k : k + 1], sampler.step(alone, noise[k : k + 1], ik), rtol=0, atol=0)
+    assert torch.equal(stepped[1], batch.mean[1])  # the sample at i == 0 gets no noise
+
+
+def test_coefficient_table_is_the_schedule():
+    """The one table backends, kernels and export read: columns named, float32 casts of the
+    float64 schedule, nonzero = (i > 0)."""
+    s = Schedule.create(1000, 30)
+    table = DDPMSampler(s).coefficients()
+    cols = dict(zip(DDPMSampler.columns, table.unbind(1)))
+    np.testing.assert_array_equal(cols["sqrt_recip_abar"].numpy(), s.sqrt_recip_alphas_cumprod.astype(np.float32))
+    np.testing.assert_array_equal(cols["plv"].numpy(), s.posterior_log_variance_clipped.astype(np.float32))
+    np.testing.assert_array_equal(cols["nonzero"].numpy(), (np.arange(30) > 0).astype(np.float32))
+    assert DDIMSampler.columns[:2] == DDPMSampler.columns[:2] and DDIMSampler.columns[-1] == "nonzero"
+
+
 def test_clamp_gradient_is_one_inside_zero_outside():
     """x0 = c_a·x - c_b·eps, then torch.clamp: with eps independent of x,
     d x0 / d x = c_a strictly inside (-1, 1) and 0 where clamped."""
@@ -183,7 +226,7 @@ def test_sampler_to_device_copies_tables():
     sampler = DDIMSampler(Schedule.create(1000, 20))
     moved = sampler.to("cpu")
     assert moved is not sampler and moved.schedule is sampler.schedule and moved.eta == 1.0
-    assert moved.coef.dtype == torch.float32 and moved.coef.shape == (20, 5)
+    assert moved.coefficients().dtype == torch.float32 and moved.coefficients().shape == (20, len(moved.columns)) == (20, 6)
     assert moved.device == torch.device("cpu")
 
 
@@ -204,7 +247,7 @@ def test_bad_inputs():
         DDIMSampler(s).predict(torch.randn(1, 4, 8, 8), x, 5)
     with pytest.raises(ValueError, match="shape"):
         DDIMSampler(s).predict(torch.randn(1, 6, 4, 4), x, 5)
-    for i in (10, -1, 2.0, True, torch.tensor([1]), torch.tensor(1.0)):
+    for i in (10, -1, 2.0, True, torch.tensor([[1]]), torch.tensor(1.0), torch.tensor([True])):
         with pytest.raises(ValueError):
             DDPMSampler(s).predict(torch.randn(1, 6, 8, 8), x, i)
     for eta in (-0.1, float("nan"), 3.0):

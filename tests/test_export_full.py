@@ -9,7 +9,8 @@ from test_export_onnx import reference_step
 
 from idemrt.export import onnx_export as ox
 from idemrt.export.trt_ops import check_tensorrt_compatible
-from idemrt.models.codec import Codec, load_codec
+from idemrt.models.codec import Codec
+from idemrt.models.codec_loading import load_codec
 from idemrt.models.unet import PRESETS, ADMUNet
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,7 @@ def test_ffhq256_step_graph_with_hyperprior_q1(tmp_path):
     torch.manual_seed(0)
     unet = randomize_zero_init(ADMUNet(PRESETS["ffhq256"]), 0)
     codec = load_codec("bmshj2018-hyperprior", quality=1, random_init=True)
-    graph = ox.export_step_gradient(unet, tmp_path / "step.onnx", 256, 256, codec=codec, domain="x")
+    graph = ox.export_step_gradient(unet, tmp_path / "step.onnx", 256, 256, codec=codec, constraint="x")
     check_tensorrt_compatible(graph.path)
     for n in (1, 2):
         inputs = ox.interior_step_inputs(unet, n, 256, 256, (3, 256, 256))
@@ -38,33 +39,33 @@ def test_imagenet256_unet_graph_uses_external_data(tmp_path):
     ox.validate_with_onnxruntime(graph, lambda x, t: (unet(x, t),), inputs, rtol=RTOL)
 
 
-@pytest.mark.parametrize("domain", ["x", "y"])
-def test_elic_step_graph(tmp_path, domain):
+@pytest.mark.parametrize("constraint", ["x", "y"])
+def test_elic_step_graph(tmp_path, constraint):
     """ELIC: checkerboard two-pass and channel-group context in the forward, zero gradient through mu."""
     torch.manual_seed(0)
     codec = Codec("elic2022-chandelier", Elic2022Chandelier(N=16, M=32, groups=[4, 4, 8, 16]))
     unet = toy_unet()
-    target = (3, 64, 64) if domain == "x" else (32, 4, 4)
-    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, domain=domain)
+    target = (3, 64, 64) if constraint == "x" else (32, 4, 4)
+    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, constraint=domain)
     check_tensorrt_compatible(graph.path)
     for n in (1, 2):
-        ox.validate_with_onnxruntime(graph, reference_step(unet, codec, domain),
+        ox.validate_with_onnxruntime(graph, reference_step(unet, codec, constraint),
                                      ox.step_gradient_inputs(n, 64, 64, target), rtol=RTOL)
 
 
-@pytest.mark.parametrize("domain", ["x", "y"])
-def test_factorized_prior_step_graph(tmp_path, domain):
+@pytest.mark.parametrize("constraint", ["x", "y"])
+def test_factorized_prior_step_graph(tmp_path, constraint):
     """Rounding around the entropy bottleneck's per-channel medians."""
     torch.manual_seed(0)
     codec = Codec("bmshj2018-factorized", FactorizedPrior(8, 12))
     with torch.no_grad():  # medians off zero, so that the offset matters
         codec.model.entropy_bottleneck.quantiles.add_(torch.rand_like(codec.model.entropy_bottleneck.quantiles))
     unet = conv_unet()
-    target = (3, 64, 64) if domain == "x" else (12, 4, 4)
-    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, domain=domain)
+    target = (3, 64, 64) if constraint == "x" else (12, 4, 4)
+    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, constraint=domain)
     check_tensorrt_compatible(graph.path)
     for n in (1, 2):
-        ox.validate_with_onnxruntime(graph, reference_step(unet, codec, domain),
+        ox.validate_with_onnxruntime(graph, reference_step(unet, codec, constraint),
                                      ox.step_gradient_inputs(n, 64, 64, target), rtol=RTOL)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from idemrt.diffusion import DDPMSampler, Schedule
 from idemrt.export.joint_graph import step_gradient_fn, trace
 
 BACKWARD_OPS = ("backward", "scaled_dot_product", "upsample_nearest", "_unsafe_index", "scatter")
@@ -71,8 +72,11 @@ def test_step_gradient_fn_is_the_dps_gradient():
     operator = lambda x0: (x0.flatten(1) @ P.T).view_as(x0)  # noqa: E731
     x = torch.randn(n, 3, 2, 2, dtype=torch.float64)
     target = torch.randn(n, 3, 2, 2, dtype=torch.float64)
-    a, b = torch.full((n,), 1.3, dtype=torch.float64), torch.full((n,), 0.8, dtype=torch.float64)
-    out, dist, grad = step_gradient_fn(unet, operator)(x, torch.zeros(n), target, a, b)
+    # The rows of a DDPM table: only the x0 coefficients (columns 0, 1) reach the gradient.
+    sampler = DDPMSampler(Schedule.create(1000, 10))
+    rows = torch.ones(n, len(sampler.columns), dtype=torch.float64)
+    rows[:, 0], rows[:, 1] = 1.3, 0.8
+    out, dist, grad = step_gradient_fn(unet, operator, sampler)(x, torch.zeros(n), target, rows)
     J = 1.3 * torch.eye(d, dtype=torch.float64) - 0.8 * W
     for k in range(n):
         u = J @ x[k].flatten()

@@ -89,13 +89,13 @@ def tiny_codec(name: str = "bmshj2018-hyperprior", seed: int = 0) -> Codec:
     return Codec(name, model)
 
 
-def step_spec(unet, codec, domain="x", sampler=None, guidance=DPS(0.6)) -> StepSpec:
+def step_spec(unet, codec, constraint="x", sampler=None, guidance=DPS(0.6)) -> StepSpec:
     """A StepSpec as idemrt.Decoder builds it (A from the codec, in [-1, 1] units)."""
     from idemrt.export.onnx_export import codec_operator
 
     sampler = sampler or DDPMSampler(Schedule.create(steps=1000, respacing=10))
-    return StepSpec(unet=unet, operator=codec_operator(codec, domain) if guidance else None, codec=codec,
-                    domain=domain, sampler=sampler, guidance=guidance)
+    return StepSpec(unet=unet, operator=codec_operator(codec, constraint) if guidance else None, codec=codec,
+                    constraint=constraint, sampler=sampler, guidance=guidance)
 
 
 def shared_cache(tmp_path_factory):

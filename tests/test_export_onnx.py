@@ -18,14 +18,16 @@ from idemrt.models.codec import Codec
 RTOL = 1e-4
 
 
-def reference_step(unet, codec, domain):
-    """Eager model_out, per-sample distance and d dist/d x_t (the quantities of guided_step)."""
+def reference_step(unet, codec, constraint):
+    """Eager model_out, per-sample distance and d dist/d x_t (the quantities of guided_step),
+    written out by hand: x0 from the rows' first two columns, sqrt(1/abar) and sqrt(1/abar - 1)."""
 
     def A(x0):
-        out = codec.operator((x0 + 1) / 2, domain=domain)
-        return 2 * out - 1 if domain == "x" else out
+        out = codec.operator((x0 + 1) / 2, constraint)
+        return 2 * out - 1 if constraint == "x" else out
 
-    def fn(x_t, t, target, c_a, c_b):
+    def fn(x_t, t, target, rows):
+        c_a, c_b = rows[:, 0], rows[:, 1]
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             out = unet(x, t)
@@ -54,12 +56,13 @@ def test_step_gradient_x_domain_tiny_adm_unet(step_x, hyperprior):
     unet, graph = step_x
     model = onnx.load(str(graph.path))
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
-    assert dims == [["batch", 3, SIZE, SIZE], ["batch"], ["batch", 3, SIZE, SIZE], ["batch"], ["batch"]]
+    assert dims == [["batch", 3, SIZE, SIZE], ["batch"], ["batch", 3, SIZE, SIZE], ["batch", 7]]  # rows: DDPM table
     reference = reference_step(unet, hyperprior, "x")
     for n in (1, 3):  # dynamic batch (traced at 2)
         inputs = ox.step_gradient_inputs(n, SIZE, SIZE, (3, SIZE, SIZE))
         out, dist, grad = reference(*inputs)
-        x0 = inputs[3].view(-1, 1, 1, 1) * inputs[0] - inputs[4].view(-1, 1, 1, 1) * out[:, :3]
+        rows = inputs[3]
+        x0 = rows[:, 0].view(-1, 1, 1, 1) * inputs[0] - rows[:, 1].view(-1, 1, 1, 1) * out[:, :3]
         assert 0.1 < (x0.abs() > 1).float().mean() < 0.9  # the clamp's gradient mask is exercised
         assert grad.abs().max() > 0 and dist.min() > 0
         errors = ox.validate_with_onnxruntime(graph, reference, inputs, rtol=RTOL)
@@ -107,7 +110,7 @@ def test_validation_catches_a_wrong_graph(tmp_path, hyperprior):
 def test_autoregressive_codec_is_refused(tmp_path):
     codec = Codec("mbt2018", JointAutoregressiveHierarchicalPriors(8, 12))
     with pytest.raises(BackendError, match="autoregressive"):
-        ox.export_step_gradient(conv_unet(), tmp_path / "s.onnx", 64, 64, codec=codec, domain="x")
+        ox.export_step_gradient(conv_unet(), tmp_path / "s.onnx", 64, 64, codec=codec, constraint="x")
 
 
 def test_unexportable_function_raises_backend_error(tmp_path):

@@ -87,7 +87,8 @@ def test_frechet_distance_closed_form():
 
 @pytest.mark.parametrize("samples", [6, 500])  # singular (fewer samples than dimensions: the demo's case) and full rank
 def test_frechet_distance_equals_scipy_sqrtm(samples):
-    """The paper's formula with scipy's sqrtm (fact sheet: 1e-6·I if not finite, imaginary part dropped)."""
+    """The paper's formula with scipy's sqrtm (docs/reference_code.md §3.4.3: 1e-6·I if not finite,
+    imaginary part dropped)."""
     from scipy import linalg
 
     g = torch.Generator().manual_seed(4)

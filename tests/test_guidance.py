@@ -174,6 +174,51 @@ def test_batch_of_two_equals_each_alone(nets, make):
         assert (coupled - x_prev.double()).abs().max() > 1e-3
 
 
+# --- per-sample step indices and scales ------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: (DDPMSampler(Schedule.create(1000, 100)), DPS(0.6)),
+    lambda: (DDIMSampler(Schedule.create(1000, 100)), DSG(interval=2)),
+    lambda: (DDIMSampler(Schedule.create(1000, 100)), DPS(0.9)),
+])
+def test_images_at_different_steps_equal_each_stepped_alone(nets, make):
+    """A batch whose images sit at different steps (and, for DPS, have different scales) equals
+    each image stepped alone with an int index (eager fp32, within 1e-6). DSG's interval is
+    decided per sample: the odd steps here are off-interval (distance 0, no guidance)."""
+    net, _ = nets
+    sampler, guidance = make()
+    steps, scales = [99, 60, 0, 33], [0.6, 0.9, 1.35, 0.3]
+    x, noise, target = _batch(n=4, seed=7)
+    x_prev, dist = guided_step(net, ref.toy_operator, sampler, guidance, x, torch.tensor(steps), target, noise,
+                               torch.tensor(scales))
+    for k, i in enumerate(steps):
+        g = DPS(scales[k]) if isinstance(guidance, DPS) else guidance
+        alone, alone_dist = guided_step(net, ref.toy_operator, sampler, g, x[k:k + 1], i, target[k:k + 1],
+                                        noise[k:k + 1])
+        torch.testing.assert_close(x_prev[k:k + 1], alone, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dist[k:k + 1], alone_dist, rtol=1e-6, atol=1e-6)
+    if isinstance(guidance, DSG):
+        assert dist[0] == 0 and dist[3] == 0 and dist[1] > 0  # 99 and 33 are off-interval
+    else:  # the scale is per-sample data: a wrong one would be caught
+        swapped, _ = guided_step(net, ref.toy_operator, sampler, guidance, x, torch.tensor(steps), target, noise,
+                                 torch.tensor(scales[::-1]))
+        assert (swapped - x_prev).abs().max() > 1e-4
+
+
+def test_dsg_per_sample_interval_with_every_sample_off_runs_no_gradient(nets):
+    net, _ = nets
+    sampler = DDIMSampler(Schedule.create(1000, 100))
+    x, noise, target = _batch(n=2)
+    i = torch.tensor([51, 33])  # both off DSG(interval=2)
+
+    def no_operator(x0):
+        raise AssertionError("the operator must not run when no sample is guided")
+
+    x_prev, dist = guided_step(net, no_operator, sampler, DSG(interval=2), x, i, target, noise)
+    torch.testing.assert_close(x_prev, plain_step(net, sampler, x, i, noise), rtol=0, atol=0)
+    assert (dist == 0).all()
+
+
 # --- effect ---------------------------------------------------------------------------
 
 def _run(sampler, guidance, n=2, hw=16):
@@ -218,12 +263,14 @@ def test_retry_policy():
     assert policy.needs_retry(d, 0).tolist() == [False, True, True]
     assert policy.needs_retry(d, 1).tolist() == [False, True, True]
     assert not policy.needs_retry(d, 2).any()
+    assert policy.needs_retry(d, torch.tensor([0, 2, 1])).tolist() == [False, False, True]  # per image
     assert policy.next_scale(0.6) == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("build", [
     lambda: DPS(scale=-1.0), lambda: DPS(scale=float("inf")), lambda: DSG(interval=0), lambda: DSG(interval=1.5),
     lambda: DSG(guidance_rate=float("nan")), lambda: RetryPolicy(max_retries=-1), lambda: RetryPolicy(factor=float("nan")),
+    lambda: RetryPolicy(nan_retries=-1), lambda: RetryPolicy(nan_factor=float("inf")),
 ])
 def test_bad_guidance_parameters(build):
     with pytest.raises(ValueError):

@@ -66,7 +66,7 @@ def test_preset_state_dict_matches_official_manifest(name):
     got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     assert got == list(manifest.items())  # keys, shapes and order
     assert list(model.buffers()) == []
-    n_params = {"ffhq256": 93_563_910, "imagenet256": 552_814_086}[name]  # from the fact sheet
+    n_params = {"ffhq256": 93_563_910, "imagenet256": 552_814_086}[name]  # docs/reference_code.md §1.1
     assert sum(p.numel() for p in model.parameters()) == n_params
 
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from idemrt.models.codec import load_codec
+from idemrt.models.codec_loading import load_codec
 from idemrt.models.unet import ADMUNet, UNetConfig
 
 TINY_UNET = dict(

@@ -3,7 +3,7 @@
 Heavy modules (compressai, the models) are imported on first use so that
 ``import idemrt`` stays fast.
 """
-from importlib import import_module
+from .lazy import lazy_getattr
 
 from .errors import (
     BackendError,
@@ -16,12 +16,11 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "load_unet": "idemrt.models.unet_loading",
-    "load_codec": "idemrt.models.codec",
-    "Codec": "idemrt.models.codec",
-    "Encoder": "idemrt.api",
-    "Decoder": "idemrt.api",
+_LAZY = {  # module -> the names it provides
+    ".models.unet_loading": ("load_unet",),
+    ".models.codec_loading": ("load_codec",),
+    ".models.codec": ("Codec",),
+    ".api": ("Encoder", "Decoder"),
 }
 
 __all__ = [
@@ -31,13 +30,8 @@ __all__ = [
     "DecodeError",
     "IdemrtError",
     "ImageError",
-    *_LAZY,
+    *(name for names in _LAZY.values() for name in names),
 ]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'idemrt' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

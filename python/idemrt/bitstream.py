@@ -133,6 +133,16 @@ def decode(
     return bs
 
 
+def parse(data, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Bitstream:
+    """What a decoder is handed: an already decoded :class:`Bitstream` (returned as is) or the
+    bytes of an ``.idm`` file (decoded and checked); anything else is a TypeError."""
+    if isinstance(data, Bitstream):
+        return data
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected the bytes of an .idm bitstream, got {type(data).__name__}")
+    return decode(bytes(data), max_pixels=max_pixels)
+
+
 def check_codec(bs: Bitstream, name: str, quality: int | None, weights_hash: bytes) -> None:
     """Raise BitstreamError unless ``bs`` was made by this codec, quality and weights."""
     made, given = _label(bs.codec, bs.quality), _label(name, quality)

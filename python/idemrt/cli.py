@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 
+from .cli_options import add_backend_option, add_dtype_option, add_sampling_options, add_unet_options
 from .errors import BackendError, BitstreamError, CheckpointError, DecodeError, IdemrtError, ImageError
 from .fileio import SameFileError
 
@@ -18,13 +19,6 @@ MAX_BITSTREAM_BYTES = 1 << 30
 
 EXIT_BAD_INPUT = 3
 EXIT_DECODE = 4
-
-
-def _psnr(a, b) -> float:
-    import math
-
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else -10 * math.log10(mse)
 
 
 def _read_bitstream(path) -> bytes:
@@ -39,7 +33,7 @@ def _read_bitstream(path) -> bytes:
 
 
 def _codec_from_args(name, quality, checkpoint, pretrained, device):
-    from .models.codec import load_codec
+    from .models.codec_loading import load_codec
 
     return load_codec(name, quality=quality, checkpoint=checkpoint, pretrained=pretrained, device=device)
 
@@ -50,7 +44,7 @@ def cmd_compress(args) -> int:
     from . import bitstream as bsfmt
     from .api import Encoder
     from .fileio import atomic_write_bytes, check_output_path
-    from .images import load_image
+    from .images import load_image, mse255, psnr
 
     if args.codec == "psc":
         from .psc.cli import compress_cli
@@ -68,7 +62,7 @@ def cmd_compress(args) -> int:
     info = bsfmt.describe(bs)
     print(
         f"{args.output}: {len(data)} bytes, {info['bpp']:.4f} bpp, {bs.width}x{bs.height}, "
-        f"{bs.codec} q{bs.quality}; MSE decode PSNR {_psnr(x, x_mse):.2f} dB; "
+        f"{bs.codec} q{bs.quality}; MSE decode PSNR {psnr(mse255(x, x_mse)):.2f} dB; "
         f"{time.perf_counter() - t0:.2f} s"
     )
     return 0
@@ -79,8 +73,9 @@ def cmd_decompress(args) -> int:
 
     from . import bitstream as bsfmt
     from .api import Decoder
+    from .defaults import dtype_from_name
     from .fileio import check_output_path
-    from .images import save_image
+    from .images import mse255, psnr, save_image
 
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
@@ -97,21 +92,10 @@ def cmd_decompress(args) -> int:
         from .models.unet_loading import load_unet
 
         unet = load_unet(args.unet, preset=args.preset)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    decoder = Decoder(
-        codec,
-        unet,
-        steps=args.steps,
-        sampler=args.sampler,
-        guidance=args.guidance,
-        scale=args.scale,
-        constraint=args.constraint,
-        device=args.device,
-        dtype=dtype,
-        backend=args.backend,
-        max_retries=args.max_retries,
-        progress=not args.quiet,
-    )
+    decoder = Decoder(codec, unet, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scale=args.scale,
+                      interval=args.interval, constraint=args.constraint, device=args.device,
+                      dtype=dtype_from_name(args.dtype), backend=args.backend, max_retries=args.max_retries,
+                      progress=not args.quiet)
     img = decoder.decode(bs, seed=args.seed, mode="mse" if args.mse else "perceptual", output="tensor")
     stats = decoder.last
     save_image(img, args.output, force=args.force, inputs=[args.input])
@@ -121,7 +105,7 @@ def cmd_decompress(args) -> int:
         facts += [
             f"{stats.steps} steps",
             f"final constraint distance {stats.distance[0]:.4f}",
-            f"PSNR vs MSE decode {_psnr(img, x_mse):.2f} dB",
+            f"PSNR vs MSE decode {psnr(mse255(img, x_mse)):.2f} dB",
             f"sampling {stats.timings['sample']:.2f} s",
         ]
     facts.append(f"total {time.perf_counter() - t0:.2f} s")
@@ -138,7 +122,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .models.codec_convert import convert_checkpoint
+    from .models.codec_loading import convert_checkpoint
 
     name = convert_checkpoint(args.input, args.output, name=args.codec, force=args.force)
     print(f"{args.output}: written ({name}, compressai format)")
@@ -168,21 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--mse", action="store_true", help="the MSE codec's own reconstruction")
-    d.add_argument("--unet", help="ADM UNet checkpoint (guided-diffusion .pt)")
-    d.add_argument("--preset", default="ffhq256", choices=["ffhq256", "imagenet256"])
+    add_unet_options(d)
     d.add_argument("--codec-checkpoint", help="the codec checkpoint the file was made with")
     d.add_argument("--pretrained-codec", action="store_true", help="use compressai's pretrained codec")
-    d.add_argument("--steps", default="1000", help="1000, 100, 'ddim200', or section counts '10,20'")
-    d.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    d.add_argument("--guidance", default="dps", choices=["dps", "dsg", "none"])
-    d.add_argument("--scale", type=float, default=None, help="DPS step size zeta (default 0.6)")
+    add_sampling_options(d, steps="1000", scale=None)
     d.add_argument("--constraint", default="x", choices=["x", "y"])
-    d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-retries", type=int, default=0)
     d.add_argument("--device", default=None)
-    d.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    d.add_argument("--backend", default=None, choices=["eager", "fast", "onnxruntime", "tensorrt"],
-                   help="how a step runs (default: fast on CUDA, eager otherwise)")
+    add_dtype_option(d, "compute dtype of the UNet (default: the backend's)")
+    add_backend_option(d)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     add_psc_decompress_arguments(d)
@@ -214,8 +192,6 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "steps", None) is not None and args.steps.isdigit():
-            args.steps = int(args.steps)
         return args.func(args)
     except (BitstreamError, ImageError, CheckpointError, FileExistsError, SameFileError, BackendError) as exc:
         print(f"idemrt: error: {exc}", file=sys.stderr)

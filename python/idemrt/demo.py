@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ImageError
+from .images import mse255, psnr  # noqa: F401 (the demo's metrics; tests use them from here)
 
 DEMO_IMAGES = ("chelsea", "coffee")  # held out from training (tools/train_demo.py)
 DEMO_PNG = "idemrt_demo.png"
@@ -66,7 +67,7 @@ def demo_config() -> dict:
 
 def load_demo_codec(device=None):
     """The demo MSE codec (bmshj2018-hyperprior, N=64, M=96, trained at lambda=0.0018)."""
-    from .models.codec import load_codec
+    from .models.codec_loading import load_codec
 
     cfg = demo_config()["codec"]
     with resources.as_file(demo_file(cfg["file"])) as path:
@@ -104,16 +105,6 @@ def demo_image(name: str = "chelsea", size: int = DEMO_SIZE) -> torch.Tensor:
 # Measurements
 
 
-def mse255(a: torch.Tensor, b: torch.Tensor) -> float:
-    """MSE on the 0-255 scale of two images in [0, 1]."""
-    return float(((a.double() - b.double()) * 255).pow(2).mean())
-
-
-def psnr(mse: float) -> float:
-    """PSNR (dB, peak 255) of an MSE on the 0-255 scale."""
-    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def gradient_energy(x: torch.Tensor) -> float:
     """Mean squared horizontal and vertical finite differences (a sharpness statistic)."""
     x = x.double()
@@ -130,12 +121,12 @@ def as_8bit(x: torch.Tensor) -> torch.Tensor:
 class Pipeline:
     """An Encoder and a Decoder, plus the re-compression measurements of one decode."""
 
-    def __init__(self, codec, unet, *, steps, sampler, guidance, scale, device, progress):
+    def __init__(self, codec, unet, *, steps, sampler, guidance, scale, device, progress, interval: int = 1):
         from .api import Decoder, Encoder
 
         self.encoder = Encoder(codec)
         self.decoder = Decoder(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale,
-                               device=device, progress=progress)
+                               interval=interval, device=device, progress=progress)
 
     def latent(self, data: bytes) -> torch.Tensor:
         from . import bitstream as bsfmt
@@ -274,7 +265,7 @@ def list_images(image_dir) -> list[Path]:
 
 
 def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sampler: str = "ddpm",
-             guidance: str = "dps", scale: float = DEMO_SCALE, seed: int = 0, device="cpu",
+             guidance: str = "dps", scale: float = DEMO_SCALE, interval: int = 1, seed: int = 0, device="cpu",
              inception=None, inception_sha256=None, force: bool = False, progress: bool = True) -> dict:
     """Per-image and mean metrics of the MSE and perceptual decodes of every image in ``image_dir``.
 
@@ -301,7 +292,8 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
         scores = PatchScores(load_inception(inception, device, inception_sha256))
     codec = load_demo_codec(device) if codec is None else codec
     unet = load_demo_unet(device) if unet is None else unet
-    pipe = Pipeline(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale, device=device,
+    pipe = Pipeline(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale, interval=interval,
+                    device=device,
                     progress=progress)
     (out / "mse").mkdir(parents=True, exist_ok=True)
     (out / "perceptual").mkdir(parents=True, exist_ok=True)
@@ -418,13 +410,8 @@ def plot_rd(rows, mean, png: Path, *, force: bool) -> None:
 # Command line (added to ``idemrt`` by cli.py)
 
 
-def _steps(value):
-    """``--steps`` as the Decoder takes it: an int count, or a respacing string such as 'ddim50'."""
-    return int(value) if isinstance(value, str) and value.isdigit() else value
-
-
 def cmd_demo(args) -> int:
-    run_demo(args.out_dir, seed=args.seed, steps=_steps(args.steps), sampler=args.sampler, scale=args.scale,
+    run_demo(args.out_dir, seed=args.seed, steps=args.steps, sampler=args.sampler, scale=args.scale,
              image=args.image, size=args.size, device=args.device, progress=not args.quiet)
     return 0
 
@@ -432,7 +419,7 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     codec = unet = None
     if args.codec_checkpoint or args.pretrained_codec:
-        from .models.codec import load_codec
+        from .models.codec_loading import load_codec
 
         if args.codec is None:
             raise CheckpointError("--codec NAME is needed with --codec-checkpoint / --pretrained-codec")
@@ -445,8 +432,8 @@ def cmd_eval(args) -> int:
         from .models.unet_loading import load_unet
 
         unet = load_unet(args.unet, preset=args.preset)
-    evaluate(args.dir, args.out, codec=codec, unet=unet, steps=_steps(args.steps), sampler=args.sampler,
-             guidance=args.guidance, scale=args.scale, seed=args.seed, device=args.device,
+    evaluate(args.dir, args.out, codec=codec, unet=unet, steps=args.steps, sampler=args.sampler,
+             guidance=args.guidance, scale=args.scale, interval=args.interval, seed=args.seed, device=args.device,
              inception=args.inception, inception_sha256=args.inception_sha256, force=args.force,
              progress=not args.quiet)
     return 0
@@ -454,12 +441,15 @@ def cmd_eval(args) -> int:
 
 def add_subparsers(subparsers) -> None:
     """Add ``demo`` and ``eval`` to the ``idemrt`` command line (``subparsers`` of build_parser)."""
+    from .cli_options import add_sampling_options, add_unet_options, steps_value
+    from .diffusion import SAMPLERS
+
     d = subparsers.add_parser("demo", help="compress and decode a photograph with the bundled demo models")
     d.add_argument("--out-dir", default=".", help=f"where {DEMO_PNG} is written (replaced if present)")
     d.add_argument("--image", default="chelsea", choices=DEMO_IMAGES)
     d.add_argument("--size", type=int, default=DEMO_SIZE, help="image side in pixels (the shipped files are 128)")
-    d.add_argument("--steps", default=str(DEMO_STEPS), help="respaced steps, e.g. 100 or 'ddim50'")
-    d.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    d.add_argument("--steps", type=steps_value, default=DEMO_STEPS, help="respaced steps, e.g. 100 or 'ddim50'")
+    d.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
     d.add_argument("--scale", type=float, default=DEMO_SCALE, help="DPS step size")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu")
@@ -473,13 +463,8 @@ def add_subparsers(subparsers) -> None:
     e.add_argument("--codec-checkpoint", default=None)
     e.add_argument("--pretrained-codec", action="store_true", help="compressai's zoo weights (downloads)")
     e.add_argument("--quality", type=int, default=None)
-    e.add_argument("--unet", default=None, help="ADM UNet checkpoint (default: the demo UNet)")
-    e.add_argument("--preset", default="ffhq256", choices=["ffhq256", "imagenet256"])
-    e.add_argument("--steps", default=str(DEMO_STEPS), help="respaced steps, e.g. 100 or 'ddim50'")
-    e.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    e.add_argument("--guidance", default="dps", choices=["dps", "dsg"])
-    e.add_argument("--scale", type=float, default=DEMO_SCALE)
-    e.add_argument("--seed", type=int, default=0, help="seed of the first image (then +1 per image)")
+    add_unet_options(e, unet_help="ADM UNet checkpoint (default: the demo UNet)")
+    add_sampling_options(e, steps=str(DEMO_STEPS), scale=DEMO_SCALE, guidance_none=False)
     e.add_argument("--device", default="cpu")
     e.add_argument("--inception", default=None,
                    help="pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth: adds patch FID/KID")

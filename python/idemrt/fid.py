@@ -1,6 +1,6 @@
 """FID and KID between image sets, on 64×64 patches, as the paper's evaluation computes them.
 
-The paper's ``models/fid.py`` (reference fact sheet CODEC_OPERATORS.md §4.3):
+The paper's ``models/fid.py`` (docs/reference_code.md §3.4.3):
 
 * the feature network is pytorch-fid's InceptionV3, FID variant (torchvision's inception_v3 with
   1008 classes, no aux head, the TF-compatible Mixed blocks), weights

@@ -25,6 +25,7 @@ Images above ``max_pixels`` are refused before their pixels are decoded.
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -97,6 +98,16 @@ def save_image(x: torch.Tensor, path, *, force: bool = False, inputs=()) -> None
     img = to_pil(x)
     with atomic_writer(path, force=force, inputs=inputs) as f:
         img.save(f, format="PNG")
+
+
+def mse255(a: torch.Tensor, b: torch.Tensor) -> float:
+    """MSE on the 0-255 scale of two images in [0, 1] (float64)."""
+    return float(((a.double() - b.double()) * 255).pow(2).mean())
+
+
+def psnr(mse: float) -> float:
+    """PSNR (dB, peak 255) of an MSE on the 0-255 scale: the one PSNR of the project."""
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _decode_path(path: Path, max_pixels: int) -> np.ndarray:

@@ -2,12 +2,14 @@
 
 Every backend is built from the same ingredients and exposes one call::
 
-    x_prev, distance = backend.step(x_t, i, target, noise)
+    x_prev, distance = backend.step(x_t, i, target, noise, scale=None)
 
 with ``x_t`` the fp32 diffusion state (N, 3, H, W) in [-1, 1], ``i`` the position in the
-respaced schedule (counting down to 0), ``target`` the constraint target (N, ...), ``noise``
-the step's Gaussian noise (same shape as ``x_t``), ``x_prev`` fp32 and ``distance`` the
-per-sample constraint distance (N,) measured at this step's x0 prediction.
+respaced schedule (counting down to 0) — an int, or one per sample (an (N,) integer tensor) —
+``target`` the constraint target (N, ...), ``noise`` the step's Gaussian noise (same shape as
+``x_t``), ``scale`` None (the guidance's own) or the (N,) per-sample DPS scales, ``x_prev`` fp32
+and ``distance`` the per-sample constraint distance (N,) measured at this step's x0 prediction.
+The math of that step is :mod:`idemrt.diffusion.step`'s; backends differ in how it runs.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from ..errors import BackendError
@@ -25,19 +28,55 @@ class StepSpec:
     """Everything that defines the math of a guided step (shared by all backends).
 
     unet:      the ADM UNet (``model(x, t) -> (N, 6, H, W)``, t original timesteps).
-    operator:  A(x0) in the target's domain; ``None`` for unguided sampling.
-    codec:     the :class:`idemrt.Codec` behind ``operator`` (exporting backends rebuild A from it).
-    domain:    "x" or "y": which idempotence operator ``operator`` is.
-    sampler:   an ``idemrt.diffusion`` sampler (predict/step).
-    guidance:  an ``idemrt.diffusion`` guidance object (update), or None.
+    operator:  A(x0) in the target's units; ``None`` for unguided sampling.
+    codec:      the :class:`idemrt.Codec` behind ``operator`` (exporting backends rebuild A from it
+                with :func:`idemrt.models.codec.diffusion_operator`, as the Decoder does).
+    constraint: "x" or "y": which idempotence operator ``operator`` is.
+    sampler:    an ``idemrt.diffusion`` sampler (its table, predict/step).
+    guidance:   an ``idemrt.diffusion`` guidance object (update), or None.
     """
 
     unet: torch.nn.Module
     operator: Optional[Callable[[torch.Tensor], torch.Tensor]]
     codec: object
-    domain: str
+    constraint: str
     sampler: object
     guidance: object
+
+
+def check_step_inputs(device: torch.device, num_steps: int, x_t, i, target, noise, *, guided: bool) -> list[int]:
+    """Validate one step's inputs (on ``device``, shapes agreeing); returns the step index of
+    each sample as Python ints — the host's copy, from which a backend decides what to run (a
+    device tensor ``i`` is read back, which syncs)."""
+    if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.dtype != torch.float32:
+        raise ValueError(f"x_t must be a float32 (N, C, H, W) tensor, got {_describe(x_t)}")
+    n = x_t.shape[0]
+    if not isinstance(noise, torch.Tensor) or noise.shape != x_t.shape or noise.dtype != torch.float32:
+        raise ValueError(f"noise must be float32 of x_t's shape {tuple(x_t.shape)}, got {_describe(noise)}")
+    tensors = [x_t, noise]
+    if guided:
+        if not isinstance(target, torch.Tensor) or target.ndim < 1 or target.shape[0] != n:
+            raise ValueError(f"target must be a tensor with batch size {n}, got {_describe(target)}")
+        tensors.append(target)
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"tensors must be on {device}, got one on {t.device}")
+    bad = f"step index must be an int in [0, {num_steps}) or one per sample, got {i!r}"
+    if isinstance(i, torch.Tensor):
+        if i.dtype.is_floating_point or i.dtype == torch.bool or i.ndim > 1:
+            raise ValueError(bad)
+        i = i.tolist()
+    steps = list(i) if isinstance(i, (list, tuple)) else [i] * n
+    if len(steps) != n or not all(isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
+                                  and 0 <= s < num_steps for s in steps):
+        raise ValueError(bad)
+    return [int(s) for s in steps]
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 _REGISTRY: dict[str, Callable[..., object]] = {}

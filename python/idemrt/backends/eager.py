@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import guided_step, plain_step
+from ..diffusion.step import guided_step, plain_step
 from ..errors import BackendError
 from .base import StepSpec, register
 
@@ -18,8 +18,8 @@ class EagerBackend:
             raise BackendError("the eager backend computes in float32; use backend='fast' for bf16/fp16")
         self.spec = spec
 
-    def step(self, x_t, i, target, noise):
+    def step(self, x_t, i, target, noise, scale=None):
         s = self.spec
         if s.guidance is None:
             return plain_step(s.unet, s.sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])
-        return guided_step(s.unet, s.operator, s.sampler, s.guidance, x_t, i, target, noise)
+        return guided_step(s.unet, s.operator, s.sampler, s.guidance, x_t, i, target, noise, scale)

@@ -2,7 +2,7 @@
 
 The UNet forward, the operator A and the input gradient through both run as one exported
 graph (:mod:`idemrt.export`); the sampler update is the diffusion objects' own
-(:class:`~idemrt.export.graph_backend.GraphStepBackend`). fp32 only.
+(:class:`~idemrt.backends.graph.GraphStepBackend`). fp32 only.
 
 Providers: ``CPUExecutionProvider`` for a CPU device; ``CUDAExecutionProvider`` (onnxruntime-gpu)
 for a CUDA device, bound to torch's tensors with an IOBinding and run on torch's current
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
-from ..export.graph_backend import GraphStepBackend
+from .graph import GraphStepBackend
 from .base import StepSpec, register
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -85,7 +85,7 @@ class OnnxRuntimeBackend(GraphStepBackend):
 
     ``cache_dir``: where exported graphs are kept (default ``$IDEMRT_CACHE_DIR`` or
     ``~/.cache/idemrt``). ``dynamic_hw``: one graph for all image sizes (multiples of 64;
-    x-domain constraint only) instead of one per size.
+    x constraint only) instead of one per size.
     """
 
     def __init__(self, spec: StepSpec, *, device, dtype=None, cache_dir=None, dynamic_hw: bool = False):

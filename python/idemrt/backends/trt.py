@@ -1,6 +1,6 @@
 """The TensorRT backend: the exported step graphs as TensorRT engines on a CUDA GPU.
 
-Same step as the onnxruntime backend (:class:`~idemrt.export.graph_backend.GraphStepBackend`:
+Same step as the onnxruntime backend (:class:`~idemrt.backends.graph.GraphStepBackend`:
 the engine computes ``model_out``, ``dist`` and ``grad``; ``sampler.predict``/``step`` and
 ``guidance.update`` run in torch), with engines built from the cached ONNX graphs by
 :mod:`idemrt.export.tensorrt_build` and cached per GPU. ``dtype``: None/float32 (IEEE fp32
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendError
-from ..export.graph_backend import GraphStepBackend
+from .graph import GraphStepBackend
 from ..export.tensorrt_build import TensorRTRunner, import_tensorrt, load_or_build_engine
 from .base import StepSpec, register
 

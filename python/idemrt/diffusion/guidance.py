@@ -1,7 +1,7 @@
 """Idempotence guidance: the constraint distance, DPS, DSG and the retry rule.
 
 The constraint is ``||y - A(x0_hat)||_2`` with y the MSE-codec reconstruction
-and A the codec round trip, both in [-1, 1] units (DIFFUSION_AND_DPS.md §8).
+and A the codec round trip, both in [-1, 1] units (docs/reference_code.md §2.8).
 
 Deviation from the reference, on purpose: every norm here is taken **per
 sample** (over C, H, W). The reference takes each norm over the whole tensor,
@@ -9,31 +9,30 @@ batch included, which couples the images of a batch (each gradient is divided
 by the joint norm). At batch 1 the two agree; with per-sample norms an image
 decodes the same alone or in a batch.
 
-``update(sample, pred, grad, i)`` takes a precomputed ``grad = d dist / d x_t``
+``update(sample, pred, grad, i, scale=None)`` takes a precomputed ``grad = d dist / d x_t``
 (one sample's distance differentiated w.r.t. its own step input), so backends
-that compute the gradient elsewhere reuse it. Guidance objects hold constants
-only.
+that compute the gradient elsewhere reuse it. Like the samplers, guidance works
+per sample: ``i`` may be an (N,) tensor of step indices, and ``scale`` an (N,)
+tensor of DPS step lengths (the object's ``scale`` is the default), so a retry
+at a larger scale is data, not a new object. Guidance objects hold constants
+only; :data:`GUIDANCE` registers them by name.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .samplers import Prediction
+from .samplers import Prediction, per_sample
 
 _EPS = 1e-8  # DSG's guard against a zero norm (reference constant)
 
 
 def _per_sample_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.flatten(1), dim=1)
-
-
-def _per_sample(v: Tensor, like: Tensor) -> Tensor:
-    """Shape an (N,) tensor to broadcast over (N, C, H, W)."""
-    return v.view(-1, *([1] * (like.ndim - 1)))
 
 
 def distance(target: Tensor, a_x0: Tensor) -> Tensor:
@@ -58,6 +57,7 @@ class DPS:
     is a step length; 0.6 in the shipped configs.
     """
 
+    name: ClassVar[str] = "dps"
     scale: float = 0.6
 
     def __post_init__(self):
@@ -66,8 +66,9 @@ class DPS:
     def active(self, i) -> bool:
         return True
 
-    def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i) -> Tensor:
-        return sample - grad * self.scale
+    def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i, scale: Tensor | None = None) -> Tensor:
+        """``sample - scale·grad``; ``scale`` (N,) per sample, default this object's."""
+        return sample - grad * (self.scale if scale is None else per_sample(scale, grad))
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,11 @@ class DSG:
     sigma_t is the first element of each sample's std (a scalar for DDIM; at
     i == 0 it is 0, so DDIM's last step returns the mean). Off-interval steps
     return the sample unguided (and :func:`guided_step` reports distance 0).
-    The config's ``scale`` is not used by DSG, as in the reference.
+    The config's ``scale`` is not used by DSG, as in the reference (nor is a
+    per-sample ``scale``: DSG's step length is the sphere's radius).
     """
 
+    name: ClassVar[str] = "dsg"
     interval: int = 1
     guidance_rate: float = 0.1  # hard-coded to 0.1 in the reference
 
@@ -93,50 +96,62 @@ class DSG:
         _check_finite("DSG guidance_rate", self.guidance_rate)
 
     def active(self, i) -> bool | Tensor:
-        """Whether step ``i`` is guided: a bool, or a bool tensor for a tensor ``i``."""
+        """Whether step ``i`` is guided: a bool, or a bool tensor of ``i``'s shape (per sample)."""
         if self.interval == 1:
             return True
         return i % self.interval == 0
 
-    def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i) -> Tensor:
+    def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i, scale: Tensor | None = None) -> Tensor:
         on = self.active(i)
         if on is False:
             return sample
         c_h_w = sample[0].numel()
-        r = _per_sample(math.sqrt(c_h_w) * pred.sigma.expand_as(sample).flatten(1)[:, 0], sample)
-        d_star = -r * grad / (_per_sample(_per_sample_norm(grad), grad) + _EPS)
+        r = per_sample(math.sqrt(c_h_w) * pred.sigma.expand_as(sample).flatten(1)[:, 0], sample)
+        d_star = -r * grad / (per_sample(_per_sample_norm(grad), grad) + _EPS)
         d_sample = sample - pred.mean
         mix = d_sample + self.guidance_rate * (d_star - d_sample)
-        guided = pred.mean + mix / (_per_sample(_per_sample_norm(mix), mix) + _EPS) * r
-        # A tensor i (graph capture) selects without a host sync.
-        return guided if on is True else torch.where(on, guided, sample)
+        guided = pred.mean + mix / (per_sample(_per_sample_norm(mix), mix) + _EPS) * r
+        # A tensor i (graph capture, per-sample steps) selects without a host sync.
+        return guided if on is True else torch.where(per_sample(on, sample), guided, sample)
+
+
+GUIDANCE = {g.name: g for g in (DPS, DSG)}  # by name, as Decoder(guidance=...) and the CLI take it
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """run_codec.py's outer loop: re-sample (fresh x_T) while the final
-    distance exceeds ``threshold``, multiplying the guidance scale by
-    ``factor`` each time, at most ``max_retries`` times (0 in every shipped
-    config: ``maxrepeat = 1``). The last attempt is kept even if worse.
+    """When an image is sampled again (a fresh x_T from its own generator), per image.
 
-    Unlike the reference, a non-finite distance counts as above the threshold.
+    * The reference's outer loop (run_codec.py): while the final distance exceeds
+      ``threshold``, multiply the DPS scale by ``factor``, at most ``max_retries`` times (0 in
+      every shipped config: ``maxrepeat = 1``). The last attempt is kept even if worse. Unlike
+      the reference, a non-finite distance counts as above the threshold.
+    * Non-finite values (idemrt's own): multiply the DPS scale by ``nan_factor``, at most
+      ``nan_retries`` times; after that the decode fails.
+
+    Only DPS has a scale to change: with other guidance no retry is made.
     """
 
     threshold: float = 20.0
     factor: float = 1.5
     max_retries: int = 0
+    nan_factor: float = 0.5
+    nan_retries: int = 1
 
     def __post_init__(self):
         _check_finite("retry threshold", self.threshold)
         _check_finite("retry factor", self.factor)
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        _check_finite("non-finite retry factor", self.nan_factor)
+        for name in ("max_retries", "nan_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
-    def needs_retry(self, distances: Tensor, retries_done: int) -> Tensor:
-        """Per sample (bool (N,)): retry this image?"""
-        if retries_done >= self.max_retries:
-            return torch.zeros_like(distances, dtype=torch.bool)
-        return ~(distances <= self.threshold)
+    def needs_retry(self, distances: Tensor, retries_done) -> Tensor:
+        """Per sample (bool (N,)): retry this image for its distance? ``retries_done``: an int or
+        an (N,) tensor of the distance retries each image has had."""
+        retries_done = torch.as_tensor(retries_done, device=distances.device)
+        return (retries_done < self.max_retries) & ~(distances <= self.threshold)
 
     def next_scale(self, scale: float) -> float:
         return scale * self.factor

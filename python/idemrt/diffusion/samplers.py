@@ -6,14 +6,21 @@ estimate, the step mean and the noise std; it is differentiable in ``x_t``
 Neither draws random numbers nor keeps state, so any backend that computes the
 UNet output elsewhere (ONNX Runtime, TensorRT, a CUDA graph) reuses them.
 
-``i`` is the position in the respaced schedule (N'-1 down to 0). It may be a
-Python int or a 0-dim integer tensor on the sampler's device: all per-step
-coefficients sit in one float32 ``(N', K)`` table, one gather per step,
-and the "no noise at i == 0" rule is a precomputed ``nonzero`` mask, so a
-tensor ``i`` never forces a host sync (CUDA-graph friendly). The tables are
-computed in float64 from the schedule and cast once; the reference casts each
-float64 coefficient to float32 at use and computes the DDIM sigma in float32,
-so coefficients can differ from it by one float32 ulp.
+The step index ``i`` is the position in the respaced schedule (N'-1 down to 0),
+**per sample**: a Python int or 0-dim integer tensor (every image at the same
+step), or an ``(N,)`` integer tensor (image k at step ``i[k]``). Everything a
+step needs sits in one float32 ``(N', K)`` table, :meth:`Sampler.coefficients`,
+whose columns :attr:`Sampler.columns` names; a step gathers its rows on the
+device (:meth:`Sampler.rows`), so a tensor ``i`` never forces a host sync
+(CUDA-graph friendly). The last column, ``nonzero``, is 0 at i == 0: the
+"no noise on the last step" rule as data. Backends, the fused kernels and the
+ONNX step graph all read this one table; the first two columns are always
+``sqrt(1/abar)`` and ``sqrt(1/abar - 1)``, the x0 formula's coefficients
+(:func:`x0_from_eps`, its one definition).
+
+The table is computed in float64 from the schedule and cast once; the reference
+casts each float64 coefficient to float32 at use and computes the DDIM sigma in
+float32, so coefficients can differ from it by one float32 ulp.
 
 Only ``model_mean_type = epsilon`` with ``learned_range`` variance (a
 ``2·C``-channel output: eps | v) is supported by DDPM, as in every shipped
@@ -30,6 +37,8 @@ from torch import Tensor
 
 from .schedule import Schedule
 
+__all__ = ["DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "per_sample", "x0_from_eps"]
+
 
 class Prediction(NamedTuple):
     x0: Tensor  # clamped to [-1, 1]
@@ -37,24 +46,37 @@ class Prediction(NamedTuple):
     sigma: Tensor  # std of x_{t-1} (x's shape); step() drops it at i == 0
 
 
-def _at(table: Tensor, i) -> Tensor:
-    """``table[i]``; a tensor ``i`` is gathered on the device (plain indexing
-    with a 0-dim tensor may read the index back to the host)."""
-    if isinstance(i, Tensor):
-        return table.index_select(0, i.reshape(1)).squeeze(0)
-    return table[i]
+def per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """An (N,) tensor shaped to broadcast over ``like`` (N, C, H, W); a 0-dim one stays as is."""
+    return v if v.ndim == 0 else v.view(-1, *([1] * (like.ndim - 1)))
 
 
-class _Sampler:
-    """Float32 per-step tables on one device, built once from a float64 schedule."""
+def x0_from_eps(x_t: Tensor, eps: Tensor, sqrt_recip_abar: Tensor, sqrt_recipm1_abar: Tensor) -> Tensor:
+    """The clipped x0 estimate ``clamp(sqrt(1/abar)·x_t - sqrt(1/abar - 1)·eps, -1, 1)``.
+
+    The one definition of the x0 formula (guided-diffusion's ``_predict_xstart_from_eps`` then
+    ``clip_denoised``); the coefficients broadcast over x_t (0-dim, or (N, 1, 1, 1))."""
+    return (sqrt_recip_abar * x_t - sqrt_recipm1_abar * eps).clamp(-1, 1)
+
+
+class Sampler:
+    """Float32 per-step tables on one device, built once from a float64 schedule.
+
+    Subclasses name their table's columns in ``columns`` (first the two x0 coefficients, last
+    ``nonzero``) and implement :meth:`predict_rows`.
+    """
+
+    columns: tuple[str, ...] = ()
 
     def __init__(self, schedule: Schedule, columns: list[np.ndarray]):
         self.schedule = schedule
-        self.coef = torch.from_numpy(np.stack(columns, axis=1)).float()
-        self.timesteps = torch.from_numpy(schedule.timestep_map).long()
         nonzero = np.ones(schedule.num_steps)
         nonzero[0] = 0.0
-        self.nonzero = torch.from_numpy(nonzero).float()
+        table = np.stack([*columns, nonzero], axis=1)
+        if table.shape[1] != len(self.columns):
+            raise AssertionError(f"{type(self).__name__}: {table.shape[1]} columns for names {self.columns}")
+        self._table = torch.from_numpy(table).float()
+        self.timesteps = torch.from_numpy(schedule.timestep_map).long()
 
     @property
     def num_steps(self) -> int:
@@ -62,32 +84,47 @@ class _Sampler:
 
     @property
     def device(self) -> torch.device:
-        return self.coef.device
+        return self._table.device
 
-    def to(self, device) -> _Sampler:
+    def coefficients(self) -> Tensor:
+        """The float32 ``(num_steps, len(columns))`` table: row i holds every scalar of step i."""
+        return self._table
+
+    def to(self, device) -> Sampler:
         """A copy whose tables live on ``device`` (the schedule is shared)."""
         moved = copy.copy(self)
-        moved.coef = self.coef.to(device)
+        moved._table = self._table.to(device)
         moved.timesteps = self.timesteps.to(device)
-        moved.nonzero = self.nonzero.to(device)
         return moved
 
-    def _check_index(self, i) -> None:
+    def _index(self, i) -> Tensor | int:
+        """``i`` checked: an int, or an integer tensor of 0 or 1 dims (its values are not checked:
+        that would sync with the device)."""
         if isinstance(i, Tensor):
-            # The value is not checked: that would sync with the device.
-            if i.ndim != 0 or i.dtype.is_floating_point or i.dtype == torch.bool:
-                raise ValueError("a tensor step index must be a 0-dim integer tensor")
-        elif isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_steps:
+            if i.ndim > 1 or i.dtype.is_floating_point or i.dtype == torch.bool:
+                raise ValueError("a tensor step index must be a 0-dim or (N,) integer tensor")
+            return i
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_steps:
             raise ValueError(f"step index must be an int in [0, {self.num_steps}), got {i!r}")
+        return int(i)
 
-    def _row(self, i) -> tuple[Tensor, ...]:
-        self._check_index(i)
-        return _at(self.coef, i).unbind()
+    def rows(self, i) -> Tensor:
+        """The table rows of step ``i``: ``(K,)`` for one index, ``(N, K)`` for an (N,) tensor."""
+        i = self._index(i)
+        if isinstance(i, int):
+            return self._table[i]
+        # index_select on the device: plain indexing with a tensor may read it back to the host.
+        return self._table.index_select(0, i.reshape(-1)).reshape(*i.shape, -1)
 
     def model_timesteps(self, i, batch: int) -> Tensor:
         """The UNet time input for step ``i``: ``timestep_map[i]`` as a long ``(batch,)`` tensor."""
-        self._check_index(i)
-        return _at(self.timesteps, i).expand(batch)
+        i = self._index(i)
+        if isinstance(i, int):
+            return self.timesteps[i].expand(batch)
+        t = self.timesteps.index_select(0, i.reshape(-1))
+        if i.ndim == 1 and i.shape[0] != batch:
+            raise ValueError(f"{i.shape[0]} step indices for a batch of {batch}")
+        return t.expand(batch)
 
     def _split(self, model_out: Tensor, x_t: Tensor, allow_eps_only: bool) -> tuple[Tensor, Tensor | None]:
         n, c = x_t.shape[:2]
@@ -101,14 +138,31 @@ class _Sampler:
         want = f"{2 * c} (eps | v)" + (f" or {c} (eps)" if allow_eps_only else "")
         raise ValueError(f"model output has {model_out.shape[1]} channels, expected {want}")
 
+    @staticmethod
+    def _columns(rows: Tensor, like: Tensor) -> list[Tensor]:
+        """The columns of ``rows`` ((K,) or (N, K)), each broadcastable over ``like``."""
+        return [per_sample(c, like) for c in rows.unbind(-1)]
+
+    def predict(self, model_out: Tensor, x_t: Tensor, i) -> Prediction:
+        """x0, mean and sigma of step ``i`` (see the module docstring)."""
+        return self.predict_rows(model_out, x_t, self.rows(i))
+
+    def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
+        raise NotImplementedError
+
     def step(self, pred: Prediction, noise: Tensor, i) -> Tensor:
         """x_{t-1} = mean + sigma·noise, and mean alone at i == 0."""
-        self._check_index(i)
-        return pred.mean + pred.sigma * noise * _at(self.nonzero, i)
+        return self.step_rows(pred, noise, self.rows(i))
+
+    def step_rows(self, pred: Prediction, noise: Tensor, rows: Tensor) -> Tensor:
+        nonzero = per_sample(rows[..., -1], noise)
+        return pred.mean + pred.sigma * noise * nonzero
 
 
-class DDPMSampler(_Sampler):
+class DDPMSampler(Sampler):
     """Ancestral sampling with the learned-range variance (guided-diffusion "ddpm")."""
+
+    columns = ("sqrt_recip_abar", "sqrt_recipm1_abar", "c1", "c2", "log_beta", "plv", "nonzero")
 
     def __init__(self, schedule: Schedule):
         s = schedule
@@ -121,23 +175,25 @@ class DDPMSampler(_Sampler):
             s.posterior_log_variance_clipped,  # lower bound
         ])
 
-    def predict(self, model_out: Tensor, x_t: Tensor, i) -> Prediction:
-        recip, recipm1, coef1, coef2, max_log, min_log = self._row(i)
+    def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
+        recip, recipm1, coef1, coef2, max_log, min_log, _ = self._columns(rows, x_t)
         eps, v = self._split(model_out, x_t, allow_eps_only=False)
-        x0 = (recip * x_t - recipm1 * eps).clamp(-1, 1)
+        x0 = x0_from_eps(x_t, eps, recip, recipm1)
         mean = coef1 * x0 + coef2 * x_t
         frac = (v + 1) / 2  # v is not clamped, as in the reference
         log_var = frac * max_log + (1 - frac) * min_log
         return Prediction(x0, mean, torch.exp(0.5 * log_var))
 
 
-class DDIMSampler(_Sampler):
+class DDIMSampler(Sampler):
     """DDIM (guided-diffusion "ddim"); eta = 1 as in the shipped configs.
 
     eps is re-derived from the clipped x0, and
     ``sigma = eta·sqrt((1 - abar_prev)/(1 - abar))·sqrt(1 - abar/abar_prev)``
-    is one scalar per step (0 at i == 0, where abar_prev = 1).
+    is one scalar per step and sample (0 at i == 0, where abar_prev = 1).
     """
+
+    columns = ("sqrt_recip_abar", "sqrt_recipm1_abar", "sqrt_abar_prev", "sigma", "eps_coef", "nonzero")
 
     def __init__(self, schedule: Schedule, eta: float = 1.0):
         eta = float(eta)
@@ -158,10 +214,10 @@ class DDIMSampler(_Sampler):
         ])
         self.eta = eta
 
-    def predict(self, model_out: Tensor, x_t: Tensor, i) -> Prediction:
-        recip, recipm1, sqrt_abar_prev, sigma, eps_coef = self._row(i)
+    def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
+        recip, recipm1, sqrt_abar_prev, sigma, eps_coef, _ = self._columns(rows, x_t)
         eps, _ = self._split(model_out, x_t, allow_eps_only=True)
-        x0 = (recip * x_t - recipm1 * eps).clamp(-1, 1)
+        x0 = x0_from_eps(x_t, eps, recip, recipm1)
         eps = (recip * x_t - x0) / recipm1
         mean = x0 * sqrt_abar_prev + eps_coef * eps
         return Prediction(x0, mean, sigma.expand_as(x_t))

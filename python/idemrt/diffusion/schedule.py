@@ -38,11 +38,12 @@ def _parse_count(text: str, spec: str) -> int:
         raise ValueError(f"bad timestep respacing {spec!r}: {text!r} is not an integer") from None
 
 
-def space_timesteps(num_timesteps: int, section_counts: int | str) -> set[int]:
+def space_timesteps(num_timesteps: int, section_counts: int | str | list[int]) -> set[int]:
     """The original steps kept by a respacing (guided-diffusion's rules).
 
-    ``section_counts`` is an int (one section), a comma-separated string of
-    counts (``"10,20"``: the process is cut into that many contiguous parts,
+    ``section_counts`` is an int (one section), a list of counts or a
+    comma-separated string of them (``[10, 20]`` or ``"10,20"``: the process is
+    cut into that many contiguous parts,
     the first ``T % n`` of which get one extra step), or ``"ddimN"`` (the
     smallest integer stride giving exactly N steps: ``range(0, T, stride)``).
     Inside a part of ``size`` steps, ``c`` positions are picked at
@@ -66,8 +67,11 @@ def space_timesteps(num_timesteps: int, section_counts: int | str) -> set[int]:
         counts = [_parse_count(part, section_counts) for part in spec.split(",")]
     elif isinstance(section_counts, int):
         counts = [section_counts]
+    elif isinstance(section_counts, (list, tuple)) and section_counts and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in section_counts):
+        counts = list(section_counts)
     else:
-        raise ValueError(f"timestep respacing must be an int or a string, got {type(section_counts).__name__}")
+        raise ValueError(f"timestep respacing must be an int, a list of ints or a string, got {section_counts!r}")
 
     if any(c < 1 for c in counts):
         raise ValueError(f"bad timestep respacing {section_counts!r}: every section needs at least 1 step")

@@ -1,4 +1,4 @@
-"""One reverse step, composed eagerly: the reference for every other backend.
+"""One reverse step, written once: every backend computes exactly this.
 
     x_t ──model──▶ model_out ──sampler.predict──▶ (x0, mean, sigma)
                                    │                    │
@@ -6,30 +6,69 @@
                                    ▼                    ▼
             sampler.step(pred, noise) = sample ──guidance.update(grad)──▶ x_{t-1}
 
-Backends that compute ``model_out``, ``dist`` and ``grad`` elsewhere (ONNX
-Runtime, TensorRT, CUDA graphs) reuse ``predict``, ``step`` and ``update``.
+:func:`step_gradient` is the differentiable part — ``(model_out, prediction, distance,
+grad)`` from a model function, an operator function and a sampler's table rows — and
+:func:`finish_step` the rest. The eager backend calls :func:`guided_step` (both, in fp32);
+the fast backend calls :func:`step_gradient` with its low-precision model and operator
+functions inside a CUDA graph; the ONNX/TensorRT step graph is :func:`step_gradient`
+traced (:mod:`idemrt.export.joint_graph`) and its backend calls :func:`finish_step`. Only
+the fused Triton kernels compute the same numbers their own way
+(``idemrt.kernels.sampler_update``, tested equal to this module).
 
-RNG draw order (the caller owns the loop and the generator): draw x_T first,
-then one standard-normal tensor of x's shape per step, for i = N'-1 down to 0,
-*including* i = 0 where it is multiplied by 0, as the reference's
-``randn_like`` every step. The reference also draws a second tensor per step
-for a noisy measurement that 'ps' and 'DSG' never read; idemrt does not (the
-reference sets no seed, so its runs are not reproducible anyway).
+Step indices are per sample (see :mod:`.samplers`): ``i`` is an int or an (N,) tensor,
+``scale`` an optional (N,) tensor of DPS step lengths.
+
+RNG draw order (the caller owns the loop and the generators): see
+:class:`idemrt.diffusion.loop.GuidedSampler`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .guidance import DPS, DSG, distance
-from .samplers import DDIMSampler, DDPMSampler
+from .samplers import Prediction, Sampler
 
-Sampler = DDPMSampler | DDIMSampler
 Guidance = DPS | DSG
 Model = Callable[[Tensor, Tensor], Tensor]
 Operator = Callable[[Tensor], Tensor]
+
+
+class StepGradient(NamedTuple):
+    model_out: Tensor  # the model output (N, C_out, H, W)
+    pred: Prediction  # x0, mean and sigma of the step
+    dist: Tensor  # (N,) ||target - A(x0)||
+    grad: Tensor  # d dist / d x_t, per sample
+
+
+def step_gradient(model: Model, operator: Operator, sampler: Sampler, x_t: Tensor, t: Tensor, rows: Tensor,
+                  target: Tensor) -> StepGradient:
+    """The guided step's differentiable part, all outputs detached.
+
+    ``t``: the model's time input (N,) (:meth:`Sampler.model_timesteps`); ``rows``: the
+    sampler's table rows of the step (:meth:`Sampler.rows`). Only ``x_t`` is differentiated:
+    the model's and the operator's parameters are constants here."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        out = model(x, t)
+        pred = sampler.predict_rows(out, x, rows)
+        dist = distance(target, operator(pred.x0))
+        # Samples are independent, so d(sum)/d x_t holds each sample's own gradient.
+        (grad,) = torch.autograd.grad(dist.sum(), x)
+    return StepGradient(out.detach(), Prediction(*(p.detach() for p in pred)), dist.detach(), grad)
+
+
+def finish_step(sampler: Sampler, guidance: Guidance, g: StepGradient, noise: Tensor, i, rows: Tensor,
+                scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(x_{t-1}, distance)`` from a step's gradient: noise, then the guidance update. The
+    distance is 0 for samples whose step the guidance skips (DSG off its interval)."""
+    with torch.no_grad():
+        x_prev = guidance.update(sampler.step_rows(g.pred, noise, rows), g.pred, g.grad, i, scale)
+        active = guidance.active(i)
+        dist = g.dist if active is True else torch.where(active, g.dist, torch.zeros_like(g.dist))
+    return x_prev, dist
 
 
 @torch.no_grad()
@@ -39,25 +78,17 @@ def plain_step(model: Model, sampler: Sampler, x_t: Tensor, i, noise: Tensor) ->
     return sampler.step(sampler.predict(out, x_t, i), noise, i)
 
 
-def guided_step(model: Model, operator: Operator, sampler: Sampler, guidance: Guidance,
-                x_t: Tensor, i, target: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """A guided reverse step: (x_{t-1}, per-sample distance ||target - A(x0_hat)||), both detached.
+def guided_step(model: Model, operator: Operator, sampler: Sampler, guidance: Guidance, x_t: Tensor, i,
+                target: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A guided reverse step in the caller's precision: ``(x_{t-1}, distance (N,))``, detached.
 
-    The distance is that of this step's x0 estimate, before the update; it is
-    0 on steps the guidance skips (DSG off-interval). A tensor ``i`` is
-    synced to the host here to decide that skip; this eager path does not
-    need to be graph-capturable.
+    The distance is that of this step's x0 estimate, before the update. When the guidance
+    skips the step for every sample, the gradient is not computed (deciding that for a tensor
+    ``i`` reads it on the host: this path does not need to be graph-capturable).
     """
-    if not bool(guidance.active(i)):
+    active = guidance.active(i)
+    if active is False or (isinstance(active, Tensor) and not bool(active.any())):
         return plain_step(model, sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])
-    with torch.enable_grad():
-        x_t = x_t.detach().requires_grad_(True)
-        out = model(x_t, sampler.model_timesteps(i, x_t.shape[0]))
-        pred = sampler.predict(out, x_t, i)
-        dist = distance(target, operator(pred.x0))
-        # Samples are independent, so d(sum)/d x_t holds each sample's own gradient.
-        (grad,) = torch.autograd.grad(dist.sum(), x_t)
-    with torch.no_grad():
-        pred = type(pred)(*(t.detach() for t in pred))
-        x_prev = guidance.update(sampler.step(pred, noise, i), pred, grad, i)
-    return x_prev, dist.detach()
+    rows = sampler.rows(i)
+    g = step_gradient(model, operator, sampler, x_t, sampler.model_timesteps(i, x_t.shape[0]), rows, target)
+    return finish_step(sampler, guidance, g, noise, i, rows, scale)

@@ -1,8 +1,7 @@
 """The MSE codec: a compressai image model behind the idempotence operators and the bitstream.
 
-:func:`load_codec` builds one of compressai's image models, with weights from compressai's model
-zoo (``pretrained=True``, downloads), from a local checkpoint, or (tests, benchmarks) at random.
-:class:`Codec` wraps it with
+:class:`Codec` wraps one of compressai's image models (built and loaded by
+:func:`idemrt.models.codec_loading.load_codec`) with
 
 * the idempotence operators of Xu et al. (ICLR 2024), differentiable in the image::
 
@@ -29,7 +28,7 @@ zoo (``pretrained=True``, downloads), from a local checkpoint, or (tests, benchm
   with ``z_hat = round(h_a(y) - median) + median``. The rounding is straight-through: y_hat is
   computed without autograd and attached to y by an identity-backward function, so the gradient
   is ``J_{g_a}^T J_{g_s}^T`` exactly. The derivative of ``round(y - mu) + mu`` with respect to mu is
-  zero, so the entropy-parameter networks need no backward pass (CODEC_OPERATORS.md, section 3.5).
+  zero, so the entropy-parameter networks need no backward pass (docs/reference_code.md §3.3.5).
 
 * the bitstream: :meth:`Codec.compress` gives the bytes of compressai's own ``model.compress`` as a
   flat :class:`CompressedLatent`; :meth:`Codec.decompress_latent` returns the dequantised latent
@@ -38,16 +37,18 @@ zoo (``pretrained=True``, downloads), from a local checkpoint, or (tests, benchm
 * any image size: :meth:`Codec.pad` (replicate padding, right and bottom, up to a multiple of
   ``pad_multiple``) and :meth:`Codec.crop`.
 
+What differs between the rows of the table lives in one :class:`LatentFamily` object per family
+(registered by name in :data:`LATENT_FAMILIES`); :data:`ARCHITECTURES` maps each compressai model
+name to its class and family. :class:`Codec` itself is family-agnostic.
+
 For ELIC the latent of the real codec equals the operator's up to float rounding of mu (compressai
 computes the entropy parameters of the bitstream path on a re-arranged tensor, ~1e-6 apart); the
 integer symbols are the same.
 """
 from __future__ import annotations
 
-import functools
-import pickle
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -63,18 +64,23 @@ from compressai.models import (
     ScaleHyperprior,
 )
 from compressai.models.sensetime import Elic2022Chandelier, Elic2022Official
-from compressai.zoo.image import cfgs as _ZOO_WIDTHS
-from compressai.zoo.image import model_urls as _ZOO_URLS
 
 from ..bitstream import weights_digest
+from ..deprecation import renamed_argument
 from ..errors import BitstreamError, CheckpointError, ImageError
-from . import checkpoint_io
-from .codec_convert import detect_codec_name, entropy_bottleneck_style, is_elic_reimpl, normalize_state_dict
 
-__all__ = ["Codec", "CompressedLatent", "KNOWN_CODECS", "load_codec"]
+__all__ = [
+    "ARCHITECTURES",
+    "Arch",
+    "Codec",
+    "CompressedLatent",
+    "KNOWN_CODECS",
+    "LATENT_FAMILIES",
+    "LatentFamily",
+    "architecture",
+    "diffusion_operator",
+]
 
-# Buffers whose size is set by update() / the checkpoint rather than by the architecture.
-_CDF_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 # Largest latent side accepted from a bitstream: 4096 latent positions is a 65,536-pixel image side
 # for the factorized prior and 262,144 for the others; anything larger is a forged header.
 _MAX_LATENT_SIDE = 1 << 12
@@ -94,45 +100,233 @@ class CompressedLatent:
     shape: tuple[int, ...]
 
 
-def _widths_nm(state):
-    return {"N": state["g_a.0.weight"].shape[0], "M": state["g_a.6.weight"].shape[0]}
+# --- families ---------------------------------------------------------------------------------------
 
 
-def _widths_cheng(state):
-    return {"N": state["g_a.0.conv1.weight"].shape[0]}
+class LatentFamily:
+    """How a family of compressai models rounds its latent and lays out its entropy-coded strings.
+
+    Stateless: one instance per family serves every model of it; each method takes the compressai
+    ``model``. The defaults are those of the hyperprior families: two strings ``[y, z]``, decoded
+    starting from z's shape.
+    """
+
+    name: str
+    pad_multiple = 64  # g_a downsamples by 16, the hyper branch by 4 more
+    # quantize runs one step per latent position, so the operator is no single static graph (ONNX).
+    serial = False
+
+    def quantize(self, model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The codec's y_hat of ``y`` (no autograd: :meth:`Codec.quantize` adds the straight-through)."""
+        raise NotImplementedError
+
+    def decompress(self, model: nn.Module, strings: list, shape) -> torch.Tensor:
+        """compressai's nested ``strings`` and decoder ``shape`` -> the dequantised latent y_hat."""
+        raise NotImplementedError
+
+    def num_strings(self, model: nn.Module) -> int:
+        return 2
+
+    def flat_shape(self, shape):
+        """``model.compress(x)["shape"]`` -> the shape stored in :class:`CompressedLatent`."""
+        return shape
+
+    def decoder_shape(self, model: nn.Module, shape: tuple[int, int]):
+        """The stored shape -> the ``shape`` argument of compressai's decoder."""
+        return shape
 
 
-def _widths_elic(state):
-    groups = []
-    while (key := f"latent_codec.y.latent_codec.y{len(groups)}.context_prediction.weight") in state:
-        groups.append(state[key].shape[1])
-    if not groups:
-        raise KeyError("latent_codec.y.latent_codec.y0.context_prediction.weight")
-    N, M = state["g_a.0.weight"].shape[0], state["g_a.13.weight"].shape[0]
-    if sum(groups) != M:
-        raise CheckpointError(f"ELIC checkpoint: channel groups {groups} do not add up to M = {M}")
-    return {"N": N, "M": M, "groups": groups}
+LATENT_FAMILIES: dict[str, LatentFamily] = {}
+
+
+def _register_family(cls: type) -> type:
+    LATENT_FAMILIES[cls.name] = cls()
+    return cls
+
+
+def _hyper_params(y: torch.Tensor, hyper: nn.Module) -> torch.Tensor:
+    """h_s(z_hat) with z_hat rounded around the entropy-bottleneck medians, as the codec does."""
+    z = hyper.h_a(y)
+    medians = hyper.entropy_bottleneck._get_medians()
+    return hyper.h_s(torch.round(z - medians) + medians)
+
+
+@_register_family
+class FactorizedLatent(LatentFamily):
+    """bmshj2018-factorized: one string, y rounded around the entropy bottleneck's medians."""
+
+    name = "factorized"
+    pad_multiple = 16  # no hyper branch
+
+    def quantize(self, model, y):
+        medians = model.entropy_bottleneck._get_medians()
+        return torch.round(y - medians) + medians
+
+    def decompress(self, model, strings, shape):
+        return model.entropy_bottleneck.decompress(strings[0], shape)
+
+    def num_strings(self, model):
+        return 1
+
+
+class _HyperpriorLatent(LatentFamily):
+    """Models with ``h_a``/``h_s`` and an entropy bottleneck for z at the top level."""
+
+    def decompress(self, model, strings, shape):
+        z_hat = model.entropy_bottleneck.decompress(strings[1], shape)
+        return self._decompress_y(model, strings[0], z_hat, model.h_s(z_hat))
+
+    def _decompress_y(self, model, y_strings, z_hat, params):
+        raise NotImplementedError
+
+
+@_register_family
+class HyperpriorLatent(_HyperpriorLatent):
+    """bmshj2018-hyperprior: zero-mean Gaussians, so plain rounding."""
+
+    name = "hyperprior"
+
+    def quantize(self, model, y):
+        return torch.round(y)
+
+    def _decompress_y(self, model, y_strings, z_hat, params):
+        indexes = model.gaussian_conditional.build_indexes(params)
+        return model.gaussian_conditional.decompress(y_strings, indexes, z_hat.dtype)
+
+
+@_register_family
+class MeanScaleLatent(_HyperpriorLatent):
+    """mbt2018-mean: y rounded around the means predicted by h_s."""
+
+    name = "mean-scale"
+
+    def quantize(self, model, y):
+        _, means = _hyper_params(y, model).chunk(2, 1)
+        return torch.round(y - means) + means
+
+    def _decompress_y(self, model, y_strings, z_hat, params):
+        scales, means = params.chunk(2, 1)
+        indexes = model.gaussian_conditional.build_indexes(scales)
+        return model.gaussian_conditional.decompress(y_strings, indexes, means=means)
+
+
+@_register_family
+class AutoregressiveLatent(_HyperpriorLatent):
+    """mbt2018 and cheng2020: means from h_s and a serial masked-convolution context."""
+
+    name = "autoregressive"
+    serial = True
+
+    def quantize(self, model, y):
+        # The serial decoding order of compressai's JointAutoregressiveHierarchicalPriors: raster scan,
+        # each position's mean from the 5x5 masked context of the already decoded ones. The same ops on
+        # the same (zero-initialised, padded) buffer as its decoder, so for one image the values are
+        # identical. (Batches of several images can differ in the last bit of mu, as any batched net.)
+        params = _hyper_params(y, model)
+        cp = model.context_prediction
+        k = cp.kernel_size[0]
+        p = k // 2
+        B, C, H, W = y.shape
+        y_hat = y.new_zeros((B, C, H + 2 * p, W + 2 * p))
+        for h in range(H):
+            for w in range(W):
+                ctx = F.conv2d(y_hat[:, :, h : h + k, w : w + k], cp.weight, bias=cp.bias)
+                gaussian_params = model.entropy_parameters(torch.cat((params[:, :, h : h + 1, w : w + 1], ctx), dim=1))
+                _, means = gaussian_params.chunk(2, 1)
+                y_hw = y[:, :, h : h + 1, w : w + 1]
+                y_hat[:, :, h + p : h + p + 1, w + p : w + p + 1] = torch.round(y_hw - means) + means
+        return y_hat[:, :, p : p + H, p : p + W]
+
+    def _decompress_y(self, model, y_strings, z_hat, params):
+        # As JointAutoregressiveHierarchicalPriors.decompress, minus g_s.
+        k = model.context_prediction.kernel_size[0]
+        p = k // 2
+        h, w = 4 * z_hat.shape[2], 4 * z_hat.shape[3]  # y is 4x z in both directions
+        y_hat = torch.zeros((1, model.M, h + 2 * p, w + 2 * p), device=z_hat.device)
+        model._decompress_ar(y_strings[0], y_hat, params, h, w, k, p)
+        return y_hat[:, :, p : p + h, p : p + w]
+
+
+@_register_family
+class ElicLatent(LatentFamily):
+    """ELIC (compressai's latent codecs): channel groups, each a checkerboard of anchors and non-anchors.
+
+    Strings: two per group (anchors, non-anchors) and z last; compressai's shapes are a dict of
+    the per-group y shapes and z's ("hyper"), of which only z's is stored.
+    """
+
+    name = "elic"
+
+    def quantize(self, model, y):
+        # compressai's eval forward (HyperpriorLatentCodec -> ChannelGroupsLatentCodec ->
+        # CheckerboardLatentCodec "twopass") without the likelihoods.
+        lc_hyper, lc_y = model.latent_codec["hyper"], model.latent_codec["y"]
+        side_params = _hyper_params(y, lc_hyper)
+        even = _even_mask(*y.shape[-2:], device=y.device)
+        anchors = {"even": even, "odd": ~even}
+        y_hat_ = []
+        for k, y_k in enumerate(torch.split(y, lc_y.groups, dim=1)):
+            cb = lc_y.latent_codec[f"y{k}"]
+            anchor = anchors[cb.anchor_parity]
+            ctx_params = lc_y._get_ctx_params(k, side_params, y_hat_)
+            cp = cb.context_prediction
+            # Anchors see no spatial context (zeros); non-anchors see the decoded anchors.
+            y_ctx = y_k.new_zeros((y_k.shape[0], cp.out_channels, *y_k.shape[-2:]))
+            _, means = cb.latent_codec["y"]._chunk(cb.entropy_parameters(torch.cat((y_ctx, ctx_params), dim=1)))
+            y_hat_anchor = torch.where(anchor, torch.round(y_k - means) + means, 0.0)
+            y_ctx = F.conv2d(y_hat_anchor, cp.weight, cp.bias, cp.stride, cp.padding)
+            _, means = cb.latent_codec["y"]._chunk(cb.entropy_parameters(torch.cat((y_ctx, ctx_params), dim=1)))
+            y_hat_non_anchor = torch.where(anchor, 0.0, torch.round(y_k - means) + means)
+            y_hat_.append(y_hat_anchor + y_hat_non_anchor)
+        return torch.cat(y_hat_, dim=1)
+
+    def decompress(self, model, strings, shape):
+        return model.latent_codec.decompress(strings, shape)["y_hat"]
+
+    def num_strings(self, model):
+        return 2 * len(model.latent_codec["y"].groups) + 1
+
+    def flat_shape(self, shape):
+        return shape["hyper"]
+
+    def decoder_shape(self, model, shape):
+        y_size = (4 * shape[0], 4 * shape[1])  # y is 4x z for padded images
+        groups = model.latent_codec["y"].groups
+        return {"y": [(g, *y_size) for g in groups], "hyper": shape}
+
+
+# --- architectures ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Arch:
+class Arch:
+    """A compressai model name's class and latent family."""
+
     cls: type
-    family: str
-    pad_multiple: int  # g_a downsamples by 16; a hyper branch by 4 more
-    widths: Callable[[dict], dict]  # constructor arguments inferred from a state_dict
+    latent_family: LatentFamily
 
 
-_ARCHS = {
-    "bmshj2018-factorized": _Arch(FactorizedPrior, "factorized", 16, _widths_nm),
-    "bmshj2018-hyperprior": _Arch(ScaleHyperprior, "hyperprior", 64, _widths_nm),
-    "mbt2018-mean": _Arch(MeanScaleHyperprior, "mean-scale", 64, _widths_nm),
-    "mbt2018": _Arch(JointAutoregressiveHierarchicalPriors, "autoregressive", 64, _widths_nm),
-    "cheng2020-anchor": _Arch(Cheng2020Anchor, "autoregressive", 64, _widths_cheng),
-    "cheng2020-attn": _Arch(Cheng2020Attention, "autoregressive", 64, _widths_cheng),
-    "elic2022-official": _Arch(Elic2022Official, "elic", 64, _widths_elic),
-    "elic2022-chandelier": _Arch(Elic2022Chandelier, "elic", 64, _widths_elic),
+ARCHITECTURES: dict[str, Arch] = {
+    name: Arch(cls, LATENT_FAMILIES[family])
+    for name, cls, family in (
+        ("bmshj2018-factorized", FactorizedPrior, "factorized"),
+        ("bmshj2018-hyperprior", ScaleHyperprior, "hyperprior"),
+        ("mbt2018-mean", MeanScaleHyperprior, "mean-scale"),
+        ("mbt2018", JointAutoregressiveHierarchicalPriors, "autoregressive"),
+        ("cheng2020-anchor", Cheng2020Anchor, "autoregressive"),
+        ("cheng2020-attn", Cheng2020Attention, "autoregressive"),
+        ("elic2022-official", Elic2022Official, "elic"),
+        ("elic2022-chandelier", Elic2022Chandelier, "elic"),
+    )
 }
-KNOWN_CODECS = tuple(_ARCHS)
+KNOWN_CODECS = tuple(ARCHITECTURES)
+
+
+def architecture(name: str) -> Arch:
+    """The registry entry of codec ``name`` (:class:`idemrt.CheckpointError` naming the known ones if none)."""
+    if name not in ARCHITECTURES:
+        raise CheckpointError(f"unknown codec {name!r}; known codecs: {', '.join(KNOWN_CODECS)}")
+    return ARCHITECTURES[name]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -151,19 +345,17 @@ class Codec(nn.Module):
     """A compressai model as the MSE codec of the perceptual decoder (see the module docstring).
 
     Always in eval mode with frozen parameters (requires_grad False): only input gradients exist.
-    Build it with :func:`load_codec`, or directly from a compressai model whose weights and CDF
-    tables are loaded (``Codec(name, model)``; masked-convolution weights get their mask applied).
+    Build it with :func:`~idemrt.models.codec_loading.load_codec`, or directly from a compressai model
+    whose weights and CDF tables are loaded (``Codec(name, model)``; masked-convolution weights get
+    their mask applied).
     """
 
-    def __init__(self, name: str, model: nn.Module, quality: Optional[int] = None, *, native_coder: bool = True):
+    def __init__(self, name: str, model: nn.Module, quality: Optional[int] = None):
         super().__init__()
-        if name not in _ARCHS:
-            raise CheckpointError(_unknown_name(name))
-        arch = _ARCHS[name]
+        self.latent_family = architecture(name).latent_family
         self.name = name
         self.quality = quality
-        self.family = arch.family
-        self.pad_multiple = arch.pad_multiple
+        self.pad_multiple = self.latent_family.pad_multiple
         self.model = model
         with torch.no_grad():
             # compressai re-applies the mask on every forward; applying it once keeps the weights
@@ -176,19 +368,17 @@ class Codec(nn.Module):
         self._hash: Optional[bytes] = None
         # compressai's default coder; its streams can be sanity-checked before decoding (see _unflatten).
         self._rans = {m.entropy_coder.name for m in model.modules() if isinstance(m, EntropyModel)} == {"ans"}
-        if self._rans and native_coder:
+        if self._rans:
             # The native coder writes the same bytes, without Python lists and with bounds checks;
             # without the extension this is a no-op and compressai's coder stays.
             from ..entropy import install
 
             install(model)
-        self._quantize_values = {
-            "factorized": self._quantize_factorized,
-            "hyperprior": self._quantize_hyperprior,
-            "mean-scale": self._quantize_mean_scale,
-            "autoregressive": self._quantize_autoregressive,
-            "elic": self._quantize_elic,
-        }[arch.family]
+
+    @property
+    def family(self) -> str:
+        """The name of the latent family (a row of the module docstring's table)."""
+        return self.latent_family.name
 
     def train(self, mode: bool = True):
         # Training mode would switch compressai's quantizers to additive noise: never wanted here.
@@ -205,7 +395,7 @@ class Codec(nn.Module):
         :func:`idemrt.bitstream.weights_digest` of the state_dict: truncated sha256 over every
         entry's name, dtype, shape and bytes.
 
-        Computed once and cached (:func:`load_codec` computes it before moving the model to its
+        Computed once and cached (``load_codec`` computes it before moving the model to its
         device), so it identifies the weights as loaded; CDF tables are included since the
         bitstream depends on them.
         """
@@ -251,80 +441,21 @@ class Codec(nn.Module):
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
         """The codec's y_hat of ``y`` (see the module docstring), straight-through in y."""
         with torch.no_grad():
-            y_hat = self._quantize_values(y.detach())
+            y_hat = self.latent_family.quantize(self.model, y.detach())
         if y.requires_grad:
             return _StraightThrough.apply(y, y_hat)
         return y_hat
 
-    def operator(self, x: torch.Tensor, domain: str = "x") -> torch.Tensor:
-        """Idempotence operator: ``"x"``: g_s(Q(g_a(x))) (unclamped), ``"y"``: Q(g_a(x))."""
-        if domain not in ("x", "y"):
-            raise ValueError(f"domain must be 'x' or 'y', got {domain!r}")
+    def operator(self, x: torch.Tensor, constraint: str = "x", *, domain: Optional[str] = None) -> torch.Tensor:
+        """Idempotence operator of a ``constraint``: ``"x"``: g_s(Q(g_a(x))) (unclamped), ``"y"``:
+        Q(g_a(x)). ``domain`` is the deprecated name of ``constraint``."""
+        constraint = renamed_argument("domain", domain, "constraint", constraint)
+        if constraint not in ("x", "y"):
+            raise ValueError(f"constraint must be 'x' or 'y', got {constraint!r}")
         y_hat = self.quantize(self.analysis(x))
-        return self.synthesis(y_hat) if domain == "x" else y_hat
+        return self.synthesis(y_hat) if constraint == "x" else y_hat
 
     forward = operator
-
-    def _z_hat_params(self, y, hyper):
-        """h_s(z_hat) with z_hat rounded around the entropy-bottleneck medians, as the codec does."""
-        z = hyper.h_a(y)
-        medians = hyper.entropy_bottleneck._get_medians()
-        return hyper.h_s(torch.round(z - medians) + medians)
-
-    def _quantize_factorized(self, y):
-        medians = self.model.entropy_bottleneck._get_medians()
-        return torch.round(y - medians) + medians
-
-    def _quantize_hyperprior(self, y):
-        return torch.round(y)
-
-    def _quantize_mean_scale(self, y):
-        _, means = self._z_hat_params(y, self.model).chunk(2, 1)
-        return torch.round(y - means) + means
-
-    def _quantize_autoregressive(self, y):
-        # The serial decoding order of compressai's JointAutoregressiveHierarchicalPriors: raster scan,
-        # each position's mean from the 5x5 masked context of the already decoded ones. The same ops on
-        # the same (zero-initialised, padded) buffer as its decoder, so for one image the values are
-        # identical. (Batches of several images can differ in the last bit of mu, as any batched net.)
-        m = self.model
-        params = self._z_hat_params(y, m)
-        cp = m.context_prediction
-        k = cp.kernel_size[0]
-        p = k // 2
-        B, C, H, W = y.shape
-        y_hat = y.new_zeros((B, C, H + 2 * p, W + 2 * p))
-        for h in range(H):
-            for w in range(W):
-                ctx = F.conv2d(y_hat[:, :, h : h + k, w : w + k], cp.weight, bias=cp.bias)
-                gaussian_params = m.entropy_parameters(torch.cat((params[:, :, h : h + 1, w : w + 1], ctx), dim=1))
-                _, means = gaussian_params.chunk(2, 1)
-                y_hw = y[:, :, h : h + 1, w : w + 1]
-                y_hat[:, :, h + p : h + p + 1, w + p : w + p + 1] = torch.round(y_hw - means) + means
-        return y_hat[:, :, p : p + H, p : p + W]
-
-    def _quantize_elic(self, y):
-        # compressai's eval forward (HyperpriorLatentCodec -> ChannelGroupsLatentCodec ->
-        # CheckerboardLatentCodec "twopass") without the likelihoods.
-        lc_hyper, lc_y = self.model.latent_codec["hyper"], self.model.latent_codec["y"]
-        side_params = self._z_hat_params(y, lc_hyper)
-        even = _even_mask(*y.shape[-2:], device=y.device)
-        anchors = {"even": even, "odd": ~even}
-        y_hat_ = []
-        for k, y_k in enumerate(torch.split(y, lc_y.groups, dim=1)):
-            cb = lc_y.latent_codec[f"y{k}"]
-            anchor = anchors[cb.anchor_parity]
-            ctx_params = lc_y._get_ctx_params(k, side_params, y_hat_)
-            cp = cb.context_prediction
-            # Anchors see no spatial context (zeros); non-anchors see the decoded anchors.
-            y_ctx = y_k.new_zeros((y_k.shape[0], cp.out_channels, *y_k.shape[-2:]))
-            _, means = cb.latent_codec["y"]._chunk(cb.entropy_parameters(torch.cat((y_ctx, ctx_params), dim=1)))
-            y_hat_anchor = torch.where(anchor, torch.round(y_k - means) + means, 0.0)
-            y_ctx = F.conv2d(y_hat_anchor, cp.weight, cp.bias, cp.stride, cp.padding)
-            _, means = cb.latent_codec["y"]._chunk(cb.entropy_parameters(torch.cat((y_ctx, ctx_params), dim=1)))
-            y_hat_non_anchor = torch.where(anchor, 0.0, torch.round(y_k - means) + means)
-            y_hat_.append(y_hat_anchor + y_hat_non_anchor)
-        return torch.cat(y_hat_, dim=1)
 
     # --- bitstream --------------------------------------------------------------------------------
 
@@ -340,41 +471,17 @@ class Codec(nn.Module):
         with torch.no_grad():
             out = self.model.compress(x)
         strings = [batch[0] for batch in out["strings"]]
-        shape = out["shape"]["hyper"] if self.family == "elic" else out["shape"]
+        shape = self.latent_family.flat_shape(out["shape"])
         return CompressedLatent(strings=strings, shape=tuple(int(s) for s in shape))
 
     def decompress_latent(self, strings, shape) -> torch.Tensor:
         """Entropy-decode :meth:`compress`'s output to the dequantised latent y_hat (1, M, h, w)."""
         nested, shape = self._unflatten(strings, shape)
-        m = self.model
         try:
             with torch.no_grad():
-                if self.family == "factorized":
-                    return m.entropy_bottleneck.decompress(nested[0], shape)
-                if self.family == "elic":
-                    return m.latent_codec.decompress(nested, shape)["y_hat"]
-                z_hat = m.entropy_bottleneck.decompress(nested[1], shape)
-                params = m.h_s(z_hat)
-                if self.family == "hyperprior":
-                    indexes = m.gaussian_conditional.build_indexes(params)
-                    return m.gaussian_conditional.decompress(nested[0], indexes, z_hat.dtype)
-                if self.family == "mean-scale":
-                    scales, means = params.chunk(2, 1)
-                    indexes = m.gaussian_conditional.build_indexes(scales)
-                    return m.gaussian_conditional.decompress(nested[0], indexes, means=means)
-                return self._decompress_autoregressive(nested[0][0], z_hat, params)
+                return self.latent_family.decompress(self.model, nested, shape)
         except (ValueError, RuntimeError, AssertionError, IndexError, TypeError, OverflowError) as exc:
             raise BitstreamError(f"{self.name}: entropy decoding failed: {exc}") from exc
-
-    def _decompress_autoregressive(self, y_string, z_hat, params):
-        # As JointAutoregressiveHierarchicalPriors.decompress, minus g_s.
-        m = self.model
-        k = m.context_prediction.kernel_size[0]
-        p = k // 2
-        h, w = 4 * z_hat.shape[2], 4 * z_hat.shape[3]  # y is 4x z in both directions
-        y_hat = torch.zeros((1, m.M, h + 2 * p, w + 2 * p), device=z_hat.device)
-        m._decompress_ar(y_string, y_hat, params, h, w, k, p)
-        return y_hat[:, :, p : p + h, p : p + w]
 
     def decompress(self, strings, shape) -> torch.Tensor:
         """Decode to the image in [0, 1]: equals compressai's ``model.decompress(...)["x_hat"]`` (clamped)."""
@@ -382,20 +489,14 @@ class Codec(nn.Module):
         with torch.no_grad():
             return self.synthesis(y_hat).clamp_(0, 1)
 
-    def _num_strings(self) -> int:
-        if self.family == "factorized":
-            return 1
-        if self.family == "elic":
-            return 2 * len(self.model.latent_codec["y"].groups) + 1
-        return 2
-
     def _unflatten(self, strings, shape):
         """Flat strings and shape -> the arguments of compressai's decoders (BitstreamError if malformed)."""
         if not isinstance(strings, (list, tuple)) or not all(isinstance(s, (bytes, bytearray)) for s in strings):
             raise BitstreamError(f"{self.name}: latent strings must be a list of bytes")
         strings = [bytes(s) for s in strings]
-        if len(strings) != self._num_strings():
-            raise BitstreamError(f"{self.name}: expected {self._num_strings()} latent strings, got {len(strings)}")
+        expected = self.latent_family.num_strings(self.model)
+        if len(strings) != expected:
+            raise BitstreamError(f"{self.name}: expected {expected} latent strings, got {len(strings)}")
         # A rANS stream is whole 32-bit words, at least the 8-byte final state. The decoder does not
         # bounds-check, so shorter input would be read past its end. (Corruption inside a well-formed
         # stream is not detectable here: it decodes to wrong values; the container must checksum.)
@@ -407,13 +508,8 @@ class Codec(nn.Module):
             or not all(isinstance(s, int) and 0 < s <= _MAX_LATENT_SIDE for s in shape)
         ):
             raise BitstreamError(f"{self.name}: invalid latent shape {shape!r}")
-        shape = tuple(shape)
         nested = [[s] for s in strings]
-        if self.family == "elic":
-            y_size = (4 * shape[0], 4 * shape[1])  # y is 4x z for padded images
-            groups = self.model.latent_codec["y"].groups
-            shape = {"y": [(g, *y_size) for g in groups], "hyper": shape}
-        return nested, shape
+        return nested, self.latent_family.decoder_shape(self.model, tuple(shape))
 
 
 def _even_mask(H: int, W: int, device) -> torch.Tensor:
@@ -427,179 +523,19 @@ def _describe(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _unknown_name(name) -> str:
-    return f"unknown codec {name!r}; known codecs: {', '.join(KNOWN_CODECS)}"
-
-
-# --- loading --------------------------------------------------------------------------------------
-
-
-def load_codec(
-    name: str,
-    quality: Optional[int] = None,
-    checkpoint=None,
-    pretrained: bool = False,
-    *,
-    device=None,
-    random_init: bool = False,
-    sha256: Optional[str] = None,
-) -> Codec:
-    """Build codec ``name`` (one of :data:`KNOWN_CODECS`) with its weights.
-
-    Exactly one weight source:
-
-    * ``checkpoint``: a path or a state_dict mapping, read safely (``torch.load(weights_only=True)``).
-      Any compressai version's state_dict, or an ELiC-ReImplemetation ``TestModel`` checkpoint for
-      ``elic2022-chandelier`` (see :mod:`idemrt.models.codec_convert`). The architecture widths are
-      inferred from the tensors; ``quality`` is only recorded.
-    * ``pretrained=True``: compressai's MSE model-zoo weights for ``quality`` (downloads; hash checked).
-      The zoo has no ELIC weights.
-    * ``random_init=True``: untrained weights (tests, benchmarks) with the zoo widths of ``quality``
-      (ELIC: N=192, M=320).
-
-    ``sha256`` pins the checkpoint file's digest (full or a prefix of >= 8 hex digits); files named
-    the compressai-zoo way (``...-HASH8.pth.tar``) are checked against their name's prefix anyway.
-
-    CDF tables missing from the checkpoint are computed (``update(force=True)``). Raises
-    :class:`idemrt.CheckpointError` for unknown names, missing weights and checkpoints that do not fit.
-    """
-    if name not in _ARCHS:
-        raise CheckpointError(_unknown_name(name))
-    arch = _ARCHS[name]
-    sources = [s for s, on in (("checkpoint", checkpoint is not None), ("pretrained", pretrained),
-                               ("random_init", random_init)) if on]
-    if len(sources) != 1:
-        raise CheckpointError(
-            f"{name}: give exactly one weight source (checkpoint=PATH, pretrained=True to download "
-            f"compressai's zoo weights, or random_init=True for tests), got {sources or 'none'}"
-        )
-    if quality is not None and (not isinstance(quality, int) or isinstance(quality, bool) or quality < 1):
-        raise CheckpointError(f"{name}: quality must be a positive int, got {quality!r}")
-
-    if random_init:
-        model = arch.cls(**_zoo_widths(name, quality))
-        model.update(force=True)
-    else:
-        state = _download(name, quality) if pretrained else checkpoint_io.load_state_dict(checkpoint, sha256)
-        model = _model_from_state_dict(name, state)
-
-    codec = Codec(name, model, quality=quality)
-    codec.weights_hash()
-    if device is not None:
-        codec.to(device)
-    return codec
-
-
-def _zoo_widths(name: str, quality: Optional[int]) -> dict:
-    if name not in _ZOO_WIDTHS:  # ELIC: compressai's default widths, as released
-        return {}
-    if quality not in _ZOO_WIDTHS[name]:
-        raise CheckpointError(f"{name}: quality must be one of {sorted(_ZOO_WIDTHS[name])}, got {quality!r}")
-    widths = _ZOO_WIDTHS[name][quality]
-    return dict(zip(("N", "M"), widths))
-
-
-def _download(name: str, quality: Optional[int]) -> dict:
-    urls = _ZOO_URLS.get(name, {}).get("mse", {})
-    if not urls:
-        raise CheckpointError(
-            f"{name}: compressai's model zoo has no pretrained weights for it; pass checkpoint=PATH "
-            "(ELiC-ReImplemetation checkpoints are converted automatically)"
-        )
-    if quality not in urls:
-        raise CheckpointError(f"{name}: pretrained quality must be one of {sorted(urls)}, got {quality!r}")
-    try:
-        state = torch.hub.load_state_dict_from_url(
-            urls[quality], map_location="cpu", check_hash=True, weights_only=True
-        )
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{name}: could not download {urls[quality]}: {exc}") from None
-    return checkpoint_io.unwrap_state_dict(state)
-
-
-def _model_from_state_dict(name: str, state: dict) -> nn.Module:
-    arch = _ARCHS[name]
-    hint = ""
-    detected = detect_codec_name(state)
-    if detected is not None and detected != name:
-        hint = f" (the checkpoint looks like a {detected!r} model)"
-    if is_elic_reimpl(state) and name != "elic2022-chandelier":
-        raise CheckpointError(f"{name}: an ELiC-ReImplemetation checkpoint is an 'elic2022-chandelier' model{hint}")
-
-    state = normalize_state_dict(state, _installed_style())
-    try:
-        widths = arch.widths(state)
-    except KeyError as exc:
-        raise CheckpointError(f"{name}: checkpoint lacks {exc.args[0]!r}, needed to size the model{hint}") from None
-    try:
-        model = arch.cls(**widths)
-    except (ValueError, RuntimeError, AssertionError, TypeError) as exc:
-        raise CheckpointError(f"{name}: cannot build the model with widths {widths}{hint}: {exc}") from None
-
-    expected = model.state_dict()
-    cdf_keys = {k for k in expected if k.rsplit(".", 1)[-1] in _CDF_BUFFERS}
-    try:
-        checkpoint_io.check_keys(
-            {k: v for k, v in state.items() if k not in cdf_keys},
-            {k: tuple(v.shape) for k, v in expected.items() if k not in cdf_keys},
-            name,
-        )
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}{hint}") from None
-    masks = {k: v.clone() for k, v in expected.items() if k.endswith(".mask")}
-
-    try:
-        if all(k in state and state[k].numel() > 0 for k in cdf_keys):
-            _check_cdf_tables(state, cdf_keys, name)
-            model.load_state_dict(state)  # compressai's: resizes the CDF buffers first
-        else:
-            static = {k: v for k, v in state.items() if k not in cdf_keys}
-            nn.Module.load_state_dict(model, static, strict=False)  # only CDF buffers are missing (checked)
-            model.update(force=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{name}: cannot load the checkpoint: {exc}") from None
-
-    loaded = model.state_dict()
-    wrong = [k for k, mask in masks.items() if not torch.equal(loaded[k], mask)]
-    if wrong:
-        raise CheckpointError(f"{name}: context-model masks differ from the architecture's: {', '.join(wrong)}")
-    return model
-
-
-@functools.cache
-def _installed_style() -> str:
-    """How the installed compressai spells entropy-bottleneck parameters (from a tiny instance)."""
-    return entropy_bottleneck_style(FactorizedPrior(1, 1).state_dict())
-
-
-def _check_cdf_tables(state: dict, cdf_keys: set, name: str) -> None:
-    """Reject CDF tables whose sizes disagree: the C++ entropy coder does not bounds-check them."""
-    for prefix in {k.rsplit(".", 1)[0] for k in cdf_keys}:
-        cdf = state[f"{prefix}._quantized_cdf"]
-        rows = cdf.shape[0] if cdf.dim() == 2 else -1
-        ok = cdf.dim() == 2 and not cdf.is_floating_point()
-        for buf in ("_offset", "_cdf_length", "scale_table"):
-            t = state.get(f"{prefix}.{buf}")
-            if t is not None:
-                ok = ok and t.dim() == 1 and t.shape[0] == rows
-        lengths = state[f"{prefix}._cdf_length"]
-        ok = ok and not lengths.is_floating_point() and bool(((lengths >= 2) & (lengths <= cdf.shape[-1])).all())
-        if not ok:
-            raise CheckpointError(f"{name}: inconsistent CDF tables under {prefix!r}")
-
-
-def diffusion_operator(codec: Codec, domain: str = "x"):
+def diffusion_operator(codec: Codec, constraint: str = "x", *, domain: Optional[str] = None):
     """The idempotence operator A in the diffusion model's units, as the reference forms it.
 
     x0 lives in [-1, 1]. "x": ``2·codec.operator((x0+1)/2, "x") - 1``, i.e. 2·g_s(round_ste(g_a)) - 1,
     not clamped; "y": ``codec.operator((x0+1)/2, "y")``, the straight-through rounded latent.
-    Every backend builds A with this one function.
+    Every backend builds A with this one function. ``domain`` is the deprecated name of ``constraint``.
     """
-    if domain not in ("x", "y"):
-        raise ValueError(f"domain must be 'x' or 'y', got {domain!r}")
+    constraint = renamed_argument("domain", domain, "constraint", constraint)
+    if constraint not in ("x", "y"):
+        raise ValueError(f"constraint must be 'x' or 'y', got {constraint!r}")
 
     def operator(x0: torch.Tensor) -> torch.Tensor:
-        out = codec.operator((x0 + 1) / 2, domain=domain)
-        return 2 * out - 1 if domain == "x" else out
+        out = codec.operator((x0 + 1) / 2, constraint)
+        return 2 * out - 1 if constraint == "x" else out
 
     return operator

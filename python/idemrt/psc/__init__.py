@@ -10,25 +10,14 @@ stream check (a diverged decoder raises :class:`idemrt.DecodeError`).
 
 Names are imported on first use, so that the CLI can add its options without importing torch.
 """
-from importlib import import_module
+from idemrt.lazy import lazy_getattr
 
-_LAZY = {
-    "Decoder": "codec",
-    "Encoder": "codec",
-    "RESTORATIONS": "codec",
-    "Stats": "codec",
-    "rounds_for_bpp": "codec",
-    "truncate": "codec",
-    "DegenerateSamplesError": "rows",
-    "Params": "stream",
+_LAZY = {  # module -> the names it provides
+    ".codec": ("Decoder", "Encoder", "RESTORATIONS", "Stats", "rounds_for_bpp", "truncate"),
+    ".rows": ("DegenerateSamplesError",),
+    ".stream": ("Params",),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(name for names in _LAZY.values() for name in names)
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'idemrt.psc' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 
+from ..cli_options import add_dtype_option, add_unet_options
 from ..errors import BackendError, CheckpointError, IdemrtError
 
 
 def add_compress_arguments(parser) -> None:
     """PSC options of ``idemrt compress`` (used with ``--codec psc``)."""
     g = parser.add_argument_group("PSC (--codec psc)")
-    g.add_argument("--unet", help="ADM UNet checkpoint (guided-diffusion .pt)")
-    g.add_argument("--preset", default="ffhq256", choices=["ffhq256", "imagenet256"])
+    add_unet_options(g)
     g.add_argument("--bpp", type=float, help="target payload bits per pixel (default 0.1 unless --rounds)")
     g.add_argument("--rounds", type=int, help="number of rounds instead of --bpp")
     g.add_argument("--s", type=int, default=16, help="posterior samples per round")
@@ -26,7 +26,7 @@ def add_compress_arguments(parser) -> None:
     g.add_argument("--backend", choices=["eager", "fast"],
                    help="how the sampler's UNet runs (default: fast on CUDA, eager otherwise); decoders follow "
                         "the file")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="UNet dtype of --backend fast (default bf16)")
+    add_dtype_option(g, "UNet dtype of --backend fast (default bf16)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -46,7 +46,7 @@ def compress_cli(args) -> int:
     from ..images import load_image
     from ..models.unet_loading import load_unet
     from .codec import Encoder
-    from .sampling import DTYPES
+    from ..defaults import dtype_from_name
 
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
@@ -57,7 +57,7 @@ def compress_cli(args) -> int:
     x = load_image(args.input)
     try:
         enc = Encoder(unet, s=args.s, r=args.r, steps=args.psc_steps, seed=args.psc_seed, device=args.device,
-                      backend=args.backend, dtype=DTYPES.get(args.dtype), hash_bits=args.hash_bits,
+                      backend=args.backend, dtype=dtype_from_name(args.dtype), hash_bits=args.hash_bits,
                       hash_every=args.hash_every, progress=not args.quiet)
         data = enc.encode(x, bpp=bpp, rounds=args.rounds)
     except ValueError as exc:
@@ -76,7 +76,7 @@ def decompress_cli(args, bs) -> int:
     from ..images import save_image
     from ..models.unet_loading import load_unet
     from .codec import Decoder
-    from .sampling import DTYPES
+    from ..defaults import dtype_from_name
 
     t0 = time.perf_counter()
     if args.mse:
@@ -88,7 +88,7 @@ def decompress_cli(args, bs) -> int:
         raise CheckpointError("a PSC file needs the encoder's diffusion model: pass --unet FILE (and --preset)")
     unet = load_unet(args.unet, preset=args.preset, device=args.device)
     try:
-        dec = Decoder(unet, device=args.device, backend=args.backend, dtype=DTYPES.get(args.dtype),
+        dec = Decoder(unet, device=args.device, backend=args.backend, dtype=dtype_from_name(args.dtype),
                       restoration_steps=args.restoration_steps, restoration_seed=args.seed, progress=not args.quiet)
         img = dec.decode(bs, restoration=args.restoration, rounds=args.rounds, output="tensor")
     except ValueError as exc:

@@ -27,14 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import bitstream as bsfmt
+from ..defaults import default_backend, dtype_name, resolve_device
 from ..errors import DecodeError
 from ..images import load_image, to_pil
+from ..progress import progress_bar
 from . import noise, stream
 from .acquisition import Acquisition
 from .cache import SHARED, RowCache
 from .quantize import dequantize, quantize
 from .rows import DegenerateSamplesError
-from .sampling import DTYPE_NAMES, deterministic, guided_sample, make_denoiser, projected_sample
+from .sampling import deterministic, guided_sample, make_denoiser, projected_sample
 from .stream import Code, Compute, Params
 
 RESTORATIONS = ("projected", "guided")
@@ -53,12 +55,6 @@ class Stats:
     timings: dict = field(default_factory=dict)
 
 
-def _device(device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _factor(unet) -> int:
     """The UNet's size multiple: 2**(levels - 1) for an ADMUNet, 1 for other models."""
     config = getattr(unet, "config", None)
@@ -69,12 +65,10 @@ def _factor(unet) -> int:
 def _compute(backend, dtype, device: torch.device) -> Compute:
     """The compute mode of ``backend`` ("eager", "fast") and ``dtype`` (a torch dtype) on ``device``;
     by default fast (bf16) on CUDA and eager (fp32) elsewhere, as :class:`idemrt.Decoder`."""
-    backend = backend or ("fast" if device.type == "cuda" else "eager")
+    backend = default_backend(device, backend)
     if dtype is None:
         return Compute(backend, "bf16" if backend == "fast" else "fp32", device.type)
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPE_NAMES))}, got {dtype!r}")
-    return Compute(backend, DTYPE_NAMES[dtype], device.type)
+    return Compute(backend, dtype_name(dtype), device.type)
 
 
 def _cache(cache, cache_dir) -> RowCache | None:
@@ -122,7 +116,7 @@ class Encoder:
         if entropy not in stream.ENTROPY:
             raise ValueError(f"entropy must be one of {stream.ENTROPY}, got {entropy!r}")
         self.params = Params(s=s, r=r, steps=steps, seed=seed, hash_bits=hash_bits, hash_every=hash_every)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.compute = _compute(backend, dtype, self.device)
         self.unet = unet.to(self.device).eval()
         self.weights_hash = bsfmt.weights_digest(self.unet.state_dict())
@@ -149,7 +143,7 @@ class Encoder:
         acq = Acquisition(self.denoiser, self.params, shape, self.weights_hash, self.cache)
         marks = set(stream.checkpoints(rounds, self.params.hash_every))
         codes, hashes = [], []
-        for k in _progress(range(rounds), self.progress, "encoding"):
+        for k in progress_bar(rounds, self.progress, "encoding", "round", range(rounds)):
             rows = acq.next_rows()
             c = quantize((rows.double() @ flat).float())  # float64 product: encoder only
             digest = acq.append(rows, dequantize(c))
@@ -190,7 +184,7 @@ class Decoder:
                  restoration_seed: int = 0, guidance_scale: float = 1.0, eta: float = 1.0,
                  max_measurements: int = stream.DEFAULT_MAX_MEASUREMENTS, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS,
                  cache: bool = True, cache_dir=None, progress: bool = False):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.compute = _compute(backend, dtype, self.device)  # the restoration's
         self.unet = unet.to(self.device).eval()
         self.weights_hash = bsfmt.weights_digest(self.unet.state_dict())
@@ -209,12 +203,7 @@ class Decoder:
     def parse(self, data) -> Code:
         """Check a bitstream (bytes, or an already decoded :class:`idemrt.bitstream.Bitstream`)
         against the format and this decoder's UNet; BitstreamError if unfit."""
-        if isinstance(data, bsfmt.Bitstream):
-            bs = data
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            bs = bsfmt.decode(bytes(data), max_pixels=self.max_pixels)
-        else:
-            raise TypeError(f"expected the bytes of an .idm bitstream, got {type(data).__name__}")
+        bs = bsfmt.parse(data, max_pixels=self.max_pixels)
         code = stream.unpack(bs, factor=self.factor, max_measurements=self.max_measurements)
         bsfmt.check_codec(bs, stream.CODEC, None, self.weights_hash)
         return code
@@ -236,7 +225,7 @@ class Decoder:
         acq = Acquisition(self._denoiser(p.steps, compute), p, shape, code.weights_hash, self.cache)
         marks = {k: i for i, k in enumerate(stream.checkpoints(code.rounds, p.hash_every))}
         checked = 0
-        for k in _progress(range(rounds), self.progress, "rebuilding rows"):
+        for k in progress_bar(rounds, self.progress, "rebuilding rows", "round", range(rounds)):
             try:
                 rows = acq.next_rows()
             except DegenerateSamplesError as exc:
@@ -316,9 +305,9 @@ def truncate(data, rounds: int) -> bytes:
     Hashes are cumulative, so the prefix keeps those of its rounds; ``rounds`` must end on a
     hashed round (a multiple of ``hash_every``, or all rounds) unless the stream has no hashes.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"expected the bytes of an .idm bitstream, got {type(data).__name__}")
-    bs = bsfmt.decode(bytes(data))
+    if isinstance(data, bsfmt.Bitstream):
+        raise TypeError("expected the bytes of an .idm bitstream, got a Bitstream")
+    bs = bsfmt.parse(data)
     code = stream.unpack(bs, factor=None, max_measurements=stream.MAX_ROUNDS * stream.MAX_S)
     p = code.params
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= code.rounds:
@@ -338,14 +327,6 @@ def truncate(data, rounds: int) -> bytes:
 def _pad(x: torch.Tensor, factor: int) -> torch.Tensor:
     ph, pw = (-x.shape[-2]) % factor, (-x.shape[-1]) % factor
     return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
-
-
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, unit="round")
 
 
 __all__ = ["Decoder", "Encoder", "RESTORATIONS", "Stats", "rounds_for_bpp", "truncate"]

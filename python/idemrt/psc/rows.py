@@ -1,7 +1,7 @@
 """The deterministic row recipe: top-r principal directions of the posterior samples.
 
 Encoder and decoder must derive bit-identical rows from bit-identical samples, so the recipe
-avoids everything whose result is not pinned down by its input (PSC.md §3):
+avoids everything whose result is not pinned down by its input (docs/reference_code.md §4.3):
 
 1. float64 on the CPU, under one intra-op thread (multi-threaded BLAS splits long reductions
    across threads, so results would depend on ``torch.get_num_threads()``);

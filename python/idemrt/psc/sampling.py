@@ -4,12 +4,12 @@ Both walk the ADM diffusion respaced to ``steps`` (``Schedule.create(1000, respa
 from x_T = sqrt(ā_T)·Hᵀy + sqrt(1 - ā_T)·z down to ā = 1, with the UNet's ε (its first 3
 output channels) giving x̂0 = (x_t - sqrt(1 - ā_t)·ε̂) / sqrt(ā_t), unclipped.
 
-* :func:`projected_sample` — DDRM with σ_y = 0, η = 1 (PSC.md §2): x̂0 ← x̂0 + Hᵀ(y - Hx̂0), then
+* :func:`projected_sample` — DDRM with σ_y = 0, η = 1 (docs/reference_code.md §4.2): x̂0 ← x̂0 + Hᵀ(y - Hx̂0), then
   x_{t'} = sqrt(ā_{t'})·x̂0 + sqrt(1 - ā_{t'})·z. The last step returns the projected x̂0, so
   the sample meets Hx = y up to float32 rounding. This is the acquisition sampler (its
   arithmetic must be identical in encoder and decoder) and the "projected" restoration.
 * :func:`guided_sample` — ΠGDM: a DDIM(η) step plus √ā_{t'}·√ā_t·scale times the
-  vector-Jacobian product of ∂x̂0/∂x_t with Hᵀ(y - Hx̂0) (azula's weighting, PSC.md §2),
+  vector-Jacobian product of ∂x̂0/∂x_t with Hᵀ(y - Hx̂0) (azula's weighting, docs/reference_code.md §4.2),
   through torch.autograd as ``idemrt.diffusion.guided_step``. Restoration only.
 
 Images are flattened to (batch, n) rows for the projections, n = 3·h·w. ``noise(step)`` supplies
@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..backends.fast import GraphSet, _on_device, inference_unet
+from ..backends.cuda_graphs import GraphSet, on_device
+from ..backends.inference import inference_unet
+from ..defaults import dtype_from_name, dtype_name
 from ..diffusion import Schedule
 from .stream import Compute
 
 Noise = Iterator[Tensor]  # yields x_T's noise, then one tensor per step i = N-1 .. 1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # Compute.dtype -> torch
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Settings that change a UNet's last bits from one process to another: cuDNN autotuning picks
 # algorithms by timing them, nondeterministic algorithms reduce in varying order, and TF32 is a
 # per-process choice. PSC pins them while its UNet runs (they only affect CUDA).
@@ -92,7 +92,7 @@ class Denoiser:
 class FastDenoiser(Denoiser):
     """:class:`Denoiser` on the fast backend's inference copy of the UNet, replayed from CUDA graphs.
 
-    The copy (:func:`idemrt.backends.fast.inference_unet`, shared with fast backends of the same
+    The copy (:func:`idemrt.backends.inference.inference_unet`, shared with fast backends of the same
     UNet) has frozen weights in channels_last and ADM's mixed precision in ``dtype``. The step
     index lives in a device tensor, and the timesteps and the two coefficients in device tables
     holding Denoiser's float32 values, so one graph per input shape serves every step of every
@@ -112,7 +112,7 @@ class FastDenoiser(Denoiser):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(unet, steps, device)
-        self.compute = Compute("fast", DTYPE_NAMES[dtype], device.type)
+        self.compute = Compute("fast", dtype_name(dtype), device.type)
         graphs = device.type == "cuda" if graphs is None else bool(graphs)
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}; pass graphs=False")
@@ -129,7 +129,7 @@ class FastDenoiser(Denoiser):
         return len(self._graphs) if self._graphs is not None else 0
 
     def x0(self, x_t: Tensor, i: int) -> Tensor:
-        with self._lock, _on_device(self.device):
+        with self._lock, on_device(self.device):
             self._i.fill_(i)  # a kernel carrying the value: no host-to-device copy, no sync
             if self._graphs is None or x_t.requires_grad:
                 return self._x0(x_t)[0]
@@ -146,7 +146,7 @@ def make_denoiser(unet: torch.nn.Module, steps: int, device, compute: Compute) -
     """The denoiser that computes x̂0 in ``compute``'s mode (its device type must be ``device``'s)."""
     if compute.backend == "eager":
         return Denoiser(unet, steps, device)
-    return FastDenoiser(unet, steps, device, DTYPES[compute.dtype])
+    return FastDenoiser(unet, steps, device, dtype_from_name(compute.dtype))
 
 
 def project(x0: Tensor, h: Tensor, y: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""Checkpoint formats: old compressai names, ELiC-ReImplemetation -> Elic2022Chandelier, convert_checkpoint.
+"""Loading and converting codec checkpoints: weight sources, old compressai names,
+ELiC-ReImplemetation -> Elic2022Chandelier, convert_checkpoint, and the errors of each.
 
 The ELIC references are the verified key map of the official code (tests/data/elic_reimpl_to_compressai.json)
-and the TestModel key/shape list (tests/data/elic_reimpl_keys.json), both from the fact sheets.
+and the TestModel key/shape list (tests/data/elic_reimpl_keys.json), both from the reference code
+(docs/reference_code.md §3).
 """
 import json
 import math
@@ -15,14 +17,16 @@ from compressai.models.base import get_scale_table
 from compressai.models.sensetime import Elic2022Chandelier
 
 import idemrt
-from idemrt.models.codec import load_codec
-from idemrt.models.codec_convert import (
+from idemrt.models.codec import KNOWN_CODECS
+from idemrt.models.codec_loading import (
+    _WIDTHS,
     FLAT_STYLE,
     LIST_STYLE,
     convert_checkpoint,
     convert_elic_reimpl,
     detect_codec_name,
     is_elic_reimpl,
+    load_codec,
     normalize_entropy_bottleneck_keys,
 )
 from test_codec import SMALL, reference_model, small_state_dict
@@ -82,6 +86,10 @@ def test_dataparallel_prefix_is_stripped():
     state = small_state_dict("mbt2018-mean")
     codec = load_codec("mbt2018-mean", checkpoint={f"module.{k}": v for k, v in state.items()})
     assert torch.equal(codec.model.state_dict()["h_s.4.weight"], state["h_s.4.weight"])
+
+
+def test_every_codec_has_its_width_inference():
+    assert set(_WIDTHS) == set(KNOWN_CODECS)
 
 
 @pytest.mark.parametrize("name", list(SMALL))
@@ -146,7 +154,7 @@ def _random_elic_reimpl_state(seed=0):
             fan_in = math.prod(shape[1:]) if len(shape) > 1 else 10
             t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
         state[key] = t
-    # As in the fact sheet's "scaled" variant: large latents so that rounding and context matter.
+    # As in the reference's "scaled" variant: large latents so that rounding and context matter.
     state["g_a.13.weight"] *= 20
     state["h_a.4.weight"] *= 5
     return state
@@ -297,3 +305,100 @@ def test_convert_checkpoint_failures_leave_nothing(tmp_path):
     with pytest.raises(idemrt.CheckpointError, match="pass its name"):
         convert_checkpoint(src, dst)
     assert sorted(os.listdir(tmp_path)) == ["broken.pth"]
+
+
+# --- loading errors -----------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(idemrt.CheckpointError) as err:
+        load_codec("bpg", checkpoint=small_state_dict("bmshj2018-hyperprior"))
+    assert all(name in str(err.value) for name in KNOWN_CODECS)
+
+
+def test_weight_source_must_be_explicit():
+    with pytest.raises(idemrt.CheckpointError, match="weight source"):
+        load_codec("bmshj2018-hyperprior", 1)
+    with pytest.raises(idemrt.CheckpointError, match="weight source"):
+        load_codec("bmshj2018-hyperprior", 1, checkpoint=small_state_dict("bmshj2018-hyperprior"), pretrained=True)
+    with pytest.raises(idemrt.CheckpointError, match="no pretrained"):
+        load_codec("elic2022-chandelier", 1, pretrained=True)
+    with pytest.raises(idemrt.CheckpointError, match="quality"):
+        load_codec("cheng2020-anchor", 7, pretrained=True)
+    with pytest.raises(idemrt.CheckpointError, match="quality"):
+        load_codec("bmshj2018-hyperprior", 0, random_init=True)
+
+
+def test_random_init_uses_zoo_widths():
+    codec = load_codec("bmshj2018-factorized", 1, random_init=True)
+    assert (codec.model.N, codec.model.M) == (128, 192)  # compressai zoo, quality 1
+    c = codec.compress(torch.rand(1, 3, 16, 16))
+    assert codec.decompress(c.strings, c.shape).shape == (1, 3, 16, 16)
+
+
+def test_pretrained_downloads_the_zoo_file_safely(monkeypatch):
+    """pretrained=True fetches compressai's zoo URL with hash check and weights_only, old names accepted."""
+    state = small_state_dict("bmshj2018-hyperprior")
+    # The zoo files were written by compressai 1.0.x: ParameterList names with an underscore.
+    old = {k.replace("entropy_bottleneck.matrices.", "entropy_bottleneck._matrices.")
+           .replace("entropy_bottleneck.biases.", "entropy_bottleneck._biases.")
+           .replace("entropy_bottleneck.factors.", "entropy_bottleneck._factors."): v for k, v in state.items()}
+    calls = []
+
+    def fake_download(url, **kwargs):
+        calls.append((url, kwargs))
+        return old
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    codec = load_codec("bmshj2018-hyperprior", 1, pretrained=True)
+    [(url, kwargs)] = calls
+    assert url == "https://compressai.s3.amazonaws.com/models/v1/bmshj2018-hyperprior-1-7eb97409.pth.tar"
+    assert kwargs["weights_only"] is True and kwargs["check_hash"] is True
+    assert codec.quality == 1
+    key = "entropy_bottleneck.matrices.2"
+    assert torch.equal(codec.model.state_dict()[key], state[key])
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named():
+    state = small_state_dict("mbt2018-mean")
+    missing = {k: v for k, v in state.items() if k != "g_s.2.weight"}
+    with pytest.raises(idemrt.CheckpointError, match=r"missing keys: g_s\.2\.weight"):
+        load_codec("mbt2018-mean", checkpoint=missing)
+    with pytest.raises(idemrt.CheckpointError, match=r"unexpected keys: extra\.weight"):
+        load_codec("mbt2018-mean", checkpoint={**state, "extra.weight": torch.zeros(1)})
+    bad = dict(state)
+    bad["h_s.0.bias"] = torch.zeros(5)
+    with pytest.raises(idemrt.CheckpointError, match=r"h_s\.0\.bias: checkpoint \(5,\) vs model \(12,\)"):
+        load_codec("mbt2018-mean", checkpoint=bad)
+    # A width-defining key missing: named too.
+    with pytest.raises(idemrt.CheckpointError, match=r"g_a\.6\.weight"):
+        load_codec("mbt2018-mean", checkpoint={k: v for k, v in state.items() if k != "g_a.6.weight"})
+
+
+def test_wrong_model_name_gets_a_hint():
+    with pytest.raises(idemrt.CheckpointError, match="looks like a 'mbt2018-mean'"):
+        load_codec("bmshj2018-hyperprior", checkpoint=small_state_dict("mbt2018-mean"))
+
+
+def test_non_tensor_and_unsafe_content(tmp_path):
+    state = small_state_dict("bmshj2018-hyperprior")
+    with pytest.raises(idemrt.CheckpointError, match="non-tensor"):
+        load_codec("bmshj2018-hyperprior", checkpoint={**state, "epoch": 3})
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": torch.nn.Linear(2, 2)}, path)  # a pickled module, refused by weights_only
+    with pytest.raises(idemrt.CheckpointError):
+        load_codec("bmshj2018-hyperprior", checkpoint=path)
+    with pytest.raises(idemrt.CheckpointError, match="not found"):
+        load_codec("bmshj2018-hyperprior", checkpoint=tmp_path / "absent.pth")
+
+
+def test_inconsistent_cdf_tables_and_masks_are_refused():
+    state = small_state_dict("mbt2018")
+    bad_cdf = dict(state)
+    bad_cdf["gaussian_conditional._cdf_length"] = state["gaussian_conditional._cdf_length"][:-1]
+    with pytest.raises(idemrt.CheckpointError, match="CDF"):
+        load_codec("mbt2018", checkpoint=bad_cdf)
+    bad_mask = dict(state)
+    bad_mask["context_prediction.mask"] = torch.ones_like(state["context_prediction.mask"])
+    with pytest.raises(idemrt.CheckpointError, match="mask"):
+        load_codec("mbt2018", checkpoint=bad_mask)

@@ -1,0 +1,52 @@
+"""Defaults every entry point shares: device, backend and dtype names.
+
+The fast backend (bf16, CUDA graphs) is the default on CUDA, the eager one (fp32) elsewhere.
+Dtypes are named "fp32", "bf16", "fp16" on the command line and in PSC streams. Torch is
+imported inside the functions, so the command line can read the names without it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+DTYPE_CHOICES = ("fp32", "bf16", "fp16")
+
+
+def _dtypes() -> dict:
+    import torch
+
+    return dict(zip(DTYPE_CHOICES, (torch.float32, torch.bfloat16, torch.float16)))
+
+
+def dtype_from_name(name: Optional[str]):
+    """"fp32" / "bf16" / "fp16" -> the torch dtype; None stays None (the backend's default)."""
+    if name is None:
+        return None
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {name!r}")
+    return _dtypes()[name]
+
+
+def dtype_name(dtype) -> str:
+    """The name of a torch dtype among :data:`DTYPE_CHOICES`; ValueError for others."""
+    for name, value in _dtypes().items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype must be one of {', '.join(map(str, _dtypes().values()))}, got {dtype!r}")
+
+
+def default_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device=None):
+    """``device`` as a torch.device, or the default one."""
+    import torch
+
+    return torch.device(device) if device is not None else default_device()
+
+
+def default_backend(device, backend: Optional[str] = None) -> str:
+    """``backend``, or "fast" on CUDA and "eager" elsewhere."""
+    return backend or ("fast" if device.type == "cuda" else "eager")

@@ -1,0 +1,208 @@
+"""The sampling loop, apart from any bitstream: per-image state advanced one step at a time.
+
+Each image of a decode is an :class:`ImageState` — its x_t, its position in the respaced
+schedule, its own generator, its constraint target, its DPS scale and its retries — so images
+need not move in lockstep: :meth:`GuidedSampler.advance` steps any list of compatible states
+(same shape and target shape) as one batch, each at its own step index, and images can join or
+leave between two calls. :meth:`GuidedSampler.sample` is the whole loop for a batch of targets;
+a decode service drives :meth:`start` / :meth:`advance` / :meth:`finish` itself.
+
+Random numbers (documented order, so a decode is reproducible and the same alone, in a batch or
+joining a running batch late): each image owns one ``torch.Generator`` seeded with its seed, on
+``noise_device``. From it the sampler draws x_T ~ N(0, I) of the image's shape first, then one
+noise tensor of the same shape per step, for i = N-1 down to 0 (the last one is drawn but
+multiplied by 0, as in the reference). A retry draws a fresh x_T and its steps' noise from the
+same generator, continuing after the full previous attempt (an attempt cut short by non-finite
+values draws its remaining steps' noise first, so a retry does not depend on when the failure
+was seen).
+
+Retries (:class:`~idemrt.diffusion.guidance.RetryPolicy`, per image): non-finite values -> the
+DPS scale times ``nan_factor`` (then :class:`idemrt.DecodeError` when they are spent); a final
+distance above the threshold -> the scale times ``factor``. The scale is per-sample data of the
+step, so a retry runs on the same backend (and the same captured graphs) as the first attempt.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import DecodeError
+from ..progress import progress_bar
+from .guidance import RetryPolicy
+
+
+@dataclass
+class ImageState:
+    """One image being sampled. ``position`` is the next step index i (counting down to 0);
+    -1 once its attempt is over. ``x`` is x_t (1, C, H, W) until then, the sample after."""
+
+    x: Tensor
+    target: Tensor  # (1, ...) on the decoding device
+    generator: torch.Generator
+    scale: float  # the attempt's base DPS scale (a distance retry multiplies it)
+    position: int
+    distance: float = 0.0  # of the last step run (measured at that step's x0)
+    retries: int = 0  # distance retries used
+    nan_tries: int = 0  # non-finite retries used in this attempt
+    failed_at: Optional[int] = None  # step index at which this attempt went non-finite
+    error: Optional[str] = None  # set when the image cannot be decoded (retries spent)
+    steps_run: int = 0  # network evaluations, all attempts
+
+    @property
+    def running(self) -> bool:
+        return self.position >= 0
+
+    @property
+    def done(self) -> bool:
+        return not self.running
+
+    def key(self) -> tuple:
+        """States with equal keys can share a batch."""
+        return (tuple(self.x.shape), tuple(self.target.shape), self.x.device)
+
+
+@dataclass
+class SampleResult:
+    x: Tensor  # (N, C, H, W) in [-1, 1] (unclamped), float32
+    distance: Tensor  # (N,) of each image's last step
+    retries: list  # distance retries per image
+    scales: list  # the DPS scale of each image's final attempt (None without a scale)
+
+
+class GuidedSampler:
+    """The loop over a backend's ``step(x_t, i, target, noise, scale) -> (x_prev, distance)``.
+
+    ``num_steps``: the respaced schedule's length; ``scale``: the guidance's default DPS scale
+    (None when the guidance has none: no retry then); ``check_every``: how often (in steps) the
+    states are checked for non-finite values, one host sync each (non-finite values never heal,
+    so a check every few steps is enough).
+    """
+
+    def __init__(self, backend, num_steps: int, *, device, scale: Optional[float] = None,
+                 retry: RetryPolicy = RetryPolicy(), noise_device=None, check_every: int = 10,
+                 progress: bool = False):
+        self.backend = backend
+        self.num_steps = int(num_steps)
+        self.device = torch.device(device)
+        self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
+        self.scale = scale
+        self.retry = retry
+        self.check_every = max(1, int(check_every))
+        self.progress = progress
+
+    # -- per-image state ----------------------------------------------------------------------
+    def start(self, target: Tensor, seed: int, shape: Sequence[int], x_T: Optional[Tensor] = None) -> ImageState:
+        """A new image at the first step: x_T drawn from its generator (or ``x_T`` (1, C, H, W))."""
+        gen = torch.Generator(self.noise_device).manual_seed(int(seed))
+        state = ImageState(x=x_T, target=target.to(self.device), generator=gen,
+                           scale=self.scale if self.scale is not None else math.nan, position=-1)
+        self._begin_attempt(state, tuple(shape), x_T)
+        return state
+
+    def _begin_attempt(self, state: ImageState, shape: tuple, x_T: Optional[Tensor] = None) -> None:
+        state.x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
+        state.position = self.num_steps - 1
+        state.failed_at = None
+
+    def _noise(self, states: Sequence[ImageState], shape: tuple) -> Tensor:
+        noise = torch.stack([torch.randn(shape[1:], generator=s.generator, device=self.noise_device)
+                             for s in states])
+        return noise.to(self.device, non_blocking=True)
+
+    def step_scale(self, state: ImageState) -> float:
+        """The DPS scale of the state's next step: the attempt's, shrunk after non-finite tries."""
+        return state.scale * self.retry.nan_factor ** state.nan_tries
+
+    # -- one step of a batch --------------------------------------------------------------------
+    def advance(self, states: Sequence[ImageState]) -> None:
+        """One step for every running state (one batch; they must share :meth:`ImageState.key`)."""
+        states = [s for s in states if s.running]
+        if not states:
+            return
+        if len({s.key() for s in states}) != 1:
+            raise ValueError("advance() batches states of one shape and target shape only")
+        shape = (len(states), *states[0].x.shape[1:])
+        x = torch.cat([s.x for s in states])
+        target = torch.cat([s.target for s in states])
+        noise = self._noise(states, shape)
+        positions = [s.position for s in states]
+        i = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        scale = torch.tensor([self.step_scale(s) for s in states], device=self.device)
+        x, dist = self.backend.step(x, i, target, noise, scale)
+        check = any(p % self.check_every == 0 for p in positions)
+        finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(dist)).tolist() if check else None
+        for k, s in enumerate(states):
+            s.x, s.steps_run = x[k : k + 1], s.steps_run + 1
+            if finite is not None and not finite[k]:
+                self._drain(s)
+            s.position -= 1
+            if s.done:
+                s.distance = float(dist[k])
+
+    def _drain(self, state: ImageState) -> None:
+        """End an attempt that went non-finite at ``state.position``, drawing the noise its
+        remaining steps would have drawn (the retry's draws then do not depend on when the
+        failure was seen)."""
+        state.failed_at = state.position
+        for _ in range(state.position):
+            torch.randn(state.x.shape[1:], generator=state.generator, device=self.noise_device)
+        state.position = 0  # advance() moves it to -1: the attempt is over
+
+    # -- after an attempt -----------------------------------------------------------------------
+    def finish(self, state: ImageState) -> bool:
+        """Decide about a state whose attempt is over: True if it is final (a result or an
+        ``error``), False if it was restarted for a retry (then keep advancing it)."""
+        if state.running:
+            raise ValueError("finish() of a state that is still running")
+        has_scale = self.scale is not None
+        if state.failed_at is not None:
+            if not has_scale or state.nan_tries >= self.retry.nan_retries:
+                tried = f" and {state.nan_tries} retries down to scale {self.step_scale(state):g}" if has_scale else ""
+                state.error = f"the sampler produced non-finite values at step {state.failed_at}{tried}"
+                return True
+            state.nan_tries += 1
+        elif has_scale and bool(self.retry.needs_retry(torch.tensor([state.distance]), state.retries)):
+            state.scale, state.retries, state.nan_tries = self.retry.next_scale(state.scale), state.retries + 1, 0
+        else:
+            return True
+        self._begin_attempt(state, tuple(state.x.shape))
+        return False
+
+    # -- the whole loop -------------------------------------------------------------------------
+    def run(self, states: Sequence[ImageState]) -> None:
+        """Advance the states (one batch) until each is final; retries join as they restart."""
+        pending = list(states)
+        bar = progress_bar(self.num_steps, self.progress, "decoding", "step")
+        while pending:
+            self.advance(pending)
+            pending = [s for s in pending if s.running or not self.finish(s)]
+            if bar is not None:
+                bar.update(1)
+                if pending:
+                    bar.set_postfix(distance=f"{max(s.distance for s in states):.4g}", refresh=False)
+        if bar is not None:
+            bar.close()
+
+    def sample(self, target: Tensor, seeds: Sequence[int], shape: Sequence[int],
+               x_T: Optional[Tensor] = None) -> SampleResult:
+        """Sample one image per target row (``shape`` (N, C, H, W)); raises
+        :class:`~idemrt.DecodeError` if an image stays non-finite."""
+        n = target.shape[0]
+        if len(seeds) != n or shape[0] != n:
+            raise ValueError(f"{len(seeds)} seeds and shape {tuple(shape)} for {n} targets")
+        states = [self.start(target[k : k + 1], seeds[k], (1, *shape[1:]),
+                             None if x_T is None else x_T[k : k + 1]) for k in range(n)]
+        self.run(states)
+        failed = [f"image {k}: {s.error}" for k, s in enumerate(states) if s.error]
+        if failed:
+            raise DecodeError("; ".join(failed) + "; check the UNet checkpoint and preset, or lower --scale")
+        return SampleResult(
+            x=torch.cat([s.x for s in states]),
+            distance=torch.tensor([s.distance for s in states]),
+            retries=[s.retries for s in states],
+            scales=[self.step_scale(s) if self.scale is not None else None for s in states],
+        )
