@@ -199,9 +199,9 @@ def test_autoregressive_batch_equals_single_images():
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-5)
 
 
-def test_operator_rejects_unknown_domain():
+def test_operator_rejects_unknown_constraint():
     codec = load_codec("bmshj2018-hyperprior", checkpoint=small_state_dict("bmshj2018-hyperprior"))
-    with pytest.raises(ValueError, match="domain"):
+    with pytest.raises(ValueError, match="constraint"):
         codec.operator(torch.rand(1, 3, 64, 64), "z")
 
 
