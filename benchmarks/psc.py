@@ -195,7 +195,7 @@ def rate_distortion(args, images: dict | None = None) -> dict:
     for k in prefixes:
         hk, yk = h[: k * p.r], y[: k * p.r]
         prefix = psc.truncate(data, k) if k < code.rounds else data
-        info = bsfmt.describe(bsfmt.decode(prefix))
+        info = bsfmt.describe(bsfmt.unpack(prefix))
         rate = {"rounds": k, "measurements": k * p.r, "bpp": info["bpp"], "file_bpp": info["file_bpp"]}
         # "linear" (Hᵀy_q, the projection on the measured rows) is a reference, not a decode.
         decodes = [("linear", (yk @ hk).reshape(shape), None)]
@@ -211,7 +211,7 @@ def rate_distortion(args, images: dict | None = None) -> dict:
             images[row["name"]] = decoded
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     return {"device": _describe(device), "compute": str(enc.compute),
             "model": "idemrt demo UNet (64x64, 1.9M parameters) and demo codec (bmshj2018-hyperprior N=64 M=96)",
             "image": args.image or DEMO_IMAGES[0], "size": size, "resize": "PIL bicubic from the 128x128 PNG",
@@ -235,7 +235,7 @@ def _mse_codec_rows(args, unet, x: torch.Tensor, images: dict) -> list[dict]:
     res = pipe.run(x, seed=0)
     # Pipeline reports the payload rate only; the encode is deterministic, so encoding again gives
     # the same file, whose size is the file rate.
-    info = bsfmt.describe(bsfmt.decode(pipe.encoder.encode(x)))
+    info = bsfmt.describe(bsfmt.unpack(pipe.encoder.encode(x)))
     assert info["bpp"] == res["bpp"], "the demo codec's encode is not deterministic"
     rows = []
     for name, decode, key, image in (("mse", "MSE codec", "mse", "mse"),

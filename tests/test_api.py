@@ -48,7 +48,7 @@ def _padded(x):
 
 
 def test_bitstream_is_compressais_and_mse_mode_equals_its_decompress(models, reference, image, data):
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     with torch.no_grad():
         out = reference.compress(_padded(image))
         assert bs.streams == [s[0] for s in out["strings"]]
@@ -68,7 +68,7 @@ def test_operator_and_target_are_the_references(models, reference, image, data):
     with torch.no_grad():
         expected = 2 * reference((x0 + 1) / 2)["x_hat"] - 1
         assert torch.allclose(dec.operator(x0), expected, atol=1e-6)
-        bs = bsfmt.decode(data)
+        bs = bsfmt.unpack(data)
         y_hat = codec.decompress_latent(bs.streams, bs.latent_shape)
         target = dec.target_from_latent(y_hat)
         # The reference's target: the unclamped synthesis of round(g_a(x)), in [-1, 1] units.
@@ -118,7 +118,7 @@ def test_guidance_pulls_the_sample_towards_the_code(models, data):
     received code than the unguided one. (The strong effect test, with a model of a known prior,
     is in tests/test_guidance.py; random tiny models only show the direction.)"""
     unet, codec = models
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     distances = {}
     for guidance in ("dps", "none"):
         dec = idemrt.Decoder(codec, unet, steps=25, scale=2.0, guidance=guidance, device="cpu")

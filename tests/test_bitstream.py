@@ -12,9 +12,9 @@ from idemrt.bitstream import (
     MIN_SIZE,
     Bitstream,
     check_codec,
-    decode,
     describe,
-    encode,
+    pack,
+    unpack,
     weights_digest,
 )
 
@@ -57,7 +57,7 @@ def test_layout_matches_the_documented_table():
     ])
     body = body.replace(b"TOTL", le(len(body) + 4, 4))
     expected = body + le(zlib.crc32(body), 4)
-    assert encode(sample()) == expected
+    assert pack(sample()) == expected
     assert MAGIC == b"\x89IDMRT\r\n"
 
 
@@ -71,23 +71,23 @@ def test_layout_matches_the_documented_table():
            padded_width=8192, latent_shape=(128, 128)),
 ])
 def test_round_trip(bs):
-    data = encode(bs)
-    assert decode(data) == bs
-    assert decode(bytearray(data)) == bs
-    assert decode(memoryview(data)) == bs
+    data = pack(bs)
+    assert unpack(data) == bs
+    assert unpack(bytearray(data)) == bs
+    assert unpack(memoryview(data)) == bs
 
 
 def test_extra_keys_are_written_sorted_so_the_encoding_is_canonical():
-    a = encode(sample(extra={"b": 1, "a": 2}))
-    b = encode(sample(extra={"a": 2, "b": 1}))
+    a = pack(sample(extra={"b": 1, "a": 2}))
+    b = pack(sample(extra={"a": 2, "b": 1}))
     assert a == b
 
 
 def test_every_truncation_is_reported_as_truncated():
-    data = encode(sample())
+    data = pack(sample())
     for n in range(len(data)):
         with pytest.raises(BitstreamError, match="truncated|empty"):
-            decode(data[:n])
+            unpack(data[:n])
 
 
 @pytest.mark.parametrize("data, match", [
@@ -100,25 +100,25 @@ def test_every_truncation_is_reported_as_truncated():
 ])
 def test_foreign_or_empty_input(data, match):
     with pytest.raises(BitstreamError, match=match):
-        decode(data)
+        unpack(data)
 
 
 def test_envelope_defects():
-    data = encode(sample())
+    data = pack(sample())
     with pytest.raises(BitstreamError, match="version 2.*upgrade"):
-        decode(data[:8] + le(2, 2) + data[10:])
+        unpack(data[:8] + le(2, 2) + data[10:])
     with pytest.raises(BitstreamError, match="version 0"):
-        decode(patch(data, 8, le(0, 2)))
+        unpack(patch(data, 8, le(0, 2)))
     with pytest.raises(BitstreamError, match="3 unexpected bytes after"):
-        decode(data + b"abc")
+        unpack(data + b"abc")
     with pytest.raises(BitstreamError, match="below the minimum"):
-        decode(data[:10] + le(MIN_SIZE - 1, 4) + data[14:])
+        unpack(data[:10] + le(MIN_SIZE - 1, 4) + data[14:])
     flipped = bytearray(data)
     flipped[60] ^= 0x10
     with pytest.raises(BitstreamError, match="checksum mismatch"):
-        decode(bytes(flipped))
+        unpack(bytes(flipped))
     with pytest.raises(BitstreamError, match="checksum mismatch"):
-        decode(data[:-1] + bytes([data[-1] ^ 1]))
+        unpack(data[:-1] + bytes([data[-1] ^ 1]))
 
 
 NAME_AT = 48
@@ -132,16 +132,16 @@ NAME_AT = 48
     (b"\x00", "1 to 64"),
 ])
 def test_bad_codec_names(name_field, match):
-    data = encode(sample())
+    data = pack(sample())
     forged = data[:NAME_AT] + name_field + data[NAME_AT + 5:]
     with pytest.raises(BitstreamError, match=match):
-        decode(reseal(forged))
+        unpack(reseal(forged))
 
 
 def test_overlong_name():
-    forged = encode(sample(codec="a" * 64)).replace(b"\x40" + b"a" * 64, b"\x41" + b"a" * 65)
+    forged = pack(sample(codec="a" * 64)).replace(b"\x40" + b"a" * 64, b"\x41" + b"a" * 65)
     with pytest.raises(BitstreamError, match="1 to 64"):
-        decode(reseal(forged))
+        unpack(reseal(forged))
 
 
 @pytest.mark.parametrize("h, w, ph, pw, match", [
@@ -154,40 +154,40 @@ def test_overlong_name():
     (8193, 8192, 8193, 8192, "max_pixels"),
 ])
 def test_bad_sizes(h, w, ph, pw, match):
-    forged = patch(encode(sample()), 14, le(h, 4) + le(w, 4) + le(ph, 4) + le(pw, 4))
+    forged = patch(pack(sample()), 14, le(h, 4) + le(w, 4) + le(ph, 4) + le(pw, 4))
     with pytest.raises(BitstreamError, match=match):
-        decode(forged)
+        unpack(forged)
 
 
 def test_max_pixels_is_configurable_and_bounds_the_padded_size():
-    data = encode(sample(height=64, width=64))
-    assert decode(data, max_pixels=64 * 64).height == 64
+    data = pack(sample(height=64, width=64))
+    assert unpack(data, max_pixels=64 * 64).height == 64
     with pytest.raises(BitstreamError, match="max_pixels=4095"):
-        decode(data, max_pixels=64 * 64 - 1)
-    big = encode(sample(height=8192, width=8192, padded_height=8192, padded_width=8192))
-    assert decode(big).width == 8192 and 8192 * 8192 == DEFAULT_MAX_PIXELS
-    assert decode(encode(sample(height=9000, width=9000, padded_height=9024, padded_width=9024)),
+        unpack(data, max_pixels=64 * 64 - 1)
+    big = pack(sample(height=8192, width=8192, padded_height=8192, padded_width=8192))
+    assert unpack(big).width == 8192 and 8192 * 8192 == DEFAULT_MAX_PIXELS
+    assert unpack(pack(sample(height=9000, width=9000, padded_height=9024, padded_width=9024)),
                   max_pixels=9024**2).height == 9000
 
 
 def test_stream_limits():
-    data = encode(sample(streams=[b"a", b"bb", b"ccc"]))
-    assert len(decode(data, max_streams=3).streams) == 3
+    data = pack(sample(streams=[b"a", b"bb", b"ccc"]))
+    assert len(unpack(data, max_streams=3).streams) == 3
     with pytest.raises(BitstreamError, match="3 streams, more than the limit of 2"):
-        decode(data, max_streams=2)
+        unpack(data, max_streams=2)
     with pytest.raises(BitstreamError, match="stream 2 has 3 bytes"):
-        decode(data, max_stream_bytes=2)
+        unpack(data, max_stream_bytes=2)
 
 
 def test_stream_length_beyond_the_file():
-    data = encode(sample(extra={}))
+    data = pack(sample(extra={}))
     count_at = NAME_AT + 5 + 1 + 8
     forged = patch(data, count_at + 2, le(2**32 - 1, 4))
     with pytest.raises(BitstreamError, match="stream 0 needs 4294967295 bytes"):
-        decode(forged)
+        unpack(forged)
     forged = patch(data, count_at, le(60000, 2))
     with pytest.raises(BitstreamError, match="stream length table needs 240000 bytes"):
-        decode(forged)
+        unpack(forged)
 
 
 @pytest.mark.parametrize("latent, match", [
@@ -196,11 +196,11 @@ def test_stream_length_beyond_the_file():
     (b"\x02" + le(65, 4) + le(64, 4), "implausible latent shape"),
 ])
 def test_bad_latent_shapes(latent, match):
-    data = encode(sample())
+    data = pack(sample())
     at = NAME_AT + 5
     forged = data[:at] + latent + data[at + 9:]
     with pytest.raises(BitstreamError, match=match):
-        decode(reseal(forged))
+        unpack(reseal(forged))
 
 
 def extra_section(*entries: bytes, count: int | None = None) -> bytes:
@@ -223,17 +223,17 @@ def entry(key: bytes, tag: int, value: bytes, length: int | None = None) -> byte
     (extra_section(entry(b"k", 3, b"")) + b"junk", "4 unexplained bytes before the checksum"),
 ])
 def test_bad_extra_sections(section, match):
-    data = encode(sample(extra={}))
+    data = pack(sample(extra={}))
     forged = data[:-6] + section + data[-4:]
     with pytest.raises(BitstreamError, match=match):
-        decode(reseal(forged))
+        unpack(reseal(forged))
 
 
 def test_non_bytes_input_and_bad_limits():
     with pytest.raises(BitstreamError, match="expected the bytes"):
-        decode("not bytes")
+        unpack("not bytes")
     with pytest.raises(ValueError):
-        decode(encode(sample()), max_pixels=0)
+        unpack(pack(sample()), max_pixels=0)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -256,7 +256,7 @@ def test_non_bytes_input_and_bad_limits():
 ])
 def test_encode_refuses_what_it_could_not_read_back(changes, match):
     with pytest.raises(BitstreamError, match=match):
-        encode(sample(**changes))
+        pack(sample(**changes))
 
 
 def test_check_codec():
@@ -276,9 +276,9 @@ def test_describe_reports_rates_by_hand():
     bs = sample(height=30, width=40, streams=[b"a" * 100, b"b" * 50])
     info = describe(bs)
     assert info["payload_bytes"] == 150
-    assert info["file_bytes"] == len(encode(bs))
+    assert info["file_bytes"] == len(pack(bs))
     assert info["bpp"] == pytest.approx(8 * 150 / (30 * 40))
-    assert info["file_bpp"] == pytest.approx(8 * len(encode(bs)) / 1200)
+    assert info["file_bpp"] == pytest.approx(8 * len(pack(bs)) / 1200)
     assert info["weights_hash"] == HASH.hex()
     assert info["extra"] == {"seed": 7, "tag": "ab", "w": "ff"}
     assert (info["codec"], info["quality"], info["streams"], info["latent_shape"]) == ("elic", 2, 2, [1, 1])
@@ -306,3 +306,17 @@ def test_weights_digest_sees_values_dtypes_and_shapes():
     assert len(digests) == 5  # the strided view hashes like the contiguous one
     with pytest.raises(TypeError):
         weights_digest({"w": 1.0})
+
+
+def test_old_container_names_still_work_with_a_warning():
+    """encode/decode were the container's names before pack/unpack (encode/decode now name what
+    images go through); they keep working, with a DeprecationWarning."""
+    import idemrt.bitstream as bsfmt
+
+    bs = Bitstream(codec="bmshj2018-hyperprior", quality=1, weights_hash=HASH, height=64, width=64,
+                   padded_height=64, padded_width=64, streams=[b"ab", b"c"], latent_shape=(2, 2))
+    with pytest.warns(DeprecationWarning, match="pack"):
+        data = bsfmt.encode(bs)
+    with pytest.warns(DeprecationWarning, match="unpack"):
+        assert bsfmt.decode(data) == unpack(data)
+    assert data == pack(bs)

@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from idemrt import BitstreamError
-from idemrt.bitstream import MAGIC, Bitstream, decode, encode
+from idemrt.bitstream import MAGIC, Bitstream, pack, unpack
 
 MIN_CASES = 20_000
 SLOW_CASE_S = 0.5
@@ -83,14 +83,14 @@ def reseal_all(data: bytes) -> bytes:
 
 def truncations(rng):
     for bs in SEEDS:
-        data = encode(bs)
+        data = pack(bs)
         for n in range(len(data)):
             yield f"truncate {bs.codec} at {n}", data[:n]
 
 
 def byte_flips(rng):
     for bs in SEEDS:
-        data = encode(bs)
+        data = pack(bs)
         for pos in range(len(data)):
             for xor in (0x01, 0x80, 0xFF, rng.randrange(1, 256)):
                 flipped = bytearray(data)
@@ -101,7 +101,7 @@ def byte_flips(rng):
 
 def inserts_and_deletes(rng, n=5000):
     for i in range(n):
-        data = encode(rng.choice(SEEDS))
+        data = pack(rng.choice(SEEDS))
         pos, k = rng.randrange(len(data) + 1), rng.randint(1, 8)
         if i % 2:
             mutated = data[:pos] + rng.randbytes(k) + data[pos:]
@@ -122,7 +122,7 @@ def length_forgeries(rng):
     """Set each length, count and size field to boundary values, with a valid checksum."""
     for bs in SEEDS:
         base = fields_of(bs)
-        size = len(encode(bs))
+        size = len(pack(bs))
         scalar_fields = [("total", size, 4), ("name_len", len(base["name"]), 1), ("ndim", len(base["dims"]), 1),
                          ("count", len(base["streams"]), 2), ("n_extra", len(base["extra"]), 2),
                          ("h", base["h"], 4), ("w", base["w"], 4), ("ph", base["ph"], 4), ("pw", base["pw"], 4),
@@ -182,21 +182,21 @@ GENERATORS = [truncations, byte_flips, inserts_and_deletes, length_forgeries, ra
 def check_one(label: str, data: bytes) -> bool:
     """Return True if decode accepted ``data``; fail the test on any other outcome."""
     try:
-        bs = decode(data)
+        bs = unpack(data)
     except BitstreamError as exc:
         msg = str(exc)
         assert msg and len(msg) < 400 and msg.isprintable(), f"{label}: unhelpful message {msg!r}"
         return False
     except Exception as exc:  # noqa: BLE001 - the property under test
         pytest.fail(f"{label}: decode raised {type(exc).__name__}: {exc} on {data[:64].hex()}...")
-    assert encode(bs) == data, f"{label}: accepted input is not the canonical encoding of its result"
+    assert pack(bs) == data, f"{label}: accepted input is not the canonical encoding of its result"
     return True
 
 
 def test_spec_writer_agrees_with_encode():
     for bs in SEEDS:
-        assert spec_bytes(fields_of(bs)) == encode(bs)
-        assert decode(encode(bs)) == bs
+        assert spec_bytes(fields_of(bs)) == pack(bs)
+        assert unpack(pack(bs)) == bs
 
 
 def test_fuzz_decode_raises_only_bitstream_error_and_is_fast():

@@ -37,7 +37,7 @@ def test_compress_then_decompress(tmp_path, capsys):
                                            psc_steps=3, psc_seed=0, hash_bits=16, hash_every=1, backend="fast",
                                            dtype="fp32", **common)) == 0
     assert "rounds=2 compute=fast-fp32-cpu" in capsys.readouterr().out
-    bs = bsfmt.decode(out.read_bytes())
+    bs = bsfmt.unpack(out.read_bytes())
     assert bs.extra["compute"] == "fast-fp32-cpu"
     dec_args = dict(input=str(out), mse=False, backend=None, dtype=None, restoration_steps=None, seed=0,
                     restoration="projected", **common)

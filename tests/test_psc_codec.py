@@ -123,7 +123,7 @@ def test_encoding_is_deterministic_and_the_round0_cache_changes_nothing(unet, im
 
 
 def test_rate_follows_the_hand_formula(unet, image, data):
-    info = bsfmt.describe(bsfmt.decode(data))
+    info = bsfmt.describe(bsfmt.unpack(data))
     assert info["payload_bytes"] == 3 * 2 + 3 * 2  # 3 rounds x r=2 bytes + 3 hashes x 2 bytes
     p = psc.Params(s=4, r=2, steps=3, seed=0)
     per_round = 8 * 4 / (H * W)
@@ -131,7 +131,7 @@ def test_rate_follows_the_hand_formula(unet, image, data):
     assert psc.rounds_for_bpp(p, 3 * per_round, H, W) == 3
     enc = psc.Encoder(unet, cache=False, **KW)
     out = enc.encode(image, bpp=2.9 * per_round)
-    assert enc.last.rounds == 2 and bsfmt.describe(bsfmt.decode(out))["bpp"] <= 2.9 * per_round
+    assert enc.last.rounds == 2 and bsfmt.describe(bsfmt.unpack(out))["bpp"] <= 2.9 * per_round
     with pytest.raises(ValueError, match="below one round"):
         enc.encode(image, bpp=0.5 * per_round)
     for kw in ({}, {"bpp": 1.0, "rounds": 2}):
@@ -153,10 +153,10 @@ def test_guided_restoration(image, data, decoder):
 def test_files_for_other_weights_or_with_nan_codes_are_rejected(data):
     with pytest.raises(BitstreamError, match="weights"):
         psc.Decoder(tiny_unet(seed=1), device="cpu").decode(data)
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     bs.streams = [b"\x7f" + bs.streams[0][1:], bs.streams[1]]
     with pytest.raises(BitstreamError, match="NaN code"):
-        psc.Decoder(tiny_unet(), device="cpu").decode(bsfmt.encode(bs))
+        psc.Decoder(tiny_unet(), device="cpu").decode(bsfmt.pack(bs))
 
 
 def test_bad_encoder_arguments(unet):

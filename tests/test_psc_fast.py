@@ -55,9 +55,9 @@ def _inputs(shape=(2, 3, 16, 18), seed=0):
 
 
 def _with_compute(data: bytes, compute: str) -> bytes:
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     bs.extra["compute"] = compute
-    return bsfmt.encode(bs)
+    return bsfmt.pack(bs)
 
 
 def test_fast_denoiser_matches_the_eager_x0(unet):
@@ -92,7 +92,7 @@ def test_fast_denoiser_is_differentiable_for_the_guided_restoration(unet):
 @pytest.mark.parametrize("mode", ["fast-fp32", "fast-bf16"])
 def test_fast_streams_round_trip_with_every_hash_checked(unet, encoded, mode):
     data = encoded[mode]
-    assert bsfmt.decode(data).extra["compute"] == f"{mode}-cpu"
+    assert bsfmt.unpack(data).extra["compute"] == f"{mode}-cpu"
     dec = psc.Decoder(unet, device="cpu", cache=False)  # default restoration: eager on the CPU
     img = dec.decode(data, output="tensor")
     assert (dec.last.rounds, dec.last.hashes_checked, dec.last.compute) == (2, 2, f"{mode}-cpu")
@@ -104,7 +104,7 @@ def test_fast_streams_round_trip_with_every_hash_checked(unet, encoded, mode):
 
 
 def test_modes_make_different_rows(encoded):
-    hashes = {name: bsfmt.decode(data).streams[1] for name, data in encoded.items()}
+    hashes = {name: bsfmt.unpack(data).streams[1] for name, data in encoded.items()}
     assert hashes["fast-bf16"] != hashes["eager"] and hashes["fast-bf16"] != hashes["fast-fp32"]
 
 
@@ -115,10 +115,10 @@ def test_the_decoder_follows_the_streams_mode(unet, encoded):
     with pytest.raises(DecodeError, match="rows of round 0 differ"):
         dec.measurements(_with_compute(encoded["eager"], "fast-bf16-cpu"))
     # A version-1 stream (no mode recorded) was made by the eager path: it still decodes.
-    bs = bsfmt.decode(encoded["eager"])
+    bs = bsfmt.unpack(encoded["eager"])
     del bs.extra["compute"]
     bs.extra["version"] = 1
-    dec.measurements(bsfmt.encode(bs))
+    dec.measurements(bsfmt.pack(bs))
     assert (dec.last.hashes_checked, dec.last.compute) == (2, "eager-fp32-cpu")
 
 

@@ -27,7 +27,7 @@ def _code(rounds=5, codes=None, params=PARAMS, height=15, width=16, compute=FAST
 
 def _forge(data: bytes, streams=None, **extra) -> bytes:
     """Re-encode ``data`` with extra fields replaced (None removes one) and optionally new streams."""
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     for key, value in extra.items():
         if value is None:
             bs.extra.pop(key)
@@ -35,11 +35,11 @@ def _forge(data: bytes, streams=None, **extra) -> bytes:
             bs.extra[key] = value
     if streams is not None:
         bs.streams = streams
-    return bsfmt.encode(bs)
+    return bsfmt.pack(bs)
 
 
 def _unpack(data: bytes, factor=2, **kw):
-    return stream.unpack(bsfmt.decode(data), factor=factor, **kw)
+    return stream.unpack(bsfmt.unpack(data), factor=factor, **kw)
 
 
 def test_checkpoints_are_every_kth_round_and_the_last():
@@ -56,7 +56,7 @@ def test_round_trip(entropy):
     code = _code()
     got = _unpack(stream.pack(code, entropy))
     assert got == code
-    extra = bsfmt.decode(stream.pack(code, entropy)).extra
+    extra = bsfmt.unpack(stream.pack(code, entropy)).extra
     assert extra["entropy"] == "raw"  # 10 varied bytes do not shrink
     assert (extra["version"], extra["compute"]) == (2, "fast-bf16-cuda")
 
@@ -85,7 +85,7 @@ def test_compute_modes_print_and_parse():
 def test_zlib_is_used_only_when_it_shrinks_the_measurements():
     code = _code(rounds=40, codes=bytes(80))
     data = stream.pack(code, "zlib")
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     assert bs.extra["entropy"] == "zlib" and len(bs.streams[0]) < 80
     assert _unpack(data).codes == bytes(80)
 
@@ -124,7 +124,7 @@ def test_every_field_is_required(key):
 
 
 def test_stream_layout_is_checked():
-    bs = bsfmt.decode(GOOD)
+    bs = bsfmt.unpack(GOOD)
     meas, hashes = bs.streams
     cases = {
         "expected 2 streams": [meas],
@@ -141,7 +141,7 @@ def test_zlib_streams_are_bounded_and_exact():
     short = zlib.compress(bytes(9))
     cases = [(bomb, "wrong size"), (short, "wrong size"), (b"not zlib", "does not inflate"),
              (zlib.compress(bytes(10)) + b"junk", "wrong size"), (zlib.compress(bytes(10))[:-3], "wrong size")]
-    hashes = bsfmt.decode(GOOD).streams[1]
+    hashes = bsfmt.unpack(GOOD).streams[1]
     for payload, message in cases:
         with pytest.raises(BitstreamError, match=message):
             _unpack(_forge(GOOD, streams=[payload, hashes], entropy="zlib"))
@@ -160,11 +160,11 @@ def test_sizes_and_measurement_counts_are_bounded():
 
 
 def test_other_codecs_are_rejected():
-    bs = bsfmt.decode(GOOD)
+    bs = bsfmt.unpack(GOOD)
     bs.codec = "bmshj2018-hyperprior"
     with pytest.raises(BitstreamError, match="not PSC"):
         stream.unpack(bs, factor=2)
-    bs = bsfmt.decode(GOOD)
+    bs = bsfmt.unpack(GOOD)
     bs.quality = 3
     with pytest.raises(BitstreamError, match="quality"):
         stream.unpack(bs, factor=2)

@@ -38,7 +38,7 @@ class Encoder:
         x = load_image(image).to(codec.device)
         padded, _ = codec.pad(x)
         latent = codec.compress(padded)
-        return bsfmt.encode(bsfmt.Bitstream(
+        return bsfmt.pack(bsfmt.Bitstream(
             codec=codec.name, quality=codec.quality, weights_hash=codec.weights_hash(),
             height=int(x.shape[-2]), width=int(x.shape[-1]),
             padded_height=int(padded.shape[-2]), padded_width=int(padded.shape[-1]),

@@ -3,7 +3,7 @@
 The byte layout, the limits and the versioning policy are specified in
 docs/bitstream.md; keep the two in step.
 
-A decoder receives these bytes from the network, so :func:`decode` treats them
+A decoder receives these bytes from the network, so :func:`unpack` treats them
 as hostile: every length is checked against the bytes that remain before
 anything is sliced, and every failure is a :class:`idemrt.BitstreamError`.
 Nothing is allocated whose size comes from an unchecked field; the largest
@@ -15,6 +15,7 @@ import hashlib
 import math
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .errors import BitstreamError
 MAGIC = b"\x89IDMRT\r\n"
 VERSION = 1
 
-# Reader policy (keyword arguments of decode). 2**26 pixels is 8192x8192.
+# Reader policy (keyword arguments of unpack). 2**26 pixels is 8192x8192.
 DEFAULT_MAX_PIXELS = 1 << 26
 DEFAULT_MAX_STREAMS = 1024
 DEFAULT_MAX_STREAM_BYTES = 1 << 28
@@ -84,7 +85,7 @@ class Bitstream:
     extra: dict[str, int | str | bytes] = field(default_factory=dict)
 
 
-def encode(bs: Bitstream) -> bytes:
+def pack(bs: Bitstream) -> bytes:
     """Serialize ``bs``; raises BitstreamError if it cannot be represented or read back."""
     _validate(bs, max_pixels=None, max_streams=None, max_stream_bytes=None)
     name = bs.codec.encode("ascii")
@@ -108,7 +109,7 @@ def encode(bs: Bitstream) -> bytes:
     return payload + _CRC.pack(zlib.crc32(payload))
 
 
-def decode(
+def unpack(
     data: bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -133,6 +134,18 @@ def decode(
     return bs
 
 
+def encode(bs: Bitstream) -> bytes:
+    """Deprecated name of :func:`pack` (encode/decode now name what images go through)."""
+    warnings.warn("idemrt.bitstream.encode is deprecated: use pack", DeprecationWarning, stacklevel=2)
+    return pack(bs)
+
+
+def decode(data: bytes, **limits) -> Bitstream:
+    """Deprecated name of :func:`unpack`."""
+    warnings.warn("idemrt.bitstream.decode is deprecated: use unpack", DeprecationWarning, stacklevel=2)
+    return unpack(data, **limits)
+
+
 def parse(data, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Bitstream:
     """What a decoder is handed: an already decoded :class:`Bitstream` (returned as is) or the
     bytes of an ``.idm`` file (decoded and checked); anything else is a TypeError."""
@@ -140,7 +153,7 @@ def parse(data, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Bitstream:
         return data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"expected the bytes of an .idm bitstream, got {type(data).__name__}")
-    return decode(bytes(data), max_pixels=max_pixels)
+    return unpack(bytes(data), max_pixels=max_pixels)
 
 
 def check_codec(bs: Bitstream, name: str, quality: int | None, weights_hash: bytes) -> None:
@@ -161,7 +174,7 @@ def check_codec(bs: Bitstream, name: str, quality: int | None, weights_hash: byt
 def describe(bs: Bitstream) -> dict:
     """Summary for ``idemrt info``: identity, sizes, byte counts and rates."""
     payload = sum(len(s) for s in bs.streams)
-    total = len(encode(bs))
+    total = len(pack(bs))
     pixels = bs.height * bs.width
     return {
         "format_version": VERSION,

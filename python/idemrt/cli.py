@@ -56,7 +56,7 @@ def cmd_compress(args) -> int:
     x = load_image(args.input)
     data = Encoder(codec).encode(x)
     atomic_write_bytes(args.output, data, force=args.force, inputs=[args.input])
-    bs = bsfmt.decode(data)
+    bs = bsfmt.unpack(data)
     with torch.no_grad():
         x_mse = codec.decompress(bs.streams, bs.latent_shape)[..., : bs.height, : bs.width].cpu()
     info = bsfmt.describe(bs)
@@ -79,7 +79,7 @@ def cmd_decompress(args) -> int:
 
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
-    bs = bsfmt.decode(_read_bitstream(args.input))
+    bs = bsfmt.unpack(_read_bitstream(args.input))
     if bs.codec == "psc":
         from .psc.cli import decompress_cli
 
@@ -116,7 +116,7 @@ def cmd_decompress(args) -> int:
 def cmd_info(args) -> int:
     from . import bitstream as bsfmt
 
-    for key, value in bsfmt.describe(bsfmt.decode(_read_bitstream(args.input))).items():
+    for key, value in bsfmt.describe(bsfmt.unpack(_read_bitstream(args.input))).items():
         print(f"{key}: {value}")
     return 0
 

@@ -31,7 +31,7 @@ def add_sampling_options(parser, *, steps: str, scale, guidance_none: bool = Tru
                         help="respaced steps: 1000, 100, 'ddim200', or section counts '10,20'")
     parser.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
     parser.add_argument("--guidance", default="dps", choices=[*GUIDANCE, *(["none"] if guidance_none else [])])
-    parser.add_argument("--scale", type=float, default=scale, help="DPS step size zeta (default %(default)s)")
+    parser.add_argument("--scale", type=float, default=scale, help="DPS step size (default %(default)s)")
     parser.add_argument("--interval", type=int, default=1, help="DSG: guide every k-th step (default 1)")
     parser.add_argument("--seed", type=int, default=0)
 

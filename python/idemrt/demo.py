@@ -131,7 +131,7 @@ class Pipeline:
     def latent(self, data: bytes) -> torch.Tensor:
         from . import bitstream as bsfmt
 
-        bs = bsfmt.decode(data)
+        bs = bsfmt.unpack(data)
         with torch.no_grad():
             return self.decoder.codec.decompress_latent(bs.streams, bs.latent_shape).cpu()
 
@@ -140,7 +140,7 @@ class Pipeline:
         from . import bitstream as bsfmt
 
         data = self.encoder.encode(x)
-        bpp = bsfmt.describe(bsfmt.decode(data))["bpp"]
+        bpp = bsfmt.describe(bsfmt.unpack(data))["bpp"]
         x_mse = self.decoder.decode(data, mode="mse", output="tensor")
         t0 = time.perf_counter()
         x_perc = self.decoder.decode(data, seed=seed, mode="perceptual", output="tensor")

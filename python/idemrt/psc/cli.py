@@ -63,7 +63,7 @@ def compress_cli(args) -> int:
     except ValueError as exc:
         raise IdemrtError(str(exc)) from None
     atomic_write_bytes(args.output, data, force=args.force, inputs=[args.input])
-    info = bsfmt.describe(bsfmt.decode(data))
+    info = bsfmt.describe(bsfmt.unpack(data))
     print(f"{args.output}: {len(data)} bytes, {info['bpp']:.4f} bpp ({info['file_bpp']:.4f} with the header), "
           f"{info['width']}x{info['height']}, psc s={args.s} r={args.r} rounds={enc.last.rounds} "
           f"compute={enc.last.compute}; "

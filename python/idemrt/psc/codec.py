@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import bitstream as bsfmt
 from ..defaults import default_backend, dtype_name, resolve_device
+from ..deprecation import renamed_argument
 from ..errors import DecodeError
 from ..images import load_image, to_pil
 from ..progress import progress_bar
@@ -175,15 +176,16 @@ class Decoder:
     dtype), on this decoder's device, which must be of the encoder's device type. ``backend`` and
     ``dtype`` (as for :class:`Encoder`; default fast bf16 on CUDA, eager elsewhere),
     ``restoration_steps`` (default: the stream's sampler steps), ``restoration_seed``,
-    ``guidance_scale`` and ``eta`` shape the final restoration only, which need not match the
+    ``scale`` (the guided restoration's step; ``guidance_scale`` is its deprecated name) and ``eta``
+    shape the final restoration only, which need not match the
     encoder. ``max_measurements`` bounds the rows held in memory (reader policy).
     """
 
     def __init__(self, unet: torch.nn.Module, device=None, *, backend: str | None = None,
                  dtype: torch.dtype | None = None, restoration_steps: int | None = None,
-                 restoration_seed: int = 0, guidance_scale: float = 1.0, eta: float = 1.0,
+                 restoration_seed: int = 0, scale: float = 1.0, eta: float = 1.0,
                  max_measurements: int = stream.DEFAULT_MAX_MEASUREMENTS, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS,
-                 cache: bool = True, cache_dir=None, progress: bool = False):
+                 cache: bool = True, cache_dir=None, progress: bool = False, guidance_scale: float | None = None):
         self.device = resolve_device(device)
         self.compute = _compute(backend, dtype, self.device)  # the restoration's
         self.unet = unet.to(self.device).eval()
@@ -191,7 +193,7 @@ class Decoder:
         self.factor = _factor(self.unet)
         self.restoration_steps = restoration_steps
         self.restoration_seed = int(restoration_seed)
-        self.guidance_scale = float(guidance_scale)
+        self.scale = float(renamed_argument("guidance_scale", guidance_scale, "scale", scale))
         self.eta = float(eta)
         self.max_measurements = int(max_measurements)
         self.max_pixels = max_pixels
@@ -296,7 +298,7 @@ class Decoder:
         with deterministic():
             if restoration == "projected":
                 return projected_sample(den, h, y, shape, z)
-            return guided_sample(den, h, y, shape, z, scale=self.guidance_scale, eta=self.eta)
+            return guided_sample(den, h, y, shape, z, scale=self.scale, eta=self.eta)
 
 
 def truncate(data, rounds: int) -> bytes:

@@ -161,7 +161,7 @@ def pack(code: Code, entropy: str = "zlib") -> bytes:
         padded_height=code.padded_height, padded_width=code.padded_width,
         streams=[measurements, b"".join(code.hashes)], latent_shape=(), extra=extra,
     )
-    return bsfmt.encode(bs)
+    return bsfmt.pack(bs)
 
 
 def unpack(bs: bsfmt.Bitstream, *, factor: int | None, max_measurements: int = DEFAULT_MAX_MEASUREMENTS) -> Code:
