@@ -113,8 +113,12 @@ def test_y_operator_is_the_real_codecs_latent(setup):
     decoded = codec.decompress_latent(c.strings, c.shape)
     assert decoded.shape == y_hat.shape
     if name.startswith("elic"):
-        # compressai's bitstream path computes mu on a re-arranged tensor: same symbols, mu ~1e-6 apart.
-        assert (decoded - y_hat).abs().max() < 1e-4
+        # compressai's bitstream path computes mu on a re-arranged tensor, mu ~1e-6 apart: the same
+        # symbols, except that on some CPU a y - mu within ~1e-6 of a half-integer rounds the other
+        # way. Allow such one-level flips at a rate no systematic error would stay under.
+        diff = (decoded - y_hat).abs()
+        flips = (diff - 1).abs() < 1e-4
+        assert flips.float().mean() < 1e-3 and diff[~flips].max() < 1e-4
     else:
         assert torch.equal(decoded, y_hat)
     with torch.no_grad():

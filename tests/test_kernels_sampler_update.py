@@ -63,7 +63,7 @@ def _coefs(steps, like):
 
 
 def _expected_step(x, eps, v, grad, noise, steps, zeta=ZETA):
-    """x_{t-1} in float64 from the fact sheet; ``steps``/``zeta``: one value or one per sample."""
+    """x_{t-1} in float64 from docs/reference_code.md §2.2–§2.8; ``steps``/``zeta``: one value or one per sample."""
     c = _coefs(steps, x)
     steps = [steps] * x.shape[0] if isinstance(steps, int) else list(steps)
     zeta = [zeta] * x.shape[0] if isinstance(zeta, (int, float)) else list(zeta)
@@ -87,7 +87,7 @@ def _state(device, shape=(2, 3, 5, 7), seed=0):
 
 
 def test_the_kernels_read_the_samplers_table():
-    """COEFFICIENTS is the sampler's column order, and its table is the fact sheet's schedule in float32."""
+    """COEFFICIENTS is the sampler's column order, and its table is the schedule of docs/reference_code.md §2.2 in float32."""
     sampler = _sampler()
     assert su.COEFFICIENTS == DDPMSampler.columns == sampler.columns
     table = sampler.coefficients()
@@ -209,7 +209,9 @@ def test_predict_x0_value_mask_and_gradients(device, steps):
     dx_ref, deps_ref = torch.autograd.grad(x0_ref, (x64, e64), g.double())
     assert 0.1 < mask.float().mean() < 0.9, "the test must clamp some elements and keep others"
     assert mask.dtype == torch.bool
-    assert torch.equal(mask, (raw > -1) & (raw < 1))
+    # The float32 kernel's threshold against a float64 one: equal except within float32 error of ±1.
+    clear = ((raw.abs() - 1).abs() > 1e-6).detach()
+    assert torch.equal(mask[clear], ((raw > -1) & (raw < 1))[clear]) and clear.float().mean() > 0.99
     torch.testing.assert_close(x0.double(), x0_ref, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(deps.double(), deps_ref, rtol=1e-6, atol=1e-7)
