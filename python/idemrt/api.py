@@ -17,7 +17,7 @@ import torch
 from . import bitstream as bsfmt
 from .backends.base import StepSpec, create_backend
 from .defaults import default_backend, resolve_device
-from .diffusion import GUIDANCE, SAMPLERS, DDIMSampler, GuidedSampler, RetryPolicy, Schedule
+from .diffusion import GUIDANCE, SAMPLERS, DDIMSampler, GuidedSampler, RetryPolicy, Schedule, StepScheduler, sample_jobs
 from .errors import BitstreamError
 from .images import load_image, to_pil
 from .models.codec import diffusion_operator
@@ -116,10 +116,14 @@ class Decoder:
             return self._backend
 
     def guided_sampler(self) -> GuidedSampler:
-        """The sampling loop over this decoder's backend (what a decode service drives)."""
+        """Per-image sampling over this decoder's backend (what a decode service's scheduler drives)."""
         return GuidedSampler(self.backend, self.schedule.num_steps, device=self.device,
                              scale=getattr(self.guidance, "scale", None), retry=self.retry,
-                             noise_device=self.noise_device, check_every=self.check_every, progress=self.progress)
+                             noise_device=self.noise_device, check_every=self.check_every)
+
+    def scheduler(self, max_slots: int = 16, max_queue: int = 256) -> StepScheduler:
+        """A step scheduler (continuous batching) over this decoder: see :mod:`idemrt.diffusion.scheduler`."""
+        return StepScheduler(self.guided_sampler(), max_slots=max_slots, max_queue=max_queue)
 
     def step(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor, scale=None):
         """One guided step, a pure function: ``(x_prev, distance)`` with distance per sample (N,);
@@ -139,11 +143,15 @@ class Decoder:
         noise order: :class:`~idemrt.diffusion.GuidedSampler`."""
         if shape is None and self.constraint != "x":
             raise ValueError("shape is required with constraint='y'")
-        shape = (target.shape[0], *(shape or target.shape)[1:])
-        result = self.guided_sampler().sample(target.to(self.device), _seeds(seed, shape[0]), shape, x_T)
-        self.last.distance, self.last.retries, self.last.scales = result.distance.tolist(), result.retries, result.scales
-        self.last.steps = self.schedule.num_steps
-        return result.x, result.distance
+        n = target.shape[0]
+        one = (1, *(shape or target.shape)[1:])
+        target = target.to(self.device)
+        requests = [(target[k : k + 1], s, one, None if x_T is None else x_T[k : k + 1])
+                    for k, s in enumerate(_seeds(seed, n))]
+        results = sample_jobs(self.scheduler(n, n), requests, self.progress)
+        self.last.distance, self.last.retries = [r.distance for r in results], [r.retries for r in results]
+        self.last.scales, self.last.steps = [r.scale for r in results], self.schedule.num_steps
+        return torch.cat([r.x for r in results]), torch.tensor(self.last.distance)
 
     def decode(self, bitstream, seed=None, mode: str = "perceptual", output: str = "pil"):
         """Decode one bitstream. ``mode``: "perceptual" or "mse"; ``output``: "pil" or "tensor"."""
@@ -165,13 +173,12 @@ class Decoder:
         if mode == "mse":
             with torch.no_grad():
                 images = [self.codec.synthesis(y_hat).clamp_(0, 1) for y_hat in latents]
-        for (ph, pw), idx in (_by_padded_size(parsed) if mode == "perceptual" else {}).items():
-            target = self.target_from_latent(torch.cat([latents[k] for k in idx]))
-            result = self.guided_sampler().sample(target, [seeds[k] for k in idx], (len(idx), 3, ph, pw))
-            for j, k in enumerate(idx):
-                images[k] = ((result.x[j : j + 1] + 1) / 2).clamp_(0, 1)
-                stats.distance[k], stats.retries[k], stats.scales[k] = (
-                    float(result.distance[j]), result.retries[j], result.scales[j])
+        if mode == "perceptual":  # one scheduler: images of a size share steps, sizes take turns
+            requests = [(self.target_from_latent(y_hat), seed, (1, 3, bs.padded_height, bs.padded_width), None)
+                        for bs, y_hat, seed in zip(parsed, latents, seeds)]
+            for k, r in enumerate(sample_jobs(self.scheduler(n, n), requests, self.progress)):
+                images[k] = ((r.x + 1) / 2).clamp_(0, 1)
+                stats.distance[k], stats.retries[k], stats.scales[k] = r.distance, r.retries, r.scale
         t2 = time.perf_counter()
         images = [img[..., : bs.height, : bs.width].float().cpu() for bs, img in zip(parsed, images)]
         stats.timings = {"entropy_decode": t1 - t0, "sample": t2 - t1, "total": time.perf_counter() - t0}
@@ -194,14 +201,6 @@ def entropy_decode(codec, bs: bsfmt.Bitstream) -> torch.Tensor:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is a bad stream
         raise BitstreamError(f"entropy decoding failed: {exc}") from None
-
-
-def _by_padded_size(parsed: Sequence[bsfmt.Bitstream]) -> dict:
-    """Bitstream indices grouped by padded image size (each group samples as one batch)."""
-    groups: dict = {}
-    for k, bs in enumerate(parsed):
-        groups.setdefault((bs.padded_height, bs.padded_width), []).append(k)
-    return groups
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -1,12 +1,14 @@
 """Diffusion sampling: schedules, DDPM/DDIM steps, idempotence guidance (DPS, DSG), the guided
-step written once (:mod:`.step`) and the per-image sampling loop (:mod:`.guided_sampler`).
+step written once (:mod:`.step`), the per-image sampling state (:mod:`.guided_sampler`) and the
+step-level batching loop (:mod:`.scheduler`).
 
 Small stateless pieces in the style of diffusers' schedulers; the loop owns the random numbers.
 """
 from .guidance import DPS, DSG, GUIDANCE, RetryPolicy, distance
-from .guided_sampler import GuidedSampler, ImageState, SampleResult
+from .guided_sampler import GuidedSampler, ImageState
 from .samplers import DDIMSampler, DDPMSampler, Prediction, Sampler, x0_from_eps
 from .schedule import Schedule, linear_betas, space_timesteps
+from .scheduler import DeadlineExceeded, Job, JobResult, QueueFullError, StepScheduler, sample_jobs
 from .step import StepGradient, finish_step, guided_step, plain_step, step_gradient
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}  # by name, as Decoder(sampler=...) and the CLI take it
@@ -22,7 +24,12 @@ __all__ = [
     "Prediction",
     "RetryPolicy",
     "SAMPLERS",
-    "SampleResult",
+    "StepScheduler",
+    "QueueFullError",
+    "DeadlineExceeded",
+    "Job",
+    "JobResult",
+    "sample_jobs",
     "Sampler",
     "Schedule",
     "StepGradient",

@@ -4,8 +4,9 @@ Each image of a decode is an :class:`ImageState` — its x_t, its position in th
 schedule, its own generator, its constraint target, its DPS scale and its retries — so images
 need not move in lockstep: :meth:`GuidedSampler.advance` steps any list of compatible states
 (same shape and target shape) as one batch, each at its own step index, and images can join or
-leave between two calls. :meth:`GuidedSampler.sample` is the whole loop for a batch of targets;
-a decode service drives :meth:`start` / :meth:`advance` / :meth:`finish` itself.
+leave between two calls. The loop over them — which images share a step, when they join and
+leave — is :class:`~idemrt.diffusion.scheduler.StepScheduler`'s, for a single decode as for a
+service.
 
 Random numbers (documented order, so a decode is reproducible and the same alone, in a batch or
 joining a running batch late): each image owns one ``torch.Generator`` seeded with its seed, on
@@ -30,8 +31,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import DecodeError
-from ..progress import progress_bar
 from .guidance import RetryPolicy
 
 
@@ -65,14 +64,6 @@ class ImageState:
         return (tuple(self.x.shape), tuple(self.target.shape), self.x.device)
 
 
-@dataclass
-class SampleResult:
-    x: Tensor  # (N, C, H, W) in [-1, 1] (unclamped), float32
-    distance: Tensor  # (N,) of each image's last step
-    retries: list  # distance retries per image
-    scales: list  # the DPS scale of each image's final attempt (None without a scale)
-
-
 class GuidedSampler:
     """The loop over a backend's ``step(x_t, i, target, noise, scale) -> (x_prev, distance)``.
 
@@ -92,7 +83,6 @@ class GuidedSampler:
         self.scale = scale
         self.retry = retry
         self.check_every = max(1, int(check_every))
-        self.progress = progress
 
     # -- per-image state ----------------------------------------------------------------------
     def start(self, target: Tensor, seed: int, shape: Sequence[int], x_T: Optional[Tensor] = None) -> ImageState:
@@ -118,21 +108,30 @@ class GuidedSampler:
         return state.scale * self.retry.nan_factor ** state.nan_tries
 
     # -- one step of a batch --------------------------------------------------------------------
-    def advance(self, states: Sequence[ImageState]) -> None:
-        """One step for every running state (one batch; they must share :meth:`ImageState.key`)."""
+    def advance(self, states: Sequence[ImageState], pad_to: Optional[int] = None) -> None:
+        """One step for every running state (one batch; they must share :meth:`ImageState.key`).
+
+        ``pad_to``: run a batch of this many slots, the unused ones masked — filled with a copy
+        of the first image and zero noise, their results dropped (samples are independent, so
+        they change nothing) — so that a backend with captured graphs sees few batch sizes."""
         states = [s for s in states if s.running]
         if not states:
             return
         if len({s.key() for s in states}) != 1:
             raise ValueError("advance() batches states of one shape and target shape only")
-        shape = (len(states), *states[0].x.shape[1:])
-        x = torch.cat([s.x for s in states])
-        target = torch.cat([s.target for s in states])
+        n = len(states)
+        shape = (n, *states[0].x.shape[1:])
+        pad = max(0, (pad_to or n) - n)
+        x = torch.cat([s.x for s in states] + [states[0].x] * pad)
+        target = torch.cat([s.target for s in states] + [states[0].target] * pad)
         noise = self._noise(states, shape)
-        positions = [s.position for s in states]
+        positions = [s.position for s in states] + [states[0].position] * pad
+        scales = [self.step_scale(s) for s in states] + [self.step_scale(states[0])] * pad
+        if pad:
+            noise = torch.cat([noise, noise.new_zeros((pad, *shape[1:]))])
         i = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        scale = torch.tensor([self.step_scale(s) for s in states], device=self.device)
-        x, dist = self.backend.step(x, i, target, noise, scale)
+        x, dist = self.backend.step(x, i, target, noise, torch.tensor(scales, device=self.device))
+        positions = positions[:n]
         check = any(p % self.check_every == 0 for p in positions)
         finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(dist)).tolist() if check else None
         for k, s in enumerate(states):
@@ -171,38 +170,3 @@ class GuidedSampler:
             return True
         self._begin_attempt(state, tuple(state.x.shape))
         return False
-
-    # -- the whole loop -------------------------------------------------------------------------
-    def run(self, states: Sequence[ImageState]) -> None:
-        """Advance the states (one batch) until each is final; retries join as they restart."""
-        pending = list(states)
-        bar = progress_bar(self.num_steps, self.progress, "decoding", "step")
-        while pending:
-            self.advance(pending)
-            pending = [s for s in pending if s.running or not self.finish(s)]
-            if bar is not None:
-                bar.update(1)
-                if pending:
-                    bar.set_postfix(distance=f"{max(s.distance for s in states):.4g}", refresh=False)
-        if bar is not None:
-            bar.close()
-
-    def sample(self, target: Tensor, seeds: Sequence[int], shape: Sequence[int],
-               x_T: Optional[Tensor] = None) -> SampleResult:
-        """Sample one image per target row (``shape`` (N, C, H, W)); raises
-        :class:`~idemrt.DecodeError` if an image stays non-finite."""
-        n = target.shape[0]
-        if len(seeds) != n or shape[0] != n:
-            raise ValueError(f"{len(seeds)} seeds and shape {tuple(shape)} for {n} targets")
-        states = [self.start(target[k : k + 1], seeds[k], (1, *shape[1:]),
-                             None if x_T is None else x_T[k : k + 1]) for k in range(n)]
-        self.run(states)
-        failed = [f"image {k}: {s.error}" for k, s in enumerate(states) if s.error]
-        if failed:
-            raise DecodeError("; ".join(failed) + "; check the UNet checkpoint and preset, or lower --scale")
-        return SampleResult(
-            x=torch.cat([s.x for s in states]),
-            distance=torch.tensor([s.distance for s in states]),
-            retries=[s.retries for s in states],
-            scales=[self.step_scale(s) if self.scale is not None else None for s in states],
-        )
