@@ -24,6 +24,7 @@ from torch import nn
 
 from .onnx_export import (
     OPSET,
+    PROXIMAL_OUTPUTS,
     STEP_INPUTS,
     STEP_OUTPUTS,
     ExportedGraph,
@@ -90,8 +91,10 @@ class StepGraphs:
     def _key(self, kind: str, shapes: tuple) -> str:
         # The step graph takes the sampler's table rows: its layout (columns) is part of the graph.
         fields = [RECIPE_VERSION, OPSET, torch.__version__, kind, "dynamic" if self.dynamic_hw else shapes,
-                  self.spec.constraint, tuple(self.spec.sampler.columns) if kind == "step" else None,
+                  self.spec.constraint, tuple(self.spec.sampler.columns) if kind in ("step", "pir") else None,
                   self._weights_key()]
+        if kind == "pir":  # the proximal step bakes the guidance's constants into the graph
+            fields.append(repr(self.spec.guidance))
         return hashlib.sha256(repr(fields).encode()).hexdigest()[:32]
 
     def _get(self, kind: str, key: str, export, input_names, output_names) -> ExportedGraph:
@@ -114,14 +117,17 @@ class StepGraphs:
     def step_gradient(self, height: int, width: int, target_shape: Sequence[int]) -> ExportedGraph:
         """The step-gradient graph for images of ``height x width`` and targets (C, h, w)."""
         target_shape = tuple(int(s) for s in target_shape)
-        key = self._key("step", (height, width, target_shape))
+        proximal = getattr(self.spec.guidance, "proximal", False)  # PIR: its own step graph
+        kind = "pir" if proximal else "step"
+        key = self._key(kind, (height, width, target_shape))
 
         def export(path):
             export_step_gradient(_cpu(self.spec.unet), path, height, width, codec=_cpu(self.spec.codec),
                                  constraint=self.spec.constraint, sampler=self.spec.sampler.to("cpu"),
-                                 target_shape=target_shape, dynamic_hw=self.dynamic_hw)
+                                 target_shape=target_shape, dynamic_hw=self.dynamic_hw,
+                                 guidance=self.spec.guidance if proximal else None)
 
-        return self._get("step", key, export, STEP_INPUTS, STEP_OUTPUTS)
+        return self._get(kind, key, export, STEP_INPUTS, PROXIMAL_OUTPUTS if proximal else STEP_OUTPUTS)
 
     def unet(self, height: int, width: int) -> ExportedGraph:
         """The UNet forward graph (unguided steps)."""

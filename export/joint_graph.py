@@ -33,9 +33,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.overrides import TorchFunctionMode
 
-from idemrt.diffusion.step import step_gradient
+from idemrt.diffusion.step import proximal_x0, step_gradient
 
-__all__ = ["ExportableOps", "frozen", "step_gradient_fn", "trace"]
+__all__ = ["ExportableOps", "frozen", "proximal_fn", "step_gradient_fn", "trace"]
 
 aten = torch.ops.aten
 
@@ -203,3 +203,18 @@ def step_gradient_fn(unet: nn.Module, operator: Callable[[Tensor], Tensor], samp
         return g.model_out, g.dist, g.grad
 
     return step_gradient_graph
+
+
+def proximal_fn(unet: nn.Module, operator: Callable[[Tensor], Tensor], sampler, guidance):
+    """The proximal (PIR) step's network part as a function of plain tensors, for tracing:
+    :func:`idemrt.diffusion.step.proximal_x0` itself — one UNet forward, then the guidance's
+    fixed number of data steps, each a VJP through the operator only (no UNet backward is traced).
+
+    ``(x_t, t, target, rows) -> (model_out, x0 (x0' after the data step), dist (N,))``.
+    """
+
+    def proximal_graph(x_t: Tensor, t: Tensor, target: Tensor, rows: Tensor):
+        p = proximal_x0(unet, operator, sampler, guidance, x_t, t, rows, target)
+        return p.model_out, p.x0, p.dist
+
+    return proximal_graph

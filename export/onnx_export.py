@@ -14,7 +14,13 @@ synthesis       y_hat (N, M, h, w)                               x_hat (N, 3, 16
 analysis        x (N, 3, H, W) in [0, 1]                         y (N, M, H/16, W/16)
 unet            x_t (N, 3, H, W), t (N,) float original steps    model_out (N, 6, H, W)
 step_gradient   x_t, t, target, rows (N, K)                      model_out, dist (N,), grad
+  (PIR)         x_t, t, target, rows (N, K)                      model_out, x0, dist (N,)
 =============== ================================================ ==========================
+
+With proximal guidance (PIR) the step graph is :func:`idemrt.diffusion.step.proximal_x0` traced
+(:func:`joint_graph.proximal_fn`): a UNet forward, then the guidance's fixed number of data steps
+through the operator (its constants — iters, lam, jac_norm2, step_size, clip — are baked in);
+``x0`` is x0' and ``dist`` is ``||target - A(x0')||``.
 
 ``step_gradient`` is :func:`idemrt.diffusion.step.step_gradient` traced
 (:func:`joint_graph.step_gradient_fn`): ``rows`` are the sampler's coefficient-table rows of
@@ -39,10 +45,11 @@ from idemrt.diffusion import DDPMSampler, Schedule
 from idemrt.errors import BackendError
 from idemrt.models.codec import diffusion_operator as codec_operator  # A as every backend forms it
 
-from .joint_graph import step_gradient_fn, trace
+from .joint_graph import proximal_fn, step_gradient_fn, trace
 
 __all__ = [
     "OPSET",
+    "PROXIMAL_OUTPUTS",
     "STEP_INPUTS",
     "STEP_OUTPUTS",
     "ExportedGraph",
@@ -215,6 +222,7 @@ def export_unet(unet: nn.Module, path, height: int, width: int, *, dynamic_hw: b
 
 STEP_INPUTS = ("x_t", "t", "target", "rows")
 STEP_OUTPUTS = ("model_out", "dist", "grad")
+PROXIMAL_OUTPUTS = ("model_out", "x0", "dist")
 
 
 def default_sampler():
@@ -259,14 +267,15 @@ def interior_step_inputs(unet: nn.Module, batch: int, height: int, width: int,
 def export_step_gradient(unet: nn.Module, path, height: int, width: int, *, codec=None, constraint: str = "x",
                          operator: Callable[[Tensor], Tensor] | None = None, sampler=None,
                          target_shape: Sequence[int] | None = None, dynamic_hw: bool = False,
-                         domain: str | None = None) -> ExportedGraph:
+                         domain: str | None = None, guidance=None) -> ExportedGraph:
     """The guided step's gradient graph (see the module table).
 
     A is ``operator`` if given (e.g. a :class:`~idemrt.backends.base.StepSpec`'s),
     else :func:`codec_operator` (codec, constraint). ``sampler`` fixes the rows' layout (default
     :func:`default_sampler`). ``target_shape`` (C, h, w) defaults to A's output for one image.
     ``codec`` is also where the frozen codec weights come from. ``domain`` is the deprecated
-    name of ``constraint``.
+    name of ``constraint``. ``guidance``: a proximal guidance (PIR) exports its step instead
+    (outputs :data:`PROXIMAL_OUTPUTS`); others need no guidance here (their update is torch's).
     """
     constraint = renamed_argument("domain", domain, "constraint", constraint)
     _check_hw(height, width, dynamic_hw)
@@ -284,8 +293,12 @@ def export_step_gradient(unet: nn.Module, path, height: int, width: int, *, code
     inputs = step_gradient_inputs(_TRACE_BATCH, height, width, target_shape, sampler)
     image = _image_axes(dynamic_hw)
     dynamic = {"x_t": image, "t": {0: "batch"}, "target": image, "rows": {0: "batch"}}
-    return export_graph(step_gradient_fn(unet, operator, sampler), inputs, path, input_names=STEP_INPUTS,
-                        output_names=STEP_OUTPUTS, dynamic=dynamic, modules=[unet, *_codec_modules(codec)])
+    if getattr(guidance, "proximal", False):
+        fn, outputs = proximal_fn(unet, operator, sampler, guidance), PROXIMAL_OUTPUTS
+    else:
+        fn, outputs = step_gradient_fn(unet, operator, sampler), STEP_OUTPUTS
+    return export_graph(fn, inputs, path, input_names=STEP_INPUTS, output_names=outputs, dynamic=dynamic,
+                        modules=[unet, *_codec_modules(codec)])
 
 
 def max_relative_errors(got: Sequence, want: Sequence[Tensor], names: Sequence[str]) -> dict[str, float]:

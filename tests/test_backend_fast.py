@@ -27,7 +27,7 @@ import adm_reference as ref
 from idemrt.backends.base import StepSpec, create_backend
 from idemrt.backends.cuda_graphs import GraphSet
 from idemrt.backends.fast import FastBackend
-from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, Schedule
+from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, PIR, Schedule
 from idemrt.errors import BackendError
 from idemrt.models.codec import Codec
 from idemrt.models.unet import ADMUNet, ResBlock, UNetConfig
@@ -70,7 +70,7 @@ def x_operator(codec):
 def make_spec(unet, codec, sampler="ddpm", guidance="dps"):
     schedule = Schedule.create(1000, STEPS)
     s = DDPMSampler(schedule) if sampler == "ddpm" else DDIMSampler(schedule)
-    g = {"dps": DPS(0.6), "dsg": DSG(interval=2), None: None}[guidance]
+    g = {"dps": DPS(0.6), "dsg": DSG(interval=2), "pir": PIR(iters=2), None: None}[guidance]
     return StepSpec(unet=unet, operator=x_operator(codec) if g else None, codec=codec, constraint="x", sampler=s, guidance=g)
 
 
@@ -130,6 +130,7 @@ def test_bad_step_inputs(unet, codec):
     ("ddpm", "dps", (9, 0)),
     ("ddim", "dsg", (5, 4)),  # interval 2: a guided and an unguided step
     ("ddpm", None, (3,)),
+    ("ddim", "pir", (7, 0)),  # no UNet backward: forward + codec-only data steps
 ])
 def test_float32_equals_eager(unet, codec, sampler, guidance, steps):
     spec = make_spec(unet, codec, sampler, guidance)
@@ -302,7 +303,7 @@ class _RecordingGraphs:
         return len(self.captured)
 
 
-@pytest.mark.parametrize("sampler,guidance", [("ddpm", "dps"), ("ddim", "dsg")])
+@pytest.mark.parametrize("sampler,guidance", [("ddpm", "dps"), ("ddim", "dsg"), ("ddpm", "pir")])
 def test_one_capture_serves_mixed_steps_and_retry_scales(unet, codec, sampler, guidance):
     """Step indices and DPS scales are graph inputs: int steps, mixed-step batches and new scales
     replay one guided graph (DSG adds the unguided one, for batches all off its interval), and the
@@ -406,7 +407,7 @@ def test_gpu_graph_replay_equals_uncaptured_step(unet, codec, exact_fp32, dtype,
 @pytest.mark.gpu
 @gpu
 def test_gpu_float32_graph_equals_eager(unet, codec, exact_fp32):
-    for sampler, guidance in (("ddpm", "dps"), ("ddim", "dsg"), ("ddpm", None)):
+    for sampler, guidance in (("ddpm", "dps"), ("ddim", "dsg"), ("ddpm", None), ("ddpm", "pir")):
         spec, x, noise, target = _gpu_case(unet, codec, sampler, guidance)
         eager = create_backend("eager", spec, device=torch.device("cuda"))
         fast = FastBackend(spec, device="cuda", dtype=torch.float32)

@@ -12,6 +12,7 @@ from .errors import (
     DecodeError,
     IdemrtError,
     ImageError,
+    TooLargeError,
 )
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "DecodeError",
     "IdemrtError",
     "ImageError",
+    "TooLargeError",
     *(name for names in _LAZY.values() for name in names),
 ]
 

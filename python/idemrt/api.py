@@ -17,10 +17,13 @@ import torch
 from . import bitstream as bsfmt
 from .backends.base import StepSpec, create_backend
 from .defaults import default_backend, resolve_device
-from .diffusion import GUIDANCE, SAMPLERS, DDIMSampler, GuidedSampler, RetryPolicy, Schedule, StepScheduler, sample_jobs
+from .diffusion import SAMPLERS, GuidedSampler, RetryPolicy, Schedule, StepScheduler, make_guidance, sample_jobs
+from .diffusion.samplers import make_sampler
 from .errors import BitstreamError
+from .exact import exact_idempotence
 from .images import load_image, to_pil
 from .models.codec import diffusion_operator
+from .speeds import resolve_speed
 
 __all__ = ["Decoder", "DecodeStats", "Encoder", "entropy_decode", "read_bitstream"]
 
@@ -54,45 +57,54 @@ class DecodeStats:
     retries: list = field(default_factory=list)  # distance retries used per image
     scales: list = field(default_factory=list)  # DPS scale of each image's final attempt
     timings: dict = field(default_factory=dict)  # seconds: entropy_decode, sample, total
-    steps: int = 0
+    steps: int = 0  # network evaluations per image (the steps run: fewer than the schedule's with a warm start)
+    exact: list = field(default_factory=list)  # with exact=True: per image {"before", "after", "steps"}
+
+    @classmethod
+    def for_images(cls, n: int) -> DecodeStats:
+        return cls(distance=[0.0] * n, retries=[0] * n, scales=[None] * n)
 
 
 class Decoder:
     """Decode ``.idm`` bitstreams to the MSE image or to a perceptual image.
 
-    The perceptual decode samples the UNet's diffusion process under the idempotence constraint:
-    each step's x0 prediction, re-encoded, must reproduce the received code (``constraint="x"``:
-    ||2·g_s(round(g_a(x0)))-1 - (2·g_s(y_hat)-1)|| in [-1, 1] units, target unclamped as in the
-    reference; ``"y"``: ||round(g_a(x0)) - y_hat||). ``sampler`` / ``guidance``: names in
-    :data:`idemrt.diffusion.SAMPLERS` / ``GUIDANCE`` ("none": unguided); ``scale`` is DPS's step,
-    ``interval`` DSG's, ``eta`` DDIM's."""
+    The perceptual decode samples the UNet's diffusion process under the idempotence constraint
+    (``constraint="x"``: ||2·g_s(round(g_a(x0)))-1 - (2·g_s(y_hat)-1)||, target unclamped as in the
+    reference; ``"y"``: ||round(g_a(x0)) - y_hat||). ``speed``: a preset of :data:`idemrt.speeds.SPEEDS`
+    (default "paper": DPS, 1000 steps) that ``steps``, ``sampler``, ``guidance`` (:data:`SAMPLERS`,
+    ``GUIDANCE`` or "none"), ``scale`` (DPS's), ``start`` (warm start from the MSE decode at t0 =
+    round(start·1000); 1: pure noise) and ``guidance_options`` (e.g. PIR's iters, lam, zeta) override;
+    ``interval``: DSG's, ``eta``: DDIM's. ``exact``: refine each image until it re-encodes to the
+    received latent (:mod:`idemrt.exact`; ``last.exact``)."""
 
-    def __init__(self, codec, unet=None, steps: int | str = 1000, sampler: str = "ddpm", guidance: str = "dps",
-                 scale: Optional[float] = None, constraint: str = "x", device=None, dtype: Optional[torch.dtype] = None,
-                 backend: Optional[str] = None, *, backend_options: Optional[dict] = None, noise_device=None,
-                 eta: float = 1.0, interval: int = 1, max_retries: int = 0, retry_threshold: float = 20.0,
-                 nan_retries: int = 1, check_every: int = 10, progress: bool = False,
-                 max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS):
-        _check_choice("sampler", sampler, SAMPLERS)
-        _check_choice("guidance", guidance, [*GUIDANCE, "none"])
+    def __init__(self, codec, unet=None, steps: int | str | None = None, sampler: Optional[str] = None,
+                 guidance: Optional[str] = None, scale: Optional[float] = None, constraint: str = "x", device=None,
+                 dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, *, speed: Optional[str] = None,
+                 start: Optional[float] = None, exact: Optional[bool] = None, guidance_options: Optional[dict] = None,
+                 backend_options: Optional[dict] = None, noise_device=None, eta: float = 1.0, interval: int = 1,
+                 max_retries: int = 0, retry_threshold: float = 20.0, nan_retries: int = 1, check_every: int = 10,
+                 progress: bool = False, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS):
+        cfg = resolve_speed(speed, steps=steps, sampler=sampler, guidance=guidance, scale=scale, start=start,
+                            guidance_options=guidance_options, exact=exact)
+        _check_choice("sampler", cfg["sampler"], SAMPLERS)
         _check_choice("constraint", constraint, ("x", "y"))
+        self.speed, self.start, self.exact, self.constraint = cfg["speed"], cfg["start"], bool(cfg["exact"]), constraint
         self.device = resolve_device(device)
         self.codec = codec.to(self.device)
         self.unet = unet.to(self.device) if unet is not None else None  # None: MSE decodes only
-        self.constraint = constraint
         self.operator = diffusion_operator(self.codec, constraint)  # A(x0) in the target's units
-        self.schedule = Schedule.create(steps=1000, respacing=steps)
-        kind = SAMPLERS[sampler]
-        self.sampler = (kind(self.schedule, eta=eta) if kind is DDIMSampler else kind(self.schedule)).to(self.device)
-        options = {"dps": {"scale": 0.6 if scale is None else scale}, "dsg": {"interval": interval}}
-        self.guidance = GUIDANCE[guidance](**options[guidance]) if guidance != "none" else None
+        self.schedule = Schedule.create(steps=1000, respacing=cfg["steps"])
+        self.warm_start = self.schedule.warm_start(cfg["start"])
+        # Network evaluations of one image (a warm start skips the steps above t0).
+        self.steps_run = self.schedule.num_steps if self.warm_start is None else self.warm_start.position + 1
+        self.sampler = make_sampler(cfg["sampler"], self.schedule, eta=eta).to(self.device)
+        self.guidance = make_guidance(cfg["guidance"], scale=cfg["scale"], interval=interval,
+                                      options=cfg["guidance_options"])
         self.retry = RetryPolicy(threshold=retry_threshold, max_retries=max_retries, nan_retries=nan_retries)
         self.check_every, self.progress, self.max_pixels = check_every, progress, max_pixels
         self.backend_name, self.backend_options = default_backend(self.device, backend), dict(backend_options or {})
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
-        self.dtype, self._backend = dtype, None
-        self._lock = threading.Lock()
-        self._local = threading.local()
+        self.dtype, self._backend, self._lock, self._local = dtype, None, threading.Lock(), threading.local()
 
     @property
     def last(self) -> DecodeStats:
@@ -108,18 +120,15 @@ class Decoder:
             raise ValueError("this Decoder has no UNet: only mode='mse' decodes are possible")
         with self._lock:
             if self._backend is None:
-                spec = StepSpec(unet=self.unet, operator=self.operator if self.guidance is not None else None,
-                                codec=self.codec, constraint=self.constraint, sampler=self.sampler,
-                                guidance=self.guidance)
-                self._backend = create_backend(self.backend_name, spec, device=self.device, dtype=self.dtype,
-                                               **self.backend_options)
+                self._backend = _create_backend(self)
             return self._backend
 
     def guided_sampler(self) -> GuidedSampler:
         """Per-image sampling over this decoder's backend (what a decode service's scheduler drives)."""
         return GuidedSampler(self.backend, self.schedule.num_steps, device=self.device,
                              scale=getattr(self.guidance, "scale", None), retry=self.retry,
-                             noise_device=self.noise_device, check_every=self.check_every)
+                             noise_device=self.noise_device, check_every=self.check_every,
+                             warm_start=self.warm_start)
 
     def scheduler(self, max_slots: int = 16, max_queue: int = 256) -> StepScheduler:
         """A step scheduler (continuous batching) over this decoder: see :mod:`idemrt.diffusion.scheduler`."""
@@ -130,10 +139,16 @@ class Decoder:
         ``i`` an int or one per sample, ``scale`` None or the (N,) DPS scales."""
         return self.backend.step(x_t, i, target, noise, scale)
 
-    def target_from_latent(self, y_hat: torch.Tensor) -> torch.Tensor:
+    def target_from_latent(self, y_hat: torch.Tensor, constraint: Optional[str] = None) -> torch.Tensor:
         """The constraint target the reference forms: unclamped 2·g_s(y_hat) - 1, or y_hat itself."""
         with torch.no_grad():
-            return 2 * self.codec.synthesis(y_hat) - 1 if self.constraint == "x" else y_hat
+            return 2 * self.codec.synthesis(y_hat) - 1 if (constraint or self.constraint) == "x" else y_hat
+
+    def warm_from_target(self, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """The warm start's x_mse in [-1, 1] (2·g_s(y_hat) - 1, clamped) from a target; None without one."""
+        if self.warm_start is None:
+            return None
+        return (target if self.constraint == "x" else self.target_from_latent(target, "x")).clamp(-1, 1)
 
     def sample(self, target: torch.Tensor, seed=None, x_T: Optional[torch.Tensor] = None, shape=None):
         """Run the guided sampler for a batch of targets: ``(x, distance)``, x in [-1, 1] fp32.
@@ -143,15 +158,11 @@ class Decoder:
         noise order: :class:`~idemrt.diffusion.GuidedSampler`."""
         if shape is None and self.constraint != "x":
             raise ValueError("shape is required with constraint='y'")
-        n = target.shape[0]
-        one = (1, *(shape or target.shape)[1:])
-        target = target.to(self.device)
-        requests = [(target[k : k + 1], s, one, None if x_T is None else x_T[k : k + 1])
-                    for k, s in enumerate(_seeds(seed, n))]
-        results = sample_jobs(self.scheduler(n, n), requests, self.progress)
-        self.last.distance, self.last.retries = [r.distance for r in results], [r.retries for r in results]
-        self.last.scales, self.last.steps = [r.scale for r in results], self.schedule.num_steps
-        return torch.cat([r.x for r in results]), torch.tensor(self.last.distance)
+        target, n = target.to(self.device), target.shape[0]
+        stats = self._local.stats = DecodeStats.for_images(n)
+        xs = _sample(self, list(target.split(1)), _seeds(seed, n), [(1, *(shape or target.shape)[1:])] * n,
+                     [None] * n if x_T is None else list(x_T.split(1)), stats)
+        return torch.cat(xs), torch.tensor(stats.distance)
 
     def decode(self, bitstream, seed=None, mode: str = "perceptual", output: str = "pil"):
         """Decode one bitstream. ``mode``: "perceptual" or "mse"; ``output``: "pil" or "tensor"."""
@@ -166,23 +177,45 @@ class Decoder:
         seeds = _seeds(seeds, len(parsed))
         latents = [entropy_decode(self.codec, bs) for bs in parsed]
         t1 = time.perf_counter()
-        n = len(parsed)
-        stats = self._local.stats = DecodeStats(distance=[0.0] * n, retries=[0] * n, scales=[None] * n,
-                                                steps=self.schedule.num_steps if mode == "perceptual" else 0)
-        images: list = [None] * n
-        if mode == "mse":
-            with torch.no_grad():
-                images = [self.codec.synthesis(y_hat).clamp_(0, 1) for y_hat in latents]
-        if mode == "perceptual":  # one scheduler: images of a size share steps, sizes take turns
-            requests = [(self.target_from_latent(y_hat), seed, (1, 3, bs.padded_height, bs.padded_width), None)
-                        for bs, y_hat, seed in zip(parsed, latents, seeds)]
-            for k, r in enumerate(sample_jobs(self.scheduler(n, n), requests, self.progress)):
-                images[k] = ((r.x + 1) / 2).clamp_(0, 1)
-                stats.distance[k], stats.retries[k], stats.scales[k] = r.distance, r.retries, r.scale
+        stats = self._local.stats = DecodeStats.for_images(len(parsed))
+        images = (_decode_perceptual(self, parsed, latents, seeds, stats) if mode == "perceptual"
+                  else [self.codec.synthesis(y_hat).clamp_(0, 1) for y_hat in latents])  # frozen codec: no graph
         t2 = time.perf_counter()
         images = [img[..., : bs.height, : bs.width].float().cpu() for bs, img in zip(parsed, images)]
         stats.timings = {"entropy_decode": t1 - t0, "sample": t2 - t1, "total": time.perf_counter() - t0}
         return [to_pil(img) if output == "pil" else img for img in images]
+
+
+def _create_backend(decoder: Decoder):
+    spec = StepSpec(unet=decoder.unet, operator=decoder.operator if decoder.guidance is not None else None,
+                    codec=decoder.codec, constraint=decoder.constraint, sampler=decoder.sampler,
+                    guidance=decoder.guidance)
+    return create_backend(decoder.backend_name, spec, device=decoder.device, dtype=decoder.dtype,
+                          **decoder.backend_options)
+
+
+def _sample(decoder: Decoder, targets: list, seeds: list, shapes: list, x_Ts: list, stats: DecodeStats) -> list:
+    """Samples (1, C, H, W) in [-1, 1] of one target each, through one scheduler (images of a size
+    share steps, sizes take turns); ``stats`` filled."""
+    requests = [(t, s, shape, x_T, decoder.warm_from_target(t))
+                for t, s, shape, x_T in zip(targets, seeds, shapes, x_Ts)]
+    results = sample_jobs(decoder.scheduler(len(requests), len(requests)), requests, decoder.progress)
+    stats.distance, stats.retries = [r.distance for r in results], [r.retries for r in results]
+    stats.scales, stats.steps = [r.scale for r in results], decoder.steps_run
+    return [r.x for r in results]
+
+
+def _decode_perceptual(decoder: Decoder, parsed, latents, seeds, stats: DecodeStats) -> list:
+    """The perceptual images (padded size, in [0, 1]) of entropy-decoded latents, ``stats`` filled."""
+    targets = [decoder.target_from_latent(y_hat) for y_hat in latents]
+    shapes = [(1, 3, bs.padded_height, bs.padded_width) for bs in parsed]
+    xs = _sample(decoder, targets, seeds, shapes, [None] * len(parsed), stats)
+    images = [((x + 1) / 2).clamp_(0, 1) for x in xs]
+    if decoder.exact:
+        refined = [exact_idempotence(decoder.codec, img, y_hat) for img, y_hat in zip(images, latents)]
+        images = [r.x for r in refined]
+        stats.exact = [{"before": r.before, "after": r.after, "steps": r.steps} for r in refined]
+    return images
 
 
 def read_bitstream(codec, data, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS) -> bsfmt.Bitstream:

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import BitstreamError
+from .errors import BitstreamError, BitstreamTooLargeError
 
 MAGIC = b"\x89IDMRT\r\n"
 VERSION = 1
@@ -380,7 +380,7 @@ def _validate_size(bs: Bitstream, max_pixels) -> None:
         raise BitstreamError(f"implausible sizes: padding {h}x{w} to {ph}x{pw} adds {MAX_PAD} or more "
                              f"pixels to a side (forged or corrupt header)")
     if max_pixels is not None and ph * pw > max_pixels:
-        raise BitstreamError(
+        raise BitstreamTooLargeError(
             f"image {h}x{w} (padded {ph}x{pw} = {ph * pw} pixels) is larger than max_pixels={max_pixels}; "
             f"if you trust this file, decode with a larger max_pixels"
         )

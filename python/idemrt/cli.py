@@ -77,6 +77,10 @@ def cmd_decompress(args) -> int:
     from .fileio import check_output_path
     from .images import mse255, psnr, save_image
 
+    if args.server:
+        from .serve.cli import decompress_from_server
+
+        return decompress_from_server(args)
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
     bs = bsfmt.unpack(_read_bitstream(args.input))
@@ -95,7 +99,7 @@ def cmd_decompress(args) -> int:
     decoder = Decoder(codec, unet, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scale=args.scale,
                       interval=args.interval, constraint=args.constraint, device=args.device,
                       dtype=dtype_from_name(args.dtype), backend=args.backend, max_retries=args.max_retries,
-                      progress=not args.quiet)
+                      progress=not args.quiet, speed=args.speed, start=args.start, exact=args.exact)
     img = decoder.decode(bs, seed=args.seed, mode="mse" if args.mse else "perceptual", output="tensor")
     stats = decoder.last
     save_image(img, args.output, force=args.force, inputs=[args.input])
@@ -155,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_unet_options(d)
     d.add_argument("--codec-checkpoint", help="the codec checkpoint the file was made with")
     d.add_argument("--pretrained-codec", action="store_true", help="use compressai's pretrained codec")
-    add_sampling_options(d, steps="1000", scale=None)
+    add_sampling_options(d, steps=None, scale=None, speed=True)  # also --speed, --start, --exact
+    d.add_argument("--server", default=None, metavar="URL",
+                   help="decode on an idemrt service (idemrt serve) instead of locally: no models needed here")
     d.add_argument("--constraint", default="x", choices=["x", "y"])
     d.add_argument("--max-retries", type=int, default=0)
     d.add_argument("--device", default=None)
@@ -183,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.cli import add_export_subparser
 
     add_export_subparser(sub)
+    from .serve.cli import add_serve_subparser
+
+    add_serve_subparser(sub)
     return p
 
 

@@ -5,6 +5,8 @@ new entry shows up on every command at once.
 """
 from __future__ import annotations
 
+import argparse
+
 from .defaults import DTYPE_CHOICES
 from .models.unet_config import PRESETS
 
@@ -12,6 +14,17 @@ from .models.unet_config import PRESETS
 def steps_value(text: str):
     """``--steps`` as the Decoder takes it: an int count, or a respacing string ("ddim50", "10,20")."""
     return int(text) if isinstance(text, str) and text.isdigit() else text
+
+
+def start_value(text: str) -> float:
+    """``--start``: a number in (0, 1] (a usage error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
 
 
 def add_unet_options(parser, *, unet_help: str = "ADM UNet checkpoint (guided-diffusion .pt)") -> None:
@@ -23,17 +36,29 @@ def add_dtype_option(parser, help: str) -> None:
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=help)
 
 
-def add_sampling_options(parser, *, steps: str, scale, guidance_none: bool = True) -> None:
-    """--steps, --sampler, --guidance, --scale, --interval and --seed of a perceptual decode."""
+def add_sampling_options(parser, *, steps: str | None, scale, guidance_none: bool = True, speed: bool = False) -> None:
+    """--steps, --sampler, --guidance, --scale, --interval and --seed of a perceptual decode; with
+    ``speed``, also --speed, --start and --exact, and the sampling options default to the preset's."""
     from .diffusion import GUIDANCE, SAMPLERS
 
+    preset = " (default: the --speed preset's)" if speed else ""
     parser.add_argument("--steps", type=steps_value, default=steps_value(steps),
-                        help="respaced steps: 1000, 100, 'ddim200', or section counts '10,20'")
-    parser.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
-    parser.add_argument("--guidance", default="dps", choices=[*GUIDANCE, *(["none"] if guidance_none else [])])
+                        help="respaced steps: 1000, 100, 'ddim200', or section counts '10,20'" + preset)
+    parser.add_argument("--sampler", default=None if speed else "ddpm", choices=sorted(SAMPLERS), help=preset or None)
+    parser.add_argument("--guidance", default=None if speed else "dps",
+                        choices=[*GUIDANCE, *(["none"] if guidance_none else [])], help=preset or None)
     parser.add_argument("--scale", type=float, default=scale, help="DPS step size (default %(default)s)")
     parser.add_argument("--interval", type=int, default=1, help="DSG: guide every k-th step (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    if speed:
+        from .speeds import DEFAULT_SPEED, SPEEDS
+
+        parser.add_argument("--speed", default=None, choices=sorted(SPEEDS),
+                            help=f"a measured preset (docs/fast_modes.md; default {DEFAULT_SPEED}: DPS, 1000 steps)")
+        parser.add_argument("--start", type=start_value, default=None,
+                            help="warm start from the MSE decode at t0 = start*1000, start in (0, 1]")
+        parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+                            help="refine the decode until it re-encodes to the received symbols")
 
 
 def add_backend_option(parser) -> None:

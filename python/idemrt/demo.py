@@ -121,12 +121,13 @@ def as_8bit(x: torch.Tensor) -> torch.Tensor:
 class Pipeline:
     """An Encoder and a Decoder, plus the re-compression measurements of one decode."""
 
-    def __init__(self, codec, unet, *, steps, sampler, guidance, scale, device, progress, interval: int = 1):
+    def __init__(self, codec, unet, *, steps, sampler, guidance, scale, device, progress, interval: int = 1,
+                 speed=None):
         from .api import Decoder, Encoder
 
         self.encoder = Encoder(codec)
         self.decoder = Decoder(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale,
-                               interval=interval, device=device, progress=progress)
+                               interval=interval, device=device, progress=progress, speed=speed)
 
     def latent(self, data: bytes) -> torch.Tensor:
         from . import bitstream as bsfmt
@@ -191,8 +192,12 @@ def side_by_side(panels, labels, scale: int = 3):
 
 
 def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "ddpm", scale: float = DEMO_SCALE,
-             image: str = "chelsea", size: int = DEMO_SIZE, device="cpu", progress: bool = True) -> dict:
+             image: str = "chelsea", size: int = DEMO_SIZE, device="cpu", progress: bool = True,
+             speed: str | None = None) -> dict:
     """Compress a held-out photograph with the demo codec, decode it both ways, write a PNG.
+
+    ``speed``: a preset of :data:`idemrt.speeds.SPEEDS` (it then sets the steps, sampler, guidance
+    and scale); None: the demo's own configuration (``steps``, ``sampler``, DPS ``scale``).
 
     Writes ``out_dir/idemrt_demo.png`` (original | MSE decode | perceptual decode | MSE decode of the
     re-compressed perceptual image), atomically, replacing an older one. Prints and returns the facts.
@@ -201,8 +206,11 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
 
     t0 = time.perf_counter()
     x = demo_image(image, size)
+    if speed is not None:
+        steps = sampler = scale = None  # the preset's
     pipe = Pipeline(load_demo_codec(device), load_demo_unet(device), steps=steps, sampler=sampler,
-                    guidance="dps", scale=scale, device=device, progress=progress)
+                    guidance=None if speed else "dps", scale=scale, device=device, progress=progress, speed=speed)
+    preset = describe_preset(pipe.decoder, speed)
     res = pipe.run(x, seed)
     ims = res["images"]
     png = Path(out_dir) / DEMO_PNG
@@ -226,6 +234,7 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
         "symbols_equal": res["perc"]["symbols_equal"],
         "steps": steps,
         "sampler": sampler,
+        "preset": preset,
         "seconds": time.perf_counter() - t0,
         "png": str(png),
     }
@@ -233,13 +242,24 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
         f"{png}: {image} {facts['size']}, {facts['bpp']:.3f} bpp\n"
         f"  MSE decode:        PSNR {facts['mse_psnr']:.2f} dB, sharpness {facts['mse_sharpness']:.2f} x original\n"
         f"  perceptual decode: PSNR {facts['perceptual_psnr']:.2f} dB, sharpness "
-        f"{facts['perceptual_sharpness']:.2f} x original ({sampler} {steps} steps, DPS scale {scale}, seed {seed})\n"
+        f"{facts['perceptual_sharpness']:.2f} x original ({preset}, seed {seed})\n"
         f"  idempotence: re-compressing the perceptual decode gives MSE {facts['recompress_mse']:.2f} "
         f"(PSNR {facts['recompress_psnr']:.2f} dB) to the MSE decode, vs the codec's own MSE "
         f"{facts['codec_mse']:.2f}; {100 * facts['symbols_equal']:.1f}% of latent symbols equal\n"
         f"  time {facts['seconds']:.1f} s"
     )
     return facts
+
+
+def describe_preset(decoder, speed) -> str:
+    """What the demo decoded with: the speed preset's name (or "demo defaults") and its settings."""
+    g = decoder.guidance
+    guide = f"DPS scale {g.scale:g}" if getattr(g, "name", None) == "dps" else getattr(g, "name", "none")
+    warm = f", warm start {decoder.start:g}" if decoder.warm_start is not None else ""
+    exact = ", exact" if decoder.exact else ""
+    name = f"speed preset '{speed}'" if speed else "demo defaults, no speed preset"
+    return (f"{name}: {type(decoder.sampler).__name__[:4].lower()} {decoder.schedule.num_steps} steps, {guide}{warm}{exact}, "
+            f"{decoder.steps_run} UNet evaluations")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,7 +432,7 @@ def plot_rd(rows, mean, png: Path, *, force: bool) -> None:
 
 def cmd_demo(args) -> int:
     run_demo(args.out_dir, seed=args.seed, steps=args.steps, sampler=args.sampler, scale=args.scale,
-             image=args.image, size=args.size, device=args.device, progress=not args.quiet)
+             image=args.image, size=args.size, device=args.device, progress=not args.quiet, speed=args.speed)
     return 0
 
 
@@ -443,6 +463,7 @@ def add_subparsers(subparsers) -> None:
     """Add ``demo`` and ``eval`` to the ``idemrt`` command line (``subparsers`` of build_parser)."""
     from .cli_options import add_sampling_options, add_unet_options, steps_value
     from .diffusion import SAMPLERS
+    from .speeds import SPEEDS
 
     d = subparsers.add_parser("demo", help="compress and decode a photograph with the bundled demo models")
     d.add_argument("--out-dir", default=".", help=f"where {DEMO_PNG} is written (replaced if present)")
@@ -452,6 +473,8 @@ def add_subparsers(subparsers) -> None:
     d.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
     d.add_argument("--scale", type=float, default=DEMO_SCALE, help="DPS step size")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--speed", default=None, choices=sorted(SPEEDS),
+                   help="decode with a speed preset instead (docs/fast_modes.md)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)

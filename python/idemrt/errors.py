@@ -17,6 +17,18 @@ class ImageError(IdemrtError):
     """An input image cannot be read or converted."""
 
 
+class TooLargeError(IdemrtError):
+    """An input is over a configured size limit (pixels, bytes): not malformed, refused by policy."""
+
+
+class BitstreamTooLargeError(BitstreamError, TooLargeError):
+    """A well-formed bitstream whose image is larger than the reader's ``max_pixels``."""
+
+
+class ImageTooLargeError(ImageError, TooLargeError):
+    """An image with more pixels than ``max_pixels``."""
+
+
 class DecodeError(IdemrtError):
     """Decoding failed (non-finite values, diverged encoder/decoder state)."""
 

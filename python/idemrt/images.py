@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from .bitstream import DEFAULT_MAX_PIXELS, MAGIC as _IDM_MAGIC
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError
 from .fileio import atomic_writer
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
@@ -229,7 +229,7 @@ def _check_pixels(width: int, height: int, max_pixels: int, label: str) -> None:
     if width < 1 or height < 1:
         raise ImageError(f"{label} is empty ({height}x{width})")
     if width * height > max_pixels:
-        raise ImageError(f"{label} is {height}x{width} = {width * height} pixels, more than "
+        raise ImageTooLargeError(f"{label} is {height}x{width} = {width * height} pixels, more than "
                          f"max_pixels={max_pixels}; downscale it or raise max_pixels")
 
 

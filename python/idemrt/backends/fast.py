@@ -12,7 +12,8 @@ with its own model and operator functions):
   (default: ``dtype``), which leaves the codec shared with the Decoder untouched. x_t, the x0
   formula, the clamp, the distance and the update stay fp32.
 * **One CUDA graph per step kind and batch shape.** UNet forward, the vector-Jacobian product
-  through the operator and the UNet and the sampler update are captured together
+  through the operator and the UNet and the sampler update are captured together (with PIR
+  guidance: the UNet forward, the fixed number of codec-only data steps and the update)
   (:mod:`.cuda_graphs`). The per-sample step indices and DPS scales are graph *inputs* copied
   into static buffers, so one capture serves every step, every mix of steps in a batch and
   every retry scale. Steps that the guidance skips for every sample (DSG off-interval) replay
@@ -43,7 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..diffusion.step import finish_step, plain_step, step_gradient
+from ..diffusion.step import finish_step, plain_step, proximal_step, step_gradient
 from ..errors import BackendError
 from .base import StepSpec, check_step_inputs, register
 from .cuda_graphs import GraphSet, cudnn_autotune, on_device
@@ -122,6 +123,9 @@ class FastBackend:
         if self._fused is not None:
             return self._fused_step(x_t, target, noise, i, scale)
         sampler = self.sampler
+        if getattr(self.spec.guidance, "proximal", False):  # PIR: UNet forward + codec-only data step
+            return proximal_step(self.model_output, self.apply_operator, sampler, self.spec.guidance, x_t, i,
+                                 target, noise)
         rows = sampler.rows(i)
         g = step_gradient(self.model_output, self.apply_operator, sampler, x_t,
                           sampler.model_timesteps(i, x_t.shape[0]), rows, target)

@@ -8,6 +8,8 @@ is :func:`idemrt.diffusion.step.finish_step`, as on every backend::
     model_out, dist, grad = graph(x_t, t, target, rows)     # rows = sampler.rows(i), per sample
     x_prev, dist = finish_step(sampler, guidance, ..., noise, i, rows, scale)
 
+With proximal guidance (PIR) the graph is :func:`idemrt.diffusion.step.proximal_x0` traced,
+returning ``(model_out, x0', dist)``, and the step ends with :func:`~idemrt.diffusion.step.finish_proximal`.
 Steps that the guidance skips for every sample (no guidance, or DSG off-interval) run the UNet
 graph alone and report distance 0.
 """
@@ -18,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..diffusion.step import StepGradient, finish_step
+from ..diffusion.step import StepGradient, finish_proximal, finish_step
 from ..errors import BackendError
 from .base import check_step_inputs
 
@@ -91,6 +93,10 @@ class GraphStepBackend:
         # The graphs take the original timesteps as float32 (exact for integers < 2^24).
         t = sampler.model_timesteps(i, n).to(torch.float32)
         with torch.no_grad():
+            if guided and getattr(spec.guidance, "proximal", False):  # PIR: the graph holds the data step
+                rows = sampler.rows(i)
+                _, x0, dist = self._run("step", (height, width, tuple(target.shape[1:])), x_t, t, target, rows)
+                return finish_proximal(sampler, spec.guidance, x_t, x0, noise, i, rows), dist.clone()
             if guided and any(bool(spec.guidance.active(s)) for s in set(steps)):
                 rows = sampler.rows(i)
                 out, dist, grad = self._run("step", (height, width, tuple(target.shape[1:])), x_t, t, target, rows)

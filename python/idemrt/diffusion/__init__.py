@@ -4,20 +4,28 @@ step-level batching loop (:mod:`.scheduler`).
 
 Small stateless pieces in the style of diffusers' schedulers; the loop owns the random numbers.
 """
-from .guidance import DPS, DSG, GUIDANCE, RetryPolicy, distance
+from .guidance import DPS, DSG, GUIDANCE, PIR, RetryPolicy, distance, make_guidance
 from .guided_sampler import GuidedSampler, ImageState
-from .samplers import DDIMSampler, DDPMSampler, Prediction, Sampler, x0_from_eps
-from .schedule import Schedule, linear_betas, space_timesteps
+from .samplers import SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, make_sampler, x0_from_eps
+from .schedule import Schedule, WarmStart, linear_betas, space_timesteps
 from .scheduler import DeadlineExceeded, Job, JobResult, QueueFullError, StepScheduler, sample_jobs
-from .step import StepGradient, finish_step, guided_step, plain_step, step_gradient
+from .step import (ProximalStep, StepGradient, finish_proximal, finish_step, guided_step, plain_step, proximal_step,
+                   proximal_x0, step_gradient)
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}  # by name, as Decoder(sampler=...) and the CLI take it
 
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPS",
     "DSG",
+    "PIR",
+    "ProximalStep",
+    "WarmStart",
+    "finish_proximal",
+    "make_guidance",
+    "make_sampler",
+    "proximal_step",
+    "proximal_x0",
     "GUIDANCE",
     "GuidedSampler",
     "ImageState",

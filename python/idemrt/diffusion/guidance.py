@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -115,7 +115,88 @@ class DSG:
         return guided if on is True else torch.where(per_sample(on, sample), guided, sample)
 
 
-GUIDANCE = {g.name: g for g in (DPS, DSG)}  # by name, as Decoder(guidance=...) and the CLI take it
+@dataclass(frozen=True)
+class PIR:
+    """Codec-gradient guidance ('pir', plug-and-play image restoration in the manner of DiffPIR).
+
+    No UNet backward: x0 comes from one UNet forward, then a *data step* pulls it towards the
+    codec's constraint, ``x0' ≈ argmin_z ½||A(z) - y||² + ½ρ_t||z - x0||²``, by ``iters``
+    gradient steps through the codec operator only (A's vector-Jacobian product), each of length
+    ``step_size/(jac_norm2 + ρ_t)``, ``jac_norm2`` an estimate of ||J_A||² (1: exact proximal point
+    in one step for A = I, ``(y + ρ x0)/(1 + ρ)``). Gradient descent converges while
+    ``step_size·(||J||² + ρ_t)/(jac_norm2 + ρ_t) < 2``; the demo codec's ||J||² is about 2.9.
+    ``ρ_t = lam·abar_t/(1 - abar_t)``, DiffPIR's ``λσ_n²/σ_t²`` with ``lam`` = λσ_n²: early (noisy)
+    steps follow the codec, late ones trust the denoiser. The update re-noises x0' with the noise
+    it implies, ``x_{t-1} = sqrt(abar')·x0' + sqrt(1-abar')·(sqrt(1-zeta)·eps_hat + sqrt(zeta)·eps)``
+    (:func:`idemrt.diffusion.step.finish_proximal`). ``iters`` is fixed, so a step is a fixed
+    graph (CUDA-graph capturable, ONNX-exportable). ``clip``: clamp x0' to [-1, 1] (off only for
+    checking the data step against its closed form).
+    """
+
+    name: ClassVar[str] = "pir"
+    proximal: ClassVar[bool] = True  # backends run the proximal step, not gradient + update
+    # Defaults from a sweep on the demo models (docs/fast_modes.md): the demo codec's ||J||² is
+    # about 2.9, so jac_norm2 = 3 keeps every data step contracting.
+    iters: int = 4
+    lam: float = 0.03
+    zeta: float = 0.9
+    step_size: float = 1.0
+    jac_norm2: float = 3.0
+    clip: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"PIR iters must be an int >= 0, got {self.iters!r}")
+        _check_finite("PIR lam", self.lam)
+        _check_finite("PIR step_size", self.step_size)
+        if _check_finite("PIR jac_norm2", self.jac_norm2) <= 0:
+            raise ValueError(f"PIR jac_norm2 must be > 0, got {self.jac_norm2}")
+        if not 0 <= _check_finite("PIR zeta", self.zeta) <= 1:
+            raise ValueError(f"PIR zeta must lie in [0, 1], got {self.zeta}")
+
+    def active(self, i) -> bool:
+        return True
+
+    def rho(self, rows: Tensor, like: Tensor) -> Tensor:
+        """ρ_t per sample from the sampler rows (column 1 is sqrt(1/abar - 1): ρ = lam/it²)."""
+        return per_sample(self.lam / rows[..., 1].square(), like)
+
+    def data_step(self, operator, x0: Tensor, target: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x0', ||target - A(x0')||)``: the proximal data step from ``x0`` (detached outputs).
+        Only the operator is differentiated, with respect to its input."""
+        rho = self.rho(rows, x0)
+        eta = self.step_size / (self.jac_norm2 + rho)
+        z = x0.detach()
+        for _ in range(self.iters):
+            with torch.enable_grad():
+                zz = z.requires_grad_(True)
+                residual = operator(zz) - target
+                # J^T r: the gradient of ½||A(z) - y||², each sample's own (samples are independent).
+                (jt_r,) = torch.autograd.grad(residual, zz, grad_outputs=residual.detach())
+            z = (z - eta * (jt_r + rho * (z - x0))).detach()
+        if self.clip:
+            z = z.clamp(-1, 1)
+        with torch.no_grad():
+            return z, distance(target, operator(z))
+
+
+GUIDANCE = {g.name: g for g in (DPS, DSG, PIR)}  # by name, as Decoder(guidance=...) and the CLI take it
+
+
+def make_guidance(name: str, *, scale: Optional[float] = None, interval: int = 1, options: Optional[dict] = None):
+    """The guidance object of ``name`` ("none": None): DPS's ``scale`` (default 0.6), DSG's
+    ``interval``, and ``options`` — further fields of the class (e.g. PIR's iters, lam, zeta)."""
+    if name == "none":
+        return None
+    if name not in GUIDANCE:
+        raise ValueError(f"guidance must be one of {(*GUIDANCE, 'none')}, got {name!r}")
+    kind = GUIDANCE[name]
+    fields = {"dps": {"scale": 0.6 if scale is None else scale}, "dsg": {"interval": interval}}.get(name, {})
+    fields.update(options or {})
+    try:
+        return kind(**fields)
+    except TypeError:
+        raise ValueError(f"guidance {name!r} does not take these options: {sorted(options or {})}") from None
 
 
 @dataclass(frozen=True)

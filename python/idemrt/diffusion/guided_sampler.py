@@ -12,7 +12,9 @@ Random numbers (documented order, so a decode is reproducible and the same alone
 joining a running batch late): each image owns one ``torch.Generator`` seeded with its seed, on
 ``noise_device``. From it the sampler draws x_T ~ N(0, I) of the image's shape first, then one
 noise tensor of the same shape per step, for i = N-1 down to 0 (the last one is drawn but
-multiplied by 0, as in the reference). A retry draws a fresh x_T and its steps' noise from the
+multiplied by 0, as in the reference). A warm start (``warm_start``, :meth:`Schedule.warm_start`)
+draws eps of the image's shape first instead of x_T — x_t0 = sqrt(abar)·x_mse + sqrt(1-abar)·eps —
+then one noise tensor per step for i = position down to 0. A retry draws a fresh x_T and its steps' noise from the
 same generator, continuing after the full previous attempt (an attempt cut short by non-finite
 values draws its remaining steps' noise first, so a retry does not depend on when the failure
 was seen).
@@ -32,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .guidance import RetryPolicy
+from .schedule import WarmStart
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ImageState:
     failed_at: Optional[int] = None  # step index at which this attempt went non-finite
     error: Optional[str] = None  # set when the image cannot be decoded (retries spent)
     steps_run: int = 0  # network evaluations, all attempts
+    warm: Optional[Tensor] = None  # (1, C, H, W) x_mse in [-1, 1] of a warm start (each attempt restarts from it)
 
     @property
     def running(self) -> bool:
@@ -70,12 +74,13 @@ class GuidedSampler:
     ``num_steps``: the respaced schedule's length; ``scale``: the guidance's default DPS scale
     (None when the guidance has none: no retry then); ``check_every``: how often (in steps) the
     states are checked for non-finite values, one host sync each (non-finite values never heal,
-    so a check every few steps is enough).
+    so a check every few steps is enough); ``warm_start``: where and how images start from their
+    MSE decode (:meth:`~idemrt.diffusion.schedule.Schedule.warm_start`; None: from x_T).
     """
 
     def __init__(self, backend, num_steps: int, *, device, scale: Optional[float] = None,
                  retry: RetryPolicy = RetryPolicy(), noise_device=None, check_every: int = 10,
-                 progress: bool = False):
+                 progress: bool = False, warm_start: Optional[WarmStart] = None):
         self.backend = backend
         self.num_steps = int(num_steps)
         self.device = torch.device(device)
@@ -83,20 +88,33 @@ class GuidedSampler:
         self.scale = scale
         self.retry = retry
         self.check_every = max(1, int(check_every))
+        self.warm_start = warm_start
 
     # -- per-image state ----------------------------------------------------------------------
-    def start(self, target: Tensor, seed: int, shape: Sequence[int], x_T: Optional[Tensor] = None) -> ImageState:
-        """A new image at the first step: x_T drawn from its generator (or ``x_T`` (1, C, H, W))."""
+    def start(self, target: Tensor, seed: int, shape: Sequence[int], x_T: Optional[Tensor] = None,
+              warm: Optional[Tensor] = None) -> ImageState:
+        """A new image at its first step: x_T drawn from its generator (or ``x_T`` (1, C, H, W)), or
+        with ``warm_start``, x_t0 from ``warm`` (1, C, H, W), the MSE decode in [-1, 1]."""
+        if (self.warm_start is not None) != (warm is not None):
+            raise ValueError("a warm-started sampler needs warm= (the MSE decode), and only it takes one")
+        if warm is not None and x_T is not None:
+            raise ValueError("pass x_T or warm, not both")
         gen = torch.Generator(self.noise_device).manual_seed(int(seed))
         state = ImageState(x=x_T, target=target.to(self.device), generator=gen,
-                           scale=self.scale if self.scale is not None else math.nan, position=-1)
+                           scale=self.scale if self.scale is not None else math.nan, position=-1,
+                           warm=None if warm is None else warm.to(self.device, torch.float32))
         self._begin_attempt(state, tuple(shape), x_T)
         return state
 
     def _begin_attempt(self, state: ImageState, shape: tuple, x_T: Optional[Tensor] = None) -> None:
-        state.x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
-        state.position = self.num_steps - 1
         state.failed_at = None
+        ws = self.warm_start
+        if ws is None:
+            state.x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
+            state.position = self.num_steps - 1
+            return
+        state.x = ws.sqrt_abar * state.warm + ws.sqrt_one_minus_abar * self._noise([state], shape)
+        state.position = ws.position
 
     def _noise(self, states: Sequence[ImageState], shape: tuple) -> Tensor:
         noise = torch.stack([torch.randn(shape[1:], generator=s.generator, device=self.noise_device)

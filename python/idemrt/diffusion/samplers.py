@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .schedule import Schedule
 
-__all__ = ["DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "per_sample", "x0_from_eps"]
+__all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "make_sampler", "per_sample", "x0_from_eps"]
 
 
 class Prediction(NamedTuple):
@@ -115,6 +115,15 @@ class Sampler:
             return self._table[i]
         # index_select on the device: plain indexing with a tensor may read it back to the host.
         return self._table.index_select(0, i.reshape(-1)).reshape(*i.shape, -1)
+
+    def sqrt_abar_prev(self, i) -> Tensor:
+        """sqrt(abar) of step i - 1 (1 at i == 0), from column 0 (sqrt(1/abar)) of the previous
+        row: 0-dim for an int, (N,) for an (N,) tensor, gathered on the device."""
+        i = self._index(i)
+        if isinstance(i, int):
+            return 1 / self._table[i - 1, 0] if i > 0 else self._table.new_ones(())
+        prev = 1 / self.rows((i - 1).clamp_min(0))[..., 0]
+        return torch.where(i == 0, torch.ones_like(prev), prev)
 
     def model_timesteps(self, i, batch: int) -> Tensor:
         """The UNet time input for step ``i``: ``timestep_map[i]`` as a long ``(batch,)`` tensor."""
@@ -221,3 +230,13 @@ class DDIMSampler(Sampler):
         eps = (recip * x_t - x0) / recipm1
         mean = x0 * sqrt_abar_prev + eps_coef * eps
         return Prediction(x0, mean, sigma.expand_as(x_t))
+
+
+SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}  # by name, as Decoder(sampler=...) and the CLI take it
+
+
+def make_sampler(name: str, schedule: Schedule, *, eta: float = 1.0) -> Sampler:
+    """The sampler ``name`` of :data:`SAMPLERS` on ``schedule`` (``eta``: DDIM's)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    return DDIMSampler(schedule, eta=eta) if name == "ddim" else SAMPLERS[name](schedule)

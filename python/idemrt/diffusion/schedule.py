@@ -17,7 +17,9 @@ cast the few coefficients they need to one float32 torch table.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -166,3 +168,31 @@ class Schedule:
                 last = abar
                 timestep_map.append(t)
         return cls.from_betas(np.array(new_betas), timestep_map, original_num_steps=steps)
+
+    def warm_start(self, start: float) -> Optional[WarmStart]:
+        """Where a decode warm-started at ``start`` in (0, 1] begins; None for 1 (x_T ~ N(0, I)).
+
+        t0 = round(start·T) on the original T-step process; the first step run is the last respaced
+        position whose original timestep is <= t0, and x is noised to that position's own abar
+        (so the model's time input matches the noise level it sees). ``start == 1`` is the plain
+        decode, pure noise: sqrt(abar_T) is about 0.006, and keeping that decode bit-for-bit
+        matters more than a 0.6% trace of the MSE image."""
+        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start <= 1:
+            raise ValueError(f"start must be a number in (0, 1], got {start!r}")
+        if start == 1:
+            return None
+        t0 = round(start * self.original_num_steps)
+        below = np.nonzero(self.timestep_map <= t0)[0]
+        if len(below) == 0:
+            raise ValueError(f"start={start}: no step of the schedule lies at or below t0 = {t0}")
+        p = int(below[-1])
+        abar = float(self.alphas_cumprod[p])
+        return WarmStart(p, math.sqrt(abar), math.sqrt(1.0 - abar))
+
+
+class WarmStart(NamedTuple):
+    """A warm start: x_t = sqrt_abar·x_mse + sqrt_one_minus_abar·eps, first step ``position``."""
+
+    position: int
+    sqrt_abar: float
+    sqrt_one_minus_abar: float

@@ -98,13 +98,14 @@ class StepScheduler:
 
     # -- submitting -----------------------------------------------------------------------------
     def submit(self, target: Tensor, seed: int, shape: Sequence[int], *, x_T: Optional[Tensor] = None,
-               on_step=None, timeout: Optional[float] = None) -> Job:
+               on_step=None, timeout: Optional[float] = None, warm: Optional[Tensor] = None) -> Job:
         """Queue one image (``target`` (1, ...), ``shape`` (1, C, H, W)); it joins a running batch
-        at the next step of its group. ``timeout``: seconds until :class:`DeadlineExceeded`."""
+        at the next step of its group. ``timeout``: seconds until :class:`DeadlineExceeded`;
+        ``warm``: the MSE decode (1, C, H, W) in [-1, 1], for a warm-started sampler."""
         with self._lock:
             if self.pending() >= self.max_queue:
                 raise QueueFullError(f"the decode queue is full ({self.max_queue} images)")
-        job = Job(self.sampler.start(target, seed, shape, x_T), on_step=on_step,
+        job = Job(self.sampler.start(target, seed, shape, x_T, warm=warm), on_step=on_step,
                   deadline=None if timeout is None else time.monotonic() + timeout)
         key = job.state.key()
         with self._lock:
@@ -168,6 +169,19 @@ class StepScheduler:
         if bar is not None:
             bar.close()
 
+    def fail_all(self, exc: BaseException) -> None:
+        """Resolve every job with ``exc`` and forget them (after a step failed: their states are
+        no longer trustworthy). The scheduler stays usable for new jobs."""
+        with self._lock:
+            jobs = [j for group in self._running.values() for j in group]
+            jobs += [j for group in self._waiting.values() for j in group]
+            self._running.clear()
+            self._waiting.clear()
+            self._turn.clear()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
+
     def _slots(self, n: int) -> int:
         return next((c for c in self.slot_counts if c >= n), n)
 
@@ -196,10 +210,11 @@ class StepScheduler:
 
 def sample_jobs(scheduler: StepScheduler, requests: Sequence[tuple], progress: bool = False) -> list:
     """Decode images through ``scheduler`` until all are done: ``requests`` are ``(target (1, ...),
-    seed, shape (1, C, H, W), x_T or None)``; returns their :class:`JobResult` in order.
+    seed, shape (1, C, H, W), x_T or None[, warm])``; returns their :class:`JobResult` in order.
     Images of one shape share steps, shapes take turns. The first failure is raised (naming its
     image) once every job is resolved."""
-    jobs = [scheduler.submit(target, seed, shape, x_T=x_T) for target, seed, shape, x_T in requests]
+    jobs = [scheduler.submit(target, seed, shape, x_T=x_T, warm=warm[0] if warm else None)
+            for target, seed, shape, x_T, *warm in requests]
     scheduler.run(jobs, progress)
     errors = [(k, job.future.exception()) for k, job in enumerate(jobs) if job.future.exception() is not None]
     if errors:

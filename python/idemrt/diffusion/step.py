@@ -8,7 +8,9 @@
 
 :func:`step_gradient` is the differentiable part — ``(model_out, prediction, distance,
 grad)`` from a model function, an operator function and a sampler's table rows — and
-:func:`finish_step` the rest. The eager backend calls :func:`guided_step` (both, in fp32);
+:func:`finish_step` the rest. Proximal guidance (PIR) has no x_t gradient: :func:`proximal_x0`
+(model forward, data step through the operator) and :func:`finish_proximal` are its two parts,
+split the same way. The eager backend calls :func:`guided_step` (both, in fp32);
 the fast backend calls :func:`step_gradient` with its low-precision model and operator
 functions inside a CUDA graph; the ONNX/TensorRT step graph is :func:`step_gradient`
 traced (:mod:`idemrt.export.joint_graph`) and its backend calls :func:`finish_step`. Only
@@ -28,10 +30,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .guidance import DPS, DSG, distance
-from .samplers import Prediction, Sampler
+from .guidance import DPS, DSG, PIR, distance
+from .samplers import Prediction, Sampler, per_sample
 
-Guidance = DPS | DSG
+Guidance = DPS | DSG | PIR
 Model = Callable[[Tensor, Tensor], Tensor]
 Operator = Callable[[Tensor], Tensor]
 
@@ -71,6 +73,45 @@ def finish_step(sampler: Sampler, guidance: Guidance, g: StepGradient, noise: Te
     return x_prev, dist
 
 
+class ProximalStep(NamedTuple):
+    model_out: Tensor  # the model output (N, C_out, H, W)
+    x0: Tensor  # x0' after the guidance's data step
+    dist: Tensor  # (N,) ||target - A(x0')||
+
+
+def proximal_x0(model: Model, operator: Operator, sampler: Sampler, guidance, x_t: Tensor, t: Tensor,
+                rows: Tensor, target: Tensor) -> ProximalStep:
+    """The proximal (PIR) step's network part: x0 from one model forward — never differentiated —
+    then the guidance's data step through the operator alone (:meth:`PIR.data_step`)."""
+    with torch.no_grad():
+        out = model(x_t, t)
+        x0 = sampler.predict_rows(out, x_t, rows).x0
+    x0, dist = guidance.data_step(operator, x0, target, rows)
+    return ProximalStep(out.detach(), x0, dist)
+
+
+@torch.no_grad()
+def finish_proximal(sampler: Sampler, guidance, x_t: Tensor, x0: Tensor, noise: Tensor, i, rows: Tensor) -> Tensor:
+    """``x_{t-1} = sqrt(abar')·x0' + sqrt(1-abar')·(sqrt(1-zeta)·eps_hat + sqrt(zeta)·eps)``, with
+    eps_hat = (x_t - sqrt(abar)·x0')/sqrt(1-abar) the noise x0' implies and abar' that of step i-1
+    (1 at i == 0: the last step returns x0')."""
+    recip, recipm1 = (per_sample(c, x_t) for c in rows[..., :2].unbind(-1))
+    eps_hat = (recip * x_t - x0) / recipm1
+    sqrt_abar_prev = per_sample(sampler.sqrt_abar_prev(i), x_t)
+    sqrt_one_minus = (1 - sqrt_abar_prev.square()).clamp_min(0).sqrt()
+    zeta = guidance.zeta
+    return sqrt_abar_prev * x0 + sqrt_one_minus * ((1 - zeta) ** 0.5 * eps_hat + zeta**0.5 * noise)
+
+
+def proximal_step(model: Model, operator: Operator, sampler: Sampler, guidance, x_t: Tensor, i,
+                  target: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """A proximal (PIR) reverse step: ``(x_{t-1}, distance (N,))``, detached; graph-capturable
+    (fixed iterations, per-sample rows gathered on the device, no host sync)."""
+    rows = sampler.rows(i)
+    p = proximal_x0(model, operator, sampler, guidance, x_t, sampler.model_timesteps(i, x_t.shape[0]), rows, target)
+    return finish_proximal(sampler, guidance, x_t, p.x0, noise, i, rows), p.dist
+
+
 @torch.no_grad()
 def plain_step(model: Model, sampler: Sampler, x_t: Tensor, i, noise: Tensor) -> Tensor:
     """An unguided reverse step: x_{t-1}."""
@@ -86,6 +127,8 @@ def guided_step(model: Model, operator: Operator, sampler: Sampler, guidance: Gu
     skips the step for every sample, the gradient is not computed (deciding that for a tensor
     ``i`` reads it on the host: this path does not need to be graph-capturable).
     """
+    if getattr(guidance, "proximal", False):
+        return proximal_step(model, operator, sampler, guidance, x_t, i, target, noise)
     active = guidance.active(i)
     if active is False or (isinstance(active, Tensor) and not bool(active.any())):
         return plain_step(model, sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])

@@ -1,0 +1,256 @@
+"""Fast decoding modes against DPS-1000, on the bundled demo models (docs/fast_modes.md).
+
+    OMP_NUM_THREADS=1 python benchmarks/modes.py --json benchmarks/modes.json            # every row
+    OMP_NUM_THREADS=1 python benchmarks/modes.py --configs dps1000 --json benchmarks/modes_dps1000.json
+    python benchmarks/modes.py --merge benchmarks/modes_dps1000.json benchmarks/modes.json --plot docs/fast_modes.png
+
+Images: the held-out demo photographs (``idemrt/demo_models/{chelsea,coffee}.png``, 128x128), cut
+into 64x64 crops on a stride-32 grid (8 per photograph: the 3x3 grid without its centre), 16 in
+all; ``--full128`` adds the two 128x128 photographs. Each image is compressed with the demo codec
+and decoded by each configuration (seed 0, eager fp32 on the CPU, batch 1).
+
+Per configuration and image (idemrt.demo's definitions; ``benchmarks/psc.py``'s patch SWD):
+UNet forwards and backwards (counted by a wrapper module around the UNet, not estimated), wall
+seconds of the perceptual decode, re-compression MSE to the MSE decode and the fraction of equal
+latent symbols, PSNR to the original, sharpness and patch SWD against the original. FID/KID
+(idemrt.fid) are not computed: no Inception weights on the machine this ran on, and 16 images of
+64x64 are too few for them to mean anything.
+
+Rows: ``dps1000`` (the paper's DPS, 1000 steps, scale 0.6: the reference), DPS and DSG at 100/50/20
+respaced steps, and warm starts (x_t0 from the MSE decode) x {DPS, DSG, pir} at start 0.2/0.4/0.6
+with 10/20/50 network evaluations (respacing N = evaluations / start, so that the steps at or below
+t0 are the asked number). ``--reference-images k`` runs dps1000 on the first k images only in
+this process (a same-run time anchor when the full reference ran in another process).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from idemrt.demo import Pipeline, as_8bit, demo_file, json_safe, load_demo_codec, load_demo_unet
+
+ROOT = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("psc_benchmark", ROOT / "psc.py")
+psc_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(psc_benchmark)
+patch_swd = psc_benchmark.patch_swd  # the one definition (benchmarks/psc.py)
+
+RESPACED_SCALE = 1.0  # DPS step for respaced runs: the demo's (docs/demo.md sweep at 100 steps)
+METRICS = ("psnr", "recompress_mse", "symbols_equal", "sharpness", "patch_swd", "seconds",
+           "unet_forwards", "unet_backwards", "distance")
+
+
+class CountingUNet(nn.Module):
+    """The UNet, counting per-sample forwards and backwards (a backward is counted when the
+    gradient with respect to the UNet's output is computed, i.e. autograd went through it)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.forwards = 0
+        self.backwards = 0
+
+    def _count_backward(self, grad):
+        self.backwards += grad.shape[0]
+
+    def forward(self, x, t):
+        self.forwards += x.shape[0]
+        out = self.inner(x, t)
+        if out.requires_grad:
+            out.register_hook(self._count_backward)
+        return out
+
+
+def configs() -> list[dict]:
+    rows = [dict(name="dps1000", steps=1000, guidance="dps", scale=0.6)]
+    rows += [dict(name=f"speed-{speed}", speed=speed) for speed in ("fast", "balanced")]
+    rows += [dict(name="warm-pir-s0.4-n20-noexact", steps=50, guidance="pir", start=0.4, exact=False)]
+    for guidance in ("dps", "dsg"):
+        for steps in (100, 50, 20):
+            rows.append(dict(name=f"{guidance}{steps}", steps=steps, guidance=guidance, scale=RESPACED_SCALE))
+    for guidance in ("dps", "dsg", "pir"):
+        for start in (0.2, 0.4, 0.6):
+            for evals in (10, 20, 50):
+                rows.append(dict(name=f"warm-{guidance}-s{start}-n{evals}", steps=round(evals / start),
+                                 guidance=guidance, scale=RESPACED_SCALE, start=start))
+    return rows
+
+
+def crops(full128: bool) -> list[tuple[str, torch.Tensor]]:
+    from PIL import Image
+
+    from idemrt.images import load_image
+
+    out = []
+    for name in ("chelsea", "coffee"):
+        with Image.open(io.BytesIO(demo_file(f"{name}.png").read_bytes())) as img:
+            x = load_image(img.convert("RGB"))
+        for top in (0, 32, 64):
+            for left in (0, 32, 64):
+                if (top, left) != (32, 32):
+                    out.append((f"{name}-{top}-{left}", x[..., top : top + 64, left : left + 64].contiguous()))
+        if full128:
+            out.append((f"{name}-128", x))
+    return out
+
+
+def decoder_options(cfg: dict) -> dict:
+    keys = ("steps", "guidance", "scale", "start", "sampler", "speed", "guidance_options", "exact")
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def run_config(cfg: dict, images, codec, unet: CountingUNet) -> list[dict]:
+    from idemrt.api import Decoder
+
+    pipe = Pipeline(codec, unet, steps=10, sampler="ddpm", guidance="dps", scale=1.0, device="cpu", progress=False)
+    pipe.decoder = Decoder(codec, unet, device="cpu", **decoder_options(cfg))
+    rows = []
+    for name, x in images:
+        unet.forwards = unet.backwards = 0
+        res = pipe.run(x, seed=0)
+        perc = res["perc"]
+        rows.append({"image": name, "size": x.shape[-1], **{k: perc[k] for k in perc},
+                     "patch_swd": patch_swd(as_8bit(res["images"]["perceptual"]), x),
+                     "mse_recompress_mse": res["mse"]["recompress_mse"],
+                     "mse_patch_swd": patch_swd(as_8bit(res["images"]["mse"]), x),
+                     "unet_forwards": unet.forwards, "unet_backwards": unet.backwards})
+        print(json.dumps(json_safe({"config": cfg["name"], **rows[-1]})), file=sys.stderr, flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean of each metric over the rows that have it (NaN where none has)."""
+    out = {}
+    for k in METRICS:
+        values = [r[k] for r in rows if k in r]
+        out[k] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+TABLE = ("config", "images", "unet_forwards", "unet_backwards", "seconds", "time_ratio", "recompress_mse",
+         "recompress_ratio", "symbols_equal", "psnr", "sharpness", "patch_swd", "swd_ratio")
+
+
+def merged_rows(paths) -> dict:
+    """config name -> per-image rows, over the given result files (later files add images)."""
+    merged: dict = {}
+    for path in paths:
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            rows = [{"config": name, **r} for name, e in json.loads(text)["configs"].items() for r in e["rows"]]
+        else:  # a run's log: one JSON line per decoded image (a run cut short keeps its finished images)
+            rows = [json.loads(line) for line in text.splitlines() if line.startswith('{"config"')]
+        for r in rows:
+            merged.setdefault(r["config"], {}).setdefault(r["image"], r)  # the first file given wins
+    return merged
+
+
+def report(paths, plot, out_json=None) -> dict:
+    """The table (markdown on stdout) and the Pareto plot of merged results. Each row's ratios are
+    against DPS-1000 on the same images."""
+    merged = merged_rows(paths)
+    ref = merged["dps1000"]
+    table = []
+    for name, by_image in merged.items():
+        names = [n for n in by_image if n in ref]
+        mine, base = summarise([by_image[n] for n in names]), summarise([ref[n] for n in names])
+        table.append({"config": name, "images": len(names), **mine,
+                      "time_ratio": base["seconds"] / mine["seconds"],
+                      "recompress_ratio": mine["recompress_mse"] / max(base["recompress_mse"], 1e-12),
+                      "swd_ratio": mine["patch_swd"] / base["patch_swd"]})
+    print("| " + " | ".join(TABLE) + " |\n|" + "---|" * len(TABLE))
+    for row in table:
+        cells = [row[k] if isinstance(row[k], str) else f"{row[k]:.4g}" for k in TABLE]
+        print("| " + " | ".join(cells) + " |")
+    if plot:
+        pareto_plot(table, plot)
+    if out_json:
+        Path(out_json).write_text(json.dumps(json_safe({"table": table}), indent=1))
+    return {"table": table}
+
+
+def pareto_plot(table: list[dict], png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors: dict = {}
+    for ax, key, label in ((axes[0], "recompress_mse", "re-compression MSE to the MSE decode (idempotence)"),
+                           (axes[1], "patch_swd", "patch SWD to the originals (realism)")):
+        for row in table:
+            cost = row["unet_forwards"] + row["unet_backwards"]
+            name = row["config"]
+            kind = name.split("-")[1] if name.startswith("warm") else name.rstrip("0123456789")
+            ax.scatter(cost, row[key], s=18, label=kind, c=f"C{colors.setdefault(kind, len(colors))}")
+            if row["config"] in ("dps1000", "speed-fast", "speed-balanced"):
+                ax.annotate(row["config"], (cost, row[key]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_xlabel("UNet evaluations per image (forwards + backwards, counted)")
+        ax.set_ylabel(label)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="*", default=None, help="names (default: all)")
+    p.add_argument("--skip", nargs="*", default=(), help="names to leave out")
+    p.add_argument("--images", type=int, default=None, help="first k images only")
+    p.add_argument("--every", type=int, default=1, help="every k-th image only (alternates the photographs)")
+    p.add_argument("--grid-every", type=int, default=None,
+                   help="grid rows (not dps1000 or speed-*) on every k-th image only")
+    p.add_argument("--reference-images", type=int, default=None, help="dps1000 on the first k images only")
+    p.add_argument("--full128", action="store_true", help="add the two 128x128 photographs")
+    p.add_argument("--json", default=None, help="write results here (rewritten after each config)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", nargs="*", default=None,
+                   help="result JSON files or run logs to merge into a table (no decoding)")
+    p.add_argument("--plot", default=None, help="Pareto plot PNG of the merged results")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.merge is not None:
+        return report(args.merge, args.plot, args.json)
+    torch.set_num_threads(args.threads)
+    codec, unet = load_demo_codec("cpu"), CountingUNet(load_demo_unet("cpu"))
+    images = crops(args.full128)[: args.images : args.every]
+    chosen = [c for c in configs() if (args.configs is None or c["name"] in args.configs)
+              and c["name"] not in args.skip]
+    result = {"environment": environment(), "configs": {}}
+    for cfg in chosen:
+        imgs = images[: args.reference_images] if cfg["name"] == "dps1000" and args.reference_images else images
+        if args.grid_every and cfg["name"] != "dps1000" and not cfg["name"].startswith("speed-"):
+            imgs = images[:: args.grid_every]
+        rows = run_config(cfg, imgs, codec, unet)
+        result["configs"][cfg["name"]] = {"config": cfg, "mean": summarise(rows), "rows": rows}
+        if args.json:
+            Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``idemrt serve`` and ``idemrt decompress --server URL`` (the command line of the service)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from ..cli_options import add_unet_options
+
+
+def add_serve_subparser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="a decode service on Ray Serve (HTTP, continuous batching)",
+                              description="Serve perceptual decodes over HTTP (docs/serving.md).")
+    add_unet_options(p, unet_help="ADM UNet checkpoint (without it: MSE decodes only)")
+    p.add_argument("--codec", default="bmshj2018-hyperprior", help="compressai model name")
+    p.add_argument("--quality", type=int, default=None)
+    p.add_argument("--codec-checkpoint", help="the codec checkpoint of the files to decode")
+    p.add_argument("--pretrained-codec", action="store_true", help="compressai's pretrained codec (downloads)")
+    p.add_argument("--steps", default="1000", help="comma-separated respacings a request may ask for; the first "
+                                                   "is the default (e.g. 1000,100; ddim-style 'ddim200' too)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="GPUs per decoder replica (default: 1 if CUDA is available, else 0: CPU)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-slots", type=int, default=16, help="images per batched step")
+    p.add_argument("--queue", type=int, default=256, help="images a replica holds before answering 503")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (then 504)")
+    p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one) instead of "
+                                                   "starting an embedded instance")
+    p.add_argument("--print-config", action="store_true", help="print the YAML for `serve deploy` and exit")
+    p.set_defaults(func=cmd_serve)
+
+
+def config_from_args(args):
+    from .config import ServeConfig
+
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    steps = [s.strip() for s in str(args.steps).split(",") if s.strip()]  # "100,ddim50": two respacings
+    # Replicas may run on other machines of a cluster: files by absolute path.
+    unet, ckpt = (os.path.abspath(p) if p else None for p in (args.unet, args.codec_checkpoint))
+    return ServeConfig(unet=unet, preset=args.preset, codec=args.codec, quality=args.quality,
+                       codec_checkpoint=ckpt, pretrained_codec=args.pretrained_codec,
+                       steps_allowed=steps, replicas=args.replicas, gpus_per_replica=gpus,
+                       max_slots=args.max_slots, queue=args.queue, timeout_s=args.timeout)
+
+
+def cmd_serve(args) -> int:
+    config = config_from_args(args)
+    from .runner import deploy_config, start_service
+
+    if args.print_config:
+        print(deploy_config(config, port=args.port), end="")
+        return 0
+    start_service(config, host=args.host, port=args.port, address=args.address)
+    print(f"idemrt serve: http://{args.host}:{args.port}/v1/decode ({config.replicas} replica(s), "
+          f"{'GPU' if config.gpus_per_replica else 'CPU'}; steps {', '.join(config.steps_allowed)}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def decompress_from_server(args) -> int:
+    """``idemrt decompress IN OUT --server URL``: the decode runs on the service."""
+    from ..fileio import atomic_write_bytes, check_output_path
+    from .client import Client
+
+    t0 = time.perf_counter()
+    check_output_path(args.output, force=args.force, inputs=[args.input])
+    with open(args.input, "rb") as f:
+        data = f.read()
+    steps = None if args.steps is None else str(args.steps)
+    fmt = "webp" if str(args.output).lower().endswith(".webp") else "png"
+    result = Client(args.server).decode(data, mode="mse" if args.mse else "perceptual", seed=args.seed,
+                                        steps=steps, format=fmt)
+    atomic_write_bytes(args.output, result.image, force=args.force)
+    print(f"{args.output}: decoded by {args.server} (replica {result.replica}), {result.steps} steps, "
+          f"final constraint distance {result.distance:.4f}, server {result.seconds:.2f} s, "
+          f"total {time.perf_counter() - t0:.2f} s", file=sys.stdout)
+    return 0
