@@ -166,3 +166,24 @@ def test_a_service_thread_drives_the_scheduler(models):
         thread.join(10)
     for k, r in enumerate(results):
         torch.testing.assert_close(r.x, _alone(dec, targets[k], k), rtol=0, atol=TOL)
+
+
+def test_fast_backend_with_graphs_sees_only_its_slot_counts(models):
+    """On the fast backend with graphs, the scheduler pads batches to the slot counts (1, 2, 4, 8,
+    16): three, then five images run as batches of four and eight — two captures, not one per size."""
+    from test_backend_fast import _RecordingGraphs
+
+    unet, codec = models
+    dec = idemrt.Decoder(codec, unet, steps=2, device="cpu", backend="fast", dtype=torch.float32,
+                         backend_options={"graphs": False})
+    fast = dec.backend
+    fast.graphs, fast._graphs = True, _RecordingGraphs()  # the graph path, without CUDA
+    targets = _targets(codec, 5)
+    for n in (3, 5):
+        sched = dec.scheduler(max_slots=16)
+        jobs = [sched.submit(t, k, (1, 3, 64, 64)) for k, t in enumerate(targets[:n])]
+        sched.run(jobs)
+    assert sorted({key[1][0] for key in fast._graphs.keys}) == [4, 8] and fast.num_graphs == 2
+    want = idemrt.Decoder(codec, unet, steps=2, device="cpu", backend="fast", dtype=torch.float32,
+                          backend_options={"graphs": False})
+    torch.testing.assert_close(jobs[4].future.result().x, _alone(want, targets[4], 4), rtol=0, atol=TOL)

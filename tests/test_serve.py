@@ -239,3 +239,15 @@ def test_a_killed_replica_never_returns_a_wrong_image(service, local):
             time.sleep(1)
     else:
         pytest.fail("the service did not recover after its replica was killed")
+
+
+def test_decompress_with_server_option(service, local, tmp_path, capsys):
+    """`idemrt decompress IN OUT --server URL`: no models on the client, the service's image."""
+    from idemrt.cli import main
+
+    src, out = tmp_path / "in.idm", tmp_path / "out.png"
+    src.write_bytes(local[2])
+    assert main(["decompress", str(src), str(out), "--server", service[0], "--seed", "11", "--steps", "3"]) == 0
+    assert "replica" in capsys.readouterr().out
+    assert np.array_equal(_png(out.read_bytes()), _png(Client(service[0]).decode(local[2], seed=11, steps="3").image))
+    assert main(["decompress", str(src), str(tmp_path / "x.png"), "--server", service[0], "--steps", "7"]) != 0

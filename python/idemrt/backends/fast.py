@@ -50,9 +50,10 @@ from .base import StepSpec, check_step_inputs, register
 from .cuda_graphs import GraphSet, cudnn_autotune, on_device
 from .inference import DTYPES, fused_gdn_operator, inference_unet
 
-__all__ = ["FastBackend", "KERNELS"]
+__all__ = ["FastBackend", "KERNELS", "SLOT_COUNTS"]
 
 KERNELS = ("torch", "triton", "compile")
+SLOT_COUNTS = (1, 2, 4, 8, 16)  # batch sizes a step scheduler pads to, so few graphs are captured
 
 
 @register("fast")
@@ -156,6 +157,12 @@ class FastBackend:
         fn, inputs = self._prepare(x_t, i, target, noise, scale)
         with self._lock, on_device(self.device), cudnn_autotune(self.device):
             return fn(*inputs)
+
+    @property
+    def slot_counts(self):
+        """Batch sizes to pad to (:class:`~idemrt.diffusion.StepScheduler`): with CUDA graphs each
+        batch size is a capture, so a few sizes serve every batch; without graphs, any size."""
+        return SLOT_COUNTS if self.graphs else None
 
     @property
     def num_graphs(self) -> int:

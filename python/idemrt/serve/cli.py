@@ -7,6 +7,8 @@ import time
 
 from ..cli_options import add_unet_options
 
+STEPS_DEFAULT = "1000"
+
 
 def add_serve_subparser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="a decode service on Ray Serve (HTTP, continuous batching)",
@@ -16,7 +18,7 @@ def add_serve_subparser(subparsers) -> None:
     p.add_argument("--quality", type=int, default=None)
     p.add_argument("--codec-checkpoint", help="the codec checkpoint of the files to decode")
     p.add_argument("--pretrained-codec", action="store_true", help="compressai's pretrained codec (downloads)")
-    p.add_argument("--steps", default="1000", help="comma-separated respacings a request may ask for; the first "
+    p.add_argument("--steps", default=STEPS_DEFAULT, help="comma-separated respacings a request may ask for; the first "
                                                    "is the default (e.g. 1000,100; ddim-style 'ddim200' too)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--gpus-per-replica", type=float, default=None,
@@ -28,6 +30,7 @@ def add_serve_subparser(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (then 504)")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one) instead of "
                                                    "starting an embedded instance")
+    p.add_argument("--demo", action="store_true", help="serve the bundled demo models (no files needed)")
     p.add_argument("--print-config", action="store_true", help="print the YAML for `serve deploy` and exit")
     p.set_defaults(func=cmd_serve)
 
@@ -41,6 +44,10 @@ def config_from_args(args):
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     steps = [s.strip() for s in str(args.steps).split(",") if s.strip()]  # "100,ddim50": two respacings
+    if args.demo:
+        return ServeConfig.demo(replicas=args.replicas, gpus_per_replica=gpus, max_slots=args.max_slots,
+                                queue=args.queue, timeout_s=args.timeout,
+                                **({"steps_allowed": steps} if args.steps != STEPS_DEFAULT else {}))
     # Replicas may run on other machines of a cluster: files by absolute path.
     unet, ckpt = (os.path.abspath(p) if p else None for p in (args.unet, args.codec_checkpoint))
     return ServeConfig(unet=unet, preset=args.preset, codec=args.codec, quality=args.quality,

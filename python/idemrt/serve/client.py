@@ -9,8 +9,10 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from ..errors import IdemrtError
 
-class ServiceError(RuntimeError):
+
+class ServiceError(IdemrtError):
     """The service answered with a problem+json body (``status``, ``kind``, ``detail``)."""
 
     def __init__(self, status: int, problem: dict, retry_after: Optional[str] = None):

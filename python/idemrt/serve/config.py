@@ -45,6 +45,18 @@ class ServeConfig:
         if self.timeout_s <= 0 or self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise ValueError("timeout_s must be > 0 and the resources per replica >= 0")
 
+    @classmethod
+    def demo(cls, **overrides) -> "ServeConfig":
+        """The bundled demo models (idemrt/demo_models; 64x64-trained UNet, small hyperprior codec),
+        DDPM + DPS at the demo's 100 steps."""
+        from ..demo import DEMO_SCALE, DEMO_STEPS, demo_config, demo_file
+
+        cfg = demo_config()
+        files = {k: str(demo_file(cfg[k]["file"])) for k in ("unet", "codec")}
+        return cls(**{"unet": files["unet"], "unet_overrides": cfg["unet"]["config"], "codec": cfg["codec"]["name"],
+                      "codec_checkpoint": files["codec"], "steps_allowed": [str(DEMO_STEPS)], "scale": DEMO_SCALE,
+                      **overrides})
+
     def to_dict(self) -> dict:
         return asdict(self)
 
