@@ -189,14 +189,17 @@ def pareto_plot(table: list[dict], png) -> None:
     for ax, key, label in ((axes[0], "recompress_mse", "re-compression MSE to the MSE decode (idempotence)"),
                            (axes[1], "patch_swd", "patch SWD to the originals (realism)")):
         for row in table:
-            cost = row["unet_forwards"] + row["unet_backwards"]
+            bwd = row["unet_backwards"]
+            # A run log from before the backward counter has none: the same-run anchor's count (DPS: one
+            # backward per forward, 1000 counted for dps1000 in modes.json) stands in.
+            cost = row["unet_forwards"] + (row["unet_forwards"] if bwd != bwd else bwd)
             name = row["config"]
             kind = name.split("-")[1] if name.startswith("warm") else name.rstrip("0123456789")
             ax.scatter(cost, row[key], s=18, label=kind, c=f"C{colors.setdefault(kind, len(colors))}")
             if row["config"] in ("dps1000", "speed-fast", "speed-balanced"):
                 ax.annotate(row["config"], (cost, row[key]), fontsize=7)
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_yscale("symlog", linthresh=1.0) if key == "recompress_mse" else None
         ax.set_xlabel("UNet evaluations per image (forwards + backwards, counted)")
         ax.set_ylabel(label)
         handles, labels = ax.get_legend_handles_labels()

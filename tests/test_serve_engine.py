@@ -101,3 +101,19 @@ def test_metrics_text_is_prometheus_exposition():
     assert 'idemrt_decode_seconds_bucket{le="0.25"} 0' in text and 'idemrt_decode_seconds_bucket{le="0.5"} 1' in text
     assert "idemrt_decode_seconds_count 1" in text and "idemrt_slot_occupancy 0.75" in text
     assert "idemrt_queue_depth 2" in text and "# TYPE idemrt_decode_seconds histogram" in text
+
+
+def test_speed_preset_with_warm_start_and_exact_refinement_equals_the_decoder(models, data):
+    """A server with --speed fast decodes as Decoder(speed="fast"): warm start, codec-gradient
+    guidance and the exact-idempotence refinement included."""
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(speed="fast", unet="in-memory"), codec, unet, device="cpu")
+    try:
+        assert engine.config.steps_allowed == ["50"]
+        got = engine.submit(data[0], seed=3).result(timeout=120)
+        decoder = idemrt.Decoder(codec, unet, speed="fast", device="cpu")
+        want = decoder.decode(data[0], seed=3, output="tensor")
+        assert got.steps == decoder.steps_run < 50  # the warm start skips the steps above t0
+        torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
+    finally:
+        engine.close()

@@ -222,7 +222,7 @@ class Ingress:
         c = self.config
         return {"codec": c.codec, "quality": c.quality, "unet_preset": c.preset if c.unet else None,
                 "modes": list(MODES) if c.unet else ["mse"], "steps_allowed": c.steps_allowed,
-                "formats": list(FORMATS), "sampler": c.sampler, "guidance": c.guidance,
+                "formats": list(FORMATS), "speed": c.speed or "paper", "sampler": c.sampler, "guidance": c.guidance,
                 "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s}
 
     @api.get("/healthz")

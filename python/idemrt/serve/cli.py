@@ -6,8 +6,7 @@ import sys
 import time
 
 from ..cli_options import add_unet_options
-
-STEPS_DEFAULT = "1000"
+from ..speeds import SPEEDS
 
 
 def add_serve_subparser(subparsers) -> None:
@@ -18,8 +17,11 @@ def add_serve_subparser(subparsers) -> None:
     p.add_argument("--quality", type=int, default=None)
     p.add_argument("--codec-checkpoint", help="the codec checkpoint of the files to decode")
     p.add_argument("--pretrained-codec", action="store_true", help="compressai's pretrained codec (downloads)")
-    p.add_argument("--steps", default=STEPS_DEFAULT, help="comma-separated respacings a request may ask for; the first "
-                                                   "is the default (e.g. 1000,100; ddim-style 'ddim200' too)")
+    p.add_argument("--steps", default=None, help="comma-separated respacings a request may ask for; the first "
+                                                 "is the default (e.g. 1000,100; 'ddim200' too; default: the "
+                                                 "--speed preset's)")
+    p.add_argument("--speed", default=None, choices=sorted(SPEEDS),
+                   help="the decode preset (docs/fast_modes.md; default paper: DPS-1000)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per decoder replica (default: 1 if CUDA is available, else 0: CPU)")
@@ -43,16 +45,16 @@ def config_from_args(args):
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
-    steps = [s.strip() for s in str(args.steps).split(",") if s.strip()]  # "100,ddim50": two respacings
+    steps = None if args.steps is None else [s.strip() for s in args.steps.split(",") if s.strip()]  # two: "100,ddim50"
     if args.demo:
         return ServeConfig.demo(replicas=args.replicas, gpus_per_replica=gpus, max_slots=args.max_slots,
-                                queue=args.queue, timeout_s=args.timeout,
-                                **({"steps_allowed": steps} if args.steps != STEPS_DEFAULT else {}))
+                                queue=args.queue, timeout_s=args.timeout, speed=args.speed,
+                                **({"steps_allowed": steps} if steps else {}))
     # Replicas may run on other machines of a cluster: files by absolute path.
     unet, ckpt = (os.path.abspath(p) if p else None for p in (args.unet, args.codec_checkpoint))
     return ServeConfig(unet=unet, preset=args.preset, codec=args.codec, quality=args.quality,
                        codec_checkpoint=ckpt, pretrained_codec=args.pretrained_codec,
-                       steps_allowed=steps, replicas=args.replicas, gpus_per_replica=gpus,
+                       steps_allowed=steps, speed=args.speed, replicas=args.replicas, gpus_per_replica=gpus,
                        max_slots=args.max_slots, queue=args.queue, timeout_s=args.timeout)
 
 

@@ -19,9 +19,10 @@ class ServeConfig:
     quality: Optional[int] = None
     codec_checkpoint: Optional[str] = None
     pretrained_codec: bool = False
-    steps_allowed: list = field(default_factory=lambda: ["1000"])  # respacings a request may ask for; first = default
-    sampler: str = "ddpm"
-    guidance: str = "dps"
+    speed: Optional[str] = None  # a preset of idemrt.speeds (None: "paper", DPS-1000); the fields below override it
+    steps_allowed: Optional[list] = None  # respacings a request may ask for; first = default (None: the preset's)
+    sampler: Optional[str] = None
+    guidance: Optional[str] = None
     scale: Optional[float] = None
     backend: Optional[str] = None  # default: fast on CUDA, eager otherwise
     replicas: int = 1
@@ -36,6 +37,10 @@ class ServeConfig:
     preview_size: int = 64  # longest side of a preview, pixels
 
     def __post_init__(self):
+        from ..speeds import resolve_speed
+
+        if self.steps_allowed is None:
+            self.steps_allowed = [resolve_speed(self.speed)["steps"]]
         self.steps_allowed = [str(s) for s in self.steps_allowed]
         if not self.steps_allowed:
             raise ValueError("steps_allowed needs at least one respacing")
@@ -48,14 +53,14 @@ class ServeConfig:
     @classmethod
     def demo(cls, **overrides) -> "ServeConfig":
         """The bundled demo models (idemrt/demo_models; 64x64-trained UNet, small hyperprior codec),
-        DDPM + DPS at the demo's 100 steps."""
+        DDPM + DPS at the demo's 100 steps, or a ``speed`` preset's configuration."""
         from ..demo import DEMO_SCALE, DEMO_STEPS, demo_config, demo_file
 
         cfg = demo_config()
         files = {k: str(demo_file(cfg[k]["file"])) for k in ("unet", "codec")}
+        own = {} if overrides.get("speed") else {"steps_allowed": [str(DEMO_STEPS)], "scale": DEMO_SCALE}
         return cls(**{"unet": files["unet"], "unet_overrides": cfg["unet"]["config"], "codec": cfg["codec"]["name"],
-                      "codec_checkpoint": files["codec"], "steps_allowed": [str(DEMO_STEPS)], "scale": DEMO_SCALE,
-                      **overrides})
+                      "codec_checkpoint": files["codec"], **own, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,6 +20,7 @@ import torch
 from .. import bitstream as bsfmt
 from ..api import Decoder, entropy_decode, read_bitstream
 from ..diffusion import QueueFullError
+from ..exact import exact_idempotence
 from .config import ServeConfig
 from .metrics import Metrics
 
@@ -58,10 +59,12 @@ class DecodeEngine:
         if codec is None:
             codec, unet = load_models(config, device)
         self.metrics = Metrics()
-        self.decoders = {s: Decoder(codec, unet, steps=_respacing(s), sampler=config.sampler,
+        self.decoders = {s: Decoder(codec, unet, steps=_respacing(s), speed=config.speed, sampler=config.sampler,
                                     guidance=config.guidance, scale=config.scale, device=device,
                                     backend=config.backend, max_pixels=config.max_pixels)
                          for s in config.steps_allowed}
+        # Post-processing (cropping, the exact-idempotence refinement) off the step loop's thread.
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idemrt-finish")
         self.schedulers = {s: d.scheduler(max_slots=config.max_slots, max_queue=config.queue)
                            for s, d in self.decoders.items()} if unet is not None else {}
         self.codec = self.decoders[config.steps_allowed[0]].codec
@@ -92,11 +95,21 @@ class DecodeEngine:
         decoder, scheduler = self.decoders[steps], self.schedulers[steps]
         if sum(s.pending() for s in self.schedulers.values()) >= self.config.queue:
             raise QueueFullError(f"the decode queue is full ({self.config.queue} images)")
-        n = decoder.schedule.num_steps
-        job = scheduler.submit(decoder.target_from_latent(y_hat), seed, (1, 3, bs.padded_height, bs.padded_width),
+        target = decoder.target_from_latent(y_hat)
+        job = scheduler.submit(target, seed, (1, 3, bs.padded_height, bs.padded_width), warm=decoder.warm_from_target(target),
                                timeout=self.config.timeout_s,
                                on_step=None if on_event is None else self._reporter(decoder, bs, on_event))
         self._wake.set()
+
+        def finish(r) -> None:
+            try:
+                image = ((r.x + 1) / 2).clamp_(0, 1)
+                if decoder.exact:
+                    image = exact_idempotence(decoder.codec, image, y_hat).x
+                image = image[..., : bs.height, : bs.width].float().cpu()
+                done.set_result(Decoded(image, r.distance, decoder.steps_run, time.monotonic() - t0))
+            except Exception as exc:  # noqa: BLE001 - the request fails, the service goes on
+                done.set_exception(exc)
 
         def resolve(f: Future) -> None:
             if f.cancelled():
@@ -104,20 +117,18 @@ class DecodeEngine:
             elif f.exception() is not None:
                 done.set_exception(f.exception())
             else:
-                r = f.result()
-                image = ((r.x + 1) / 2).clamp_(0, 1)[..., : bs.height, : bs.width].float().cpu()
-                done.set_result(Decoded(image, r.distance, n, time.monotonic() - t0))
+                self._finisher.submit(finish, f.result())
 
         job.future.add_done_callback(resolve)
         done.job = job  # the caller cancels through it (a client that went away)
         return done
 
     def _reporter(self, decoder, bs, on_event):
-        every = self.config.preview_every or max(1, decoder.schedule.num_steps // 10)
+        every = self.config.preview_every or max(1, decoder.steps_run // 10)
 
         def report(job) -> None:
             done = job.state.steps_run
-            on_event({"event": "progress", "step": done, "steps": decoder.schedule.num_steps})
+            on_event({"event": "progress", "step": done, "steps": decoder.steps_run})
             if job.state.running and done % every == 0:
                 on_event({"event": "preview", "step": done, "image": self._preview(decoder, job.state, bs)})
 
@@ -150,6 +161,7 @@ class DecodeEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
+        self._finisher.shutdown(wait=False)
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
