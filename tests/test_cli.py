@@ -143,3 +143,13 @@ def test_usage_errors_exit_2():  # argparse exits itself: needs a real process
     assert r.returncode == 2
     r = run("frobnicate")
     assert r.returncode == 2
+
+
+def test_python_dash_m_idemrt_is_the_idemrt_script(files):
+    """`python -m idemrt ...` works like the `idemrt` script (it used to fail: no __main__)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-m", "idemrt", "info", files / "missing.idm"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 3 and "idemrt: error" in out.stderr  # the CLI's own error handling ran
+    helped = subprocess.run([sys.executable, "-m", "idemrt", "--help"], capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "decompress" in helped.stdout and "serve" in helped.stdout
