@@ -24,8 +24,9 @@ Modes:
 Per mode: ms of the UNet forward, UNet forward+VJP (d/dx of <out, v>), operator forward+VJP, one whole
 guided step (median of --repeats after --warmup; CUDA events on CUDA; the fast modes' components are
 replayed from CUDA graphs, as in their step), and seconds of whole decodes of N steps (one run each:
-N consecutive steps of the mode's step function, noise drawn on the device, no per-step host sync;
-if N x step would exceed --max-decode-seconds the decode is not run and the value is the step time x
+N steps of the mode's step function driven by idemrt's own sampling loop — StepScheduler over
+GuidedSampler, as Decoder runs it: per-image generators on the device, a finiteness check every 10
+steps; if N x step would exceed --max-decode-seconds the decode is not run and the value is the step time x
 N, marked "extrapolated"). FLOPs per step are counted with torch.utils.flop_counter's formulas on one
 uncaptured step: "useful" = the eager step's (the algorithm), "executed" = the mode's own (the
 reference also recomputes attention and computes parameter gradients). TFLOP/s = useful FLOPs / step
@@ -53,7 +54,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from idemrt.backends.base import StepSpec, create_backend
 from idemrt.backends.cuda_graphs import capture, cudnn_autotune
 from idemrt.defaults import DTYPE_CHOICES, dtype_from_name
-from idemrt.diffusion import GUIDANCE, SAMPLERS, Schedule, distance, guided_step
+from idemrt.diffusion import (GUIDANCE, SAMPLERS, GuidedSampler, Schedule, StepScheduler, distance, guided_step,
+                              sample_jobs)
 from idemrt.errors import BackendError
 from idemrt.models.codec import diffusion_operator
 from idemrt.models.unet import PRESETS, ADMUNet, AttentionBlock, UNetConfig
@@ -321,20 +323,31 @@ def measure(mode: Mode, inputs, args, device, useful_flops, peak) -> dict:
     out["pct_peak"] = 100 * out["tflops"] / peak
 
     out["decode_s"] = {}
-    gen = torch.Generator(device=device).manual_seed(0)
     for n in args.decode_steps:
         estimate = ms["step"] * n / 1e3
         if estimate > args.max_decode_seconds:
             out["decode_s"][str(n)] = {"seconds": estimate, "extrapolated": True}
             continue
-
-        def decode(n=n):
-            xs = torch.randn(x.shape, device=device, generator=gen)
-            for i in range(n - 1, -1, -1):
-                xs, _ = mode.step_fn(xs, i, target, torch.randn(x.shape, device=device, generator=gen))
-
-        out["decode_s"][str(n)] = {"seconds": time_ms(decode, device, 0, 1) / 1e3, "extrapolated": False}
+        out["decode_s"][str(n)] = {"seconds": time_ms(lambda n=n: decode(mode, n, target, x.shape, device), device, 0, 1) / 1e3,
+                                   "extrapolated": False}
     return out
+
+
+class _StepOf:
+    """A mode's step as the backend the sampling loop drives (the reference mode has no backend)."""
+
+    def __init__(self, step_fn):
+        self.step = lambda x, i, target, noise, scale=None: step_fn(x, i, target, noise)
+
+
+def decode(mode: Mode, n: int, target, shape, device) -> None:
+    """An n-step decode of the batch through idemrt's own loop (StepScheduler over GuidedSampler:
+    per-image generators on the device, the finiteness check every 10 steps), as Decoder runs it."""
+    sampler = GuidedSampler(_StepOf(mode.step_fn), n, device=device, scale=0.6)
+    # The steps are positions n-1 .. 0 of the mode's 1000-step schedule: any step costs the same.
+    batch = shape[0]
+    sample_jobs(StepScheduler(sampler, max_slots=batch, max_queue=batch),
+                [(target[k : k + 1], k, (1, *shape[1:]), None, None) for k in range(batch)])
 
 
 def run_case(preset, codec_name, batch, args, device, peak):
