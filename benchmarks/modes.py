@@ -12,9 +12,11 @@ and decoded by each configuration (seed 0, eager fp32 on the CPU, batch 1).
 Per configuration and image (idemrt.demo's definitions; ``benchmarks/psc.py``'s patch SWD):
 UNet forwards and backwards (counted by a wrapper module around the UNet, not estimated), wall
 seconds of the perceptual decode, re-compression MSE to the MSE decode and the fraction of equal
-latent symbols, PSNR to the original, sharpness and patch SWD against the original. FID/KID
-(idemrt.fid) are not computed: no Inception weights on the machine this ran on, and 16 images of
-64x64 are too few for them to mean anything.
+latent symbols, PSNR to the original, sharpness and patch SWD against the original. With
+``--inception FILE`` (pytorch-fid's weights, a local file), also the paper's 64x64-patch FID and
+KID (idemrt.fid) of each configuration against the originals; 16 crops of 64x64 give 16-24
+patches, too few for FID to mean much, and no Inception weights were on the machine of the
+recorded run.
 
 Rows: ``dps1000`` (the paper's DPS, 1000 steps, scale 0.6: the reference), DPS and DSG at 100/50/20
 respaced steps, and warm starts (x_t0 from the MSE decode) x {DPS, DSG, pir} at start 0.2/0.4/0.6
@@ -108,7 +110,9 @@ def decoder_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
-def run_config(cfg: dict, images, codec, unet: CountingUNet) -> list[dict]:
+def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None) -> list[dict]:
+    """One configuration over the images; ``scores`` (an idemrt.fid.PatchScores) also collects the
+    8-bit decodes' patch features under the configuration's name."""
     from idemrt.api import Decoder
 
     pipe = Pipeline(codec, unet, steps=10, sampler="ddpm", guidance="dps", scale=1.0, device="cpu", progress=False)
@@ -123,6 +127,8 @@ def run_config(cfg: dict, images, codec, unet: CountingUNet) -> list[dict]:
                      "mse_recompress_mse": res["mse"]["recompress_mse"],
                      "mse_patch_swd": patch_swd(as_8bit(res["images"]["mse"]), x),
                      "unet_forwards": unet.forwards, "unet_backwards": unet.backwards})
+        if scores is not None:
+            scores.add(cfg["name"], as_8bit(res["images"]["perceptual"]))
         print(json.dumps(json_safe({"config": cfg["name"], **rows[-1]})), file=sys.stderr, flush=True)
     return rows
 
@@ -228,6 +234,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full128", action="store_true", help="add the two 128x128 photographs")
     p.add_argument("--json", default=None, help="write results here (rewritten after each config)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--inception", default=None,
+                   help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the "
+                        "paper's 64x64-patch FID and KID of each configuration against the originals")
     p.add_argument("--merge", nargs="*", default=None,
                    help="result JSON files or run logs to merge into a table (no decoding)")
     p.add_argument("--plot", default=None, help="Pareto plot PNG of the merged results")
@@ -244,12 +253,22 @@ def main(argv=None) -> dict:
     chosen = [c for c in configs() if (args.configs is None or c["name"] in args.configs)
               and c["name"] not in args.skip]
     result = {"environment": environment(), "configs": {}}
+    scores = None
+    if args.inception:
+        from idemrt.fid import PatchScores, load_inception
+
+        scores = PatchScores(load_inception(args.inception))
+        for _, x in images:
+            scores.add("original", x)
     for cfg in chosen:
         imgs = images[: args.reference_images] if cfg["name"] == "dps1000" and args.reference_images else images
         if args.grid_every and cfg["name"] != "dps1000" and not cfg["name"].startswith("speed-"):
             imgs = images[:: args.grid_every]
-        rows = run_config(cfg, imgs, codec, unet)
+        rows = run_config(cfg, imgs, codec, unet, scores)
         result["configs"][cfg["name"]] = {"config": cfg, "mean": summarise(rows), "rows": rows}
+        if scores is not None:  # patches of every image the configuration decoded, against all originals
+            kid, kid_std = scores.kid("original", cfg["name"], subsets=10, subset_size=min(100, scores.count(cfg["name"])))
+            result["configs"][cfg["name"]].update(fid=scores.fid("original", cfg["name"]), kid=kid, kid_std=kid_std)
         if args.json:
             Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
     return result
