@@ -204,10 +204,12 @@ def pareto_plot(table: list[dict], png) -> None:
             name = row["config"]
             kind = name.split("-")[1] if name.startswith("warm") else name.rstrip("0123456789")
             ax.scatter(cost, row[key], s=18, label=kind, c=f"C{colors.setdefault(kind, len(colors))}")
-            if row["config"] in ("dps1000", "speed-fast", "speed-balanced"):
+            if row["config"] in ("dps1000", "speed-fast", "warm-dsg-s0.4-n20-exact"):
                 ax.annotate(row["config"], (cost, row[key]), fontsize=7)
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1.0) if key == "recompress_mse" else None
+        if key == "recompress_mse":
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("UNet evaluations per image (forwards + backwards, counted)")
         ax.set_ylabel(label)
         handles, labels = ax.get_legend_handles_labels()
