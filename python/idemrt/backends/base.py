@@ -5,7 +5,8 @@ Every backend is built from the same ingredients and exposes one call::
     x_prev, distance = backend.step(x_t, i, target, noise, scale=None)
 
 with ``x_t`` the fp32 diffusion state (N, 3, H, W) in [-1, 1], ``i`` the position in the
-respaced schedule (counting down to 0) — an int, or one per sample (an (N,) integer tensor) —
+respaced schedule (counting down to 0) — an int, or one per sample (a list of ints or an (N,)
+integer tensor; a list costs a graph-capturing backend no device sync) —
 ``target`` the constraint target (N, ...), ``noise`` the step's Gaussian noise (same shape as
 ``x_t``), ``scale`` None (the guidance's own) or the (N,) per-sample DPS scales, ``x_prev`` fp32
 and ``distance`` the per-sample constraint distance (N,) measured at this step's x0 prediction.

@@ -20,6 +20,8 @@ class EagerBackend:
 
     def step(self, x_t, i, target, noise, scale=None):
         s = self.spec
+        if isinstance(i, (list, tuple)):  # one index per sample, from the host
+            i = torch.tensor(i, device=s.sampler.device)
         if s.guidance is None:
             return plain_step(s.unet, s.sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])
         return guided_step(s.unet, s.operator, s.sampler, s.guidance, x_t, i, target, noise, scale)

@@ -147,7 +147,9 @@ class GuidedSampler:
         scales = [self.step_scale(s) for s in states] + [self.step_scale(states[0])] * pad
         if pad:
             noise = torch.cat([noise, noise.new_zeros((pad, *shape[1:]))])
-        i = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        # Host ints: a backend that picks its graph from the indices (fast, ONNX) reads them without
+        # a device sync; the others put them on the device themselves.
+        i = positions[0] if len(set(positions)) == 1 else positions
         x, dist = self.backend.step(x, i, target, noise, torch.tensor(scales, device=self.device))
         positions = positions[:n]
         check = any(p % self.check_every == 0 for p in positions)
