@@ -7,11 +7,12 @@
 #     bash benchmarks/gpu_session.sh ffhq           # latency.py, ffhq256, both codecs, batch 1 and 8
 #     bash benchmarks/gpu_session.sh imagenet       # latency.py, imagenet256
 #     bash benchmarks/gpu_session.sh psc            # benchmarks/psc.py, eager and fast
+#     bash benchmarks/gpu_session.sh lease          # all of it, cut down to one call of a 15-minute lease
 #
 # Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
 # call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc}
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease}
 OUT=${OUT:-/tmp/idemrt_out}
 mkdir -p "$OUT" /tmp/site /tmp/pkg
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -39,5 +40,22 @@ case $part in
             timeout $((limit / 2)) python3 benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.05 0.1 0.2 \
                 --backend "$backend" --max-rounds 4 --json "$OUT/psc_$backend.json" 2>&1 | tee "$OUT/psc_$backend.log"
         done ;;
+    lease)
+        # One call of about 9 minutes, most wanted first; every file lands directly in $OUT (at most 8
+        # come back), every step has its own time limit, and the JSON files are written as rows arrive.
+        lat="python3 benchmarks/latency.py --warmup 2 --repeats 5 --decode-steps 100,1000"
+        { timeout 200 $lat --preset ffhq256 --codec hyperprior --batch 1,8 --modes reference,eager,fast,fast-triton \
+              --max-decode-seconds 12 --json "$OUT/latency_ffhq256.json"
+          timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_backend_fast.py tests/test_guidance.py \
+              tests/test_psc_fast.py tests/test_backend_trt.py tests/test_kernels_gdn.py tests/test_kernels_groupnorm_silu.py \
+              tests/test_kernels_loss_seed.py tests/test_kernels_sampler_update.py
+          timeout 45 python3 benchmarks/kernels.py --device cuda --no-compile --json "$OUT/kernels.json"
+          timeout 60 $lat --preset imagenet256 --codec hyperprior --batch 1 --modes eager,fast --max-decode-seconds 6 \
+              --json "$OUT/latency_imagenet256.json"
+          timeout 50 python3 benchmarks/psc.py --device cuda --preset ffhq256 --bpp 0.1 --backend fast --max-rounds 2 \
+              --warmup 1 --repeats 2 --json "$OUT/psc_fast.json"
+          timeout 70 $lat --preset ffhq256 --codec hyperprior,elic --batch 1 --modes fast-compile --max-decode-seconds 6 \
+              --json "$OUT/latency_ffhq256_compile.json"
+        } 2>&1 | tee "$OUT/lease.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -350,7 +350,7 @@ def decode(mode: Mode, n: int, target, shape, device) -> None:
                 [(target[k : k + 1], k, (1, *shape[1:]), None, None) for k in range(batch)])
 
 
-def run_case(preset, codec_name, batch, args, device, peak):
+def run_case(preset, codec_name, batch, args, device, peak, rows, save):
     print(f"[{preset} / {codec_name} / batch {batch}] building models", file=sys.stderr, flush=True)
     unet = build_unet(preset, device)
     codec = build_codec(codec_name, device)
@@ -370,17 +370,16 @@ def run_case(preset, codec_name, batch, args, device, peak):
     unet.requires_grad_(False)
     useful = count_flops(lambda: guided_step(unet, spec.operator, spec.sampler, spec.guidance,
                                              x, STEP_INDEX, target, noise))
-    rows = []
     for name in args.modes:
         print(f"  {name}", file=sys.stderr, flush=True)
         row = run_mode(name, spec, unet, inputs, args, device, useful, peak)
         row.update(preset=preset, codec=codec_name, batch=batch, size=size)
         rows.append(row)
+        save()
         print_row(row)
         gc.collect()  # the mode's backend, graphs and model copies
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 # --------------------------------------------------------------------------- output
@@ -478,14 +477,19 @@ def main(argv=None):
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"bf16 matmul peak (measured) {peak:.3g} TFLOP/s", flush=True)
     rows = []
+
+    def save():  # after every mode, so that a run stopped at a time limit keeps what it measured
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({"environment": env, "peak_bf16_tflops": peak, "step_index": STEP_INDEX,
+                           "sampler": args.sampler, "guidance": args.guidance, "rows": rows}, f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
     for preset in args.preset:
         for codec_name in args.codec:
             for batch in args.batch:
-                rows.extend(run_case(preset, codec_name, batch, args, device, peak))
+                run_case(preset, codec_name, batch, args, device, peak, rows, save)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "peak_bf16_tflops": peak, "step_index": STEP_INDEX,
-                       "sampler": args.sampler, "guidance": args.guidance, "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -26,7 +26,7 @@ from compressai.models import ScaleHyperprior
 import adm_reference as ref
 from idemrt.backends.base import StepSpec, create_backend
 from idemrt.backends.cuda_graphs import GraphSet
-from idemrt.backends.fast import FastBackend
+from idemrt.backends.fast import FastBackend, default_kernels
 from idemrt.diffusion import DDIMSampler, DDPMSampler, DPS, DSG, PIR, Schedule
 from idemrt.errors import BackendError
 from idemrt.models.codec import Codec
@@ -90,6 +90,19 @@ def test_registered_with_cpu_defaults(unet, codec):
     assert isinstance(backend, FastBackend)
     assert backend.dtype == torch.bfloat16 and backend.operator_dtype == torch.bfloat16
     assert backend.graphs is False and backend.kernels == "torch"
+
+
+def test_default_kernels_are_triton_on_cuda_where_they_fit(unet, codec):
+    spec = make_spec(unet, codec)
+    assert default_kernels(spec, torch.device("cuda", 0)) == "triton"
+    assert default_kernels(spec, CPU) == "torch"
+    # a GroupNorm the fused kernel does not compute, or an operator without an idemrt Codec: torch
+    odd = copy.deepcopy(unet)
+    next(m for m in odd.modules() if isinstance(m, torch.nn.GroupNorm)).eps = 1e-3
+    assert default_kernels(make_spec(odd, codec), torch.device("cuda", 0)) == "torch"
+    foreign = StepSpec(unet=unet, operator=spec.operator, codec=None, constraint="x", sampler=spec.sampler,
+                       guidance=spec.guidance)
+    assert default_kernels(foreign, torch.device("cuda", 0)) == "torch"
 
 
 def test_bad_arguments(unet, codec):
