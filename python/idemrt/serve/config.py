@@ -1,13 +1,16 @@
 """What a decode service serves: its models and limits, from the server's configuration only.
 
 A client never names a file or a model: requests pick among what this configuration allows
-(``steps_allowed``, modes, formats). The same object is the Ray Serve application's argument and
+(``speeds_allowed``, ``steps_allowed``, modes, formats, priorities). The same object is the Ray Serve application's argument and
 what ``idemrt serve --print-config`` writes into the YAML that ``serve deploy`` takes.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+PRIORITIES = range(0, 10)  # a request's priority: higher runs first (and may preempt lower ones)
+MAX_SEED = 2**63 - 1  # seeds are 0 <= seed <= MAX_SEED (torch.Generator.manual_seed's signed range)
 
 
 @dataclass
@@ -19,8 +22,9 @@ class ServeConfig:
     quality: Optional[int] = None
     codec_checkpoint: Optional[str] = None
     pretrained_codec: bool = False
-    speed: Optional[str] = None  # a preset of idemrt.speeds (None: "paper", DPS-1000); the fields below override it
-    steps_allowed: Optional[list] = None  # respacings a request may ask for; first = default (None: the preset's)
+    speed: Optional[str] = None  # the default preset of idemrt.speeds (None: "paper", DPS-1000); the fields below override it
+    speeds_allowed: Optional[list] = None  # presets a request may ask for (None: all, the default first)
+    steps_allowed: Optional[list] = None  # respacings of the default speed; first = default (None: the preset's)
     sampler: Optional[str] = None
     guidance: Optional[str] = None
     scale: Optional[float] = None
@@ -39,6 +43,16 @@ class ServeConfig:
     def __post_init__(self):
         from ..speeds import resolve_speed
 
+        from ..speeds import SPEEDS
+
+        self.speed = resolve_speed(self.speed)["speed"]
+        if self.speeds_allowed is None:
+            self.speeds_allowed = [self.speed] + [s for s in SPEEDS if s != self.speed]
+        self.speeds_allowed = [str(s) for s in self.speeds_allowed]
+        unknown = [s for s in self.speeds_allowed if s not in SPEEDS]
+        if unknown or self.speed not in self.speeds_allowed:
+            raise ValueError(f"speeds_allowed must be presets of {list(SPEEDS)} and hold the default speed "
+                             f"{self.speed!r}, got {self.speeds_allowed}")
         if self.steps_allowed is None:
             self.steps_allowed = [resolve_speed(self.speed)["steps"]]
         self.steps_allowed = [str(s) for s in self.steps_allowed]
@@ -61,6 +75,13 @@ class ServeConfig:
         own = {} if overrides.get("speed") else {"steps_allowed": [str(DEMO_STEPS)], "scale": DEMO_SCALE}
         return cls(**{"unet": files["unet"], "unet_overrides": cfg["unet"]["config"], "codec": cfg["codec"]["name"],
                       "codec_checkpoint": files["codec"], **own, **overrides})
+
+    def steps_for(self, speed: str) -> list:
+        """The respacings a request of ``speed`` may ask for, the default first: ``steps_allowed``
+        for the server's default speed, the preset's own for the others."""
+        from ..speeds import SPEEDS
+
+        return list(self.steps_allowed) if speed == self.speed else [str(SPEEDS[speed]["steps"])]
 
     def to_dict(self) -> dict:
         return asdict(self)
