@@ -126,7 +126,7 @@ class Decoder:
     def guided_sampler(self) -> GuidedSampler:
         """Per-image sampling over this decoder's backend (what a decode service's scheduler drives)."""
         return GuidedSampler(self.backend, self.schedule.num_steps, device=self.device,
-                             scale=getattr(self.guidance, "scale", None), retry=self.retry,
+                             scale=None if self.guidance is None else self.guidance.default_scale(), retry=self.retry,
                              noise_device=self.noise_device, check_every=self.check_every,
                              warm_start=self.warm_start)
 

@@ -148,7 +148,7 @@ class FastBackend:
         if self._fused is not None:
             return self._fused_step(x_t, target, noise, i, scale)
         sampler = self.sampler
-        if getattr(self.spec.guidance, "proximal", False):  # PIR: UNet forward + codec-only data step
+        if self.spec.guidance.step_kind == "proximal":  # PIR: UNet forward + codec-only data step
             return proximal_step(self.model_output, self.apply_operator, sampler, self.spec.guidance, x_t, i,
                                  target, noise)
         rows = sampler.rows(i)
@@ -206,7 +206,7 @@ class FastBackend:
         else:
             i_dev = torch.tensor(steps, dtype=torch.long, device=self.device)
         if scale is None:
-            scale = torch.full((n,), float(getattr(guidance, "scale", 0.0)), device=self.device)
+            scale = torch.full((n,), float(guidance.default_scale() or 0.0) if guidance is not None else 0.0, device=self.device)
         else:
             scale = torch.as_tensor(scale, dtype=torch.float32).to(self.device).expand(n)
         if guided:

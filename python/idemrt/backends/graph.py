@@ -93,7 +93,7 @@ class GraphStepBackend:
         # The graphs take the original timesteps as float32 (exact for integers < 2^24).
         t = sampler.model_timesteps(i, n).to(torch.float32)
         with torch.no_grad():
-            if guided and getattr(spec.guidance, "proximal", False):  # PIR: the graph holds the data step
+            if guided and spec.guidance.step_kind == "proximal":  # PIR: the graph holds the data step
                 rows = sampler.rows(i)
                 _, x0, dist = self._run("step", (height, width, tuple(target.shape[1:])), x_t, t, target, rows)
                 return finish_proximal(sampler, spec.guidance, x_t, x0, noise, i, rows), dist.clone()

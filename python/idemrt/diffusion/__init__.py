@@ -4,11 +4,13 @@ step-level batching loop (:mod:`.scheduler`).
 
 Small stateless pieces in the style of diffusers' schedulers; the loop owns the random numbers.
 """
-from .guidance import DPS, DSG, GUIDANCE, PIR, RetryPolicy, distance, make_guidance
-from .guided_sampler import GuidedSampler, ImageState
-from .samplers import SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, make_sampler, x0_from_eps
+from .guidance import DPS, DSG, GUIDANCE, PIR, Guidance, RetryPolicy, distance, make_guidance
+from .guided_sampler import GuidedSampler, ImageState, Program
+from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, StackedSampler, make_sampler,
+                       x0_from_eps)
 from .schedule import Schedule, WarmStart, linear_betas, space_timesteps
-from .scheduler import DeadlineExceeded, Job, JobResult, QueueFullError, StepScheduler, sample_jobs
+from .scheduler import (DeadlineExceeded, Job, JobResult, QueueFullError, RequestStatus, SchedulerOutput, StepScheduler,
+                        sample_jobs)
 from .step import (ProximalStep, StepGradient, finish_proximal, finish_step, guided_step, plain_step, proximal_step,
                    proximal_x0, step_gradient)
 
@@ -27,6 +29,11 @@ __all__ = [
     "proximal_step",
     "proximal_x0",
     "GUIDANCE",
+    "Guidance",
+    "Program",
+    "RequestStatus",
+    "SchedulerOutput",
+    "StackedSampler",
     "GuidedSampler",
     "ImageState",
     "Prediction",

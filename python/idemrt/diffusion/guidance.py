@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -49,6 +49,27 @@ def _check_finite(name: str, value: float, minimum: float = 0.0) -> float:
     return value
 
 
+StepKind = Literal["gradient", "proximal"]
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """What a step function needs to know of a guidance, declared by each class.
+
+    ``step_kind``: "gradient" (the UNet is differentiated: x_{t-1} = update(sample, grad)) or
+    "proximal" (no UNet backward: a data step on x0 through the codec alone). Images whose
+    guidance has the same step kind (and whose samplers stack, :meth:`Sampler.family`) can share
+    one batched step; the others cannot. ``default_scale()``: the DPS step length a retry scales,
+    or None when the guidance has none (then no retry is made)."""
+
+    name: ClassVar[str]
+    step_kind: ClassVar[StepKind]
+
+    def default_scale(self) -> Optional[float]: ...
+
+    def active(self, i): ...
+
+
 @dataclass(frozen=True)
 class DPS:
     """Diffusion posterior sampling ('ps'): ``x_{t-1} = sample - scale·grad``.
@@ -58,10 +79,14 @@ class DPS:
     """
 
     name: ClassVar[str] = "dps"
+    step_kind: ClassVar[StepKind] = "gradient"
     scale: float = 0.6
 
     def __post_init__(self):
         _check_finite("DPS scale", self.scale)
+
+    def default_scale(self) -> Optional[float]:
+        return self.scale
 
     def active(self, i) -> bool:
         return True
@@ -87,6 +112,7 @@ class DSG:
     """
 
     name: ClassVar[str] = "dsg"
+    step_kind: ClassVar[StepKind] = "gradient"
     interval: int = 1
     guidance_rate: float = 0.1  # hard-coded to 0.1 in the reference
 
@@ -94,6 +120,9 @@ class DSG:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"DSG interval must be an int >= 1, got {self.interval!r}")
         _check_finite("DSG guidance_rate", self.guidance_rate)
+
+    def default_scale(self) -> Optional[float]:
+        return None
 
     def active(self, i) -> bool | Tensor:
         """Whether step ``i`` is guided: a bool, or a bool tensor of ``i``'s shape (per sample)."""
@@ -134,7 +163,7 @@ class PIR:
     """
 
     name: ClassVar[str] = "pir"
-    proximal: ClassVar[bool] = True  # backends run the proximal step, not gradient + update
+    step_kind: ClassVar[StepKind] = "proximal"  # backends run the proximal step, not gradient + update
     # Defaults from a sweep on the demo models (docs/fast_modes.md): the demo codec's ||J||² is
     # about 2.9, so jac_norm2 = 3 keeps every data step contracting.
     iters: int = 4
@@ -156,6 +185,9 @@ class PIR:
 
     def active(self, i) -> bool:
         return True
+
+    def default_scale(self) -> Optional[float]:
+        return None
 
     def rho(self, rows: Tensor, like: Tensor) -> Tensor:
         """ρ_t per sample from the sampler rows (column 1 is sqrt(1/abar - 1): ρ = lam/it²)."""

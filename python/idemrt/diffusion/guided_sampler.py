@@ -19,6 +19,17 @@ same generator, continuing after the full previous attempt (an attempt cut short
 values draws its remaining steps' noise first, so a retry does not depend on when the failure
 was seen).
 
+Programs: how an image is sampled — its respacing's rows in the backend's step table (one table
+may stack several respacings, :class:`~idemrt.diffusion.samplers.StackedSampler`), its DPS scale
+and its warm start — is the image's :class:`Program`, so images of a 1000-step, a 100-step and a
+warm-started 20-step decode advance in one batch, each at its own row.
+
+Batch invariance: in the default mode a batch runs as one backend call, and an image's numbers can
+depend on what else is in the batch (other kernels, other summation orders; DPS amplifies such
+float differences over the steps: docs/serving.md gives the measured size). With
+``deterministic=True`` every image runs its step as its own call of batch 1, so its result does
+not depend on the batch or on when it joined — at the cost of batching.
+
 Retries (:class:`~idemrt.diffusion.guidance.RetryPolicy`, per image): non-finite values -> the
 DPS scale times ``nan_factor`` (then :class:`idemrt.DecodeError` when they are spent); a final
 distance above the threshold -> the scale times ``factor``. The scale is per-sample data of the
@@ -35,6 +46,25 @@ from torch import Tensor
 
 from .guidance import RetryPolicy
 from .schedule import WarmStart
+
+
+@dataclass(frozen=True)
+class Program:
+    """How one image is sampled. ``offset``: the first row of its respacing in the backend's step
+    table; ``num_steps``: the respacing's length; ``scale``: the DPS step length (None: the
+    guidance has none, and no retry is made); ``warm_start``: where it starts from its MSE decode
+    (None: from x_T at the last step)."""
+
+    num_steps: int
+    scale: Optional[float] = None
+    warm_start: Optional[WarmStart] = None
+    offset: int = 0
+    name: str = ""
+
+    @property
+    def steps_run(self) -> int:
+        """Network evaluations of one attempt."""
+        return self.num_steps if self.warm_start is None else self.warm_start.position + 1
 
 
 @dataclass
@@ -54,6 +84,12 @@ class ImageState:
     error: Optional[str] = None  # set when the image cannot be decoded (retries spent)
     steps_run: int = 0  # network evaluations, all attempts
     warm: Optional[Tensor] = None  # (1, C, H, W) x_mse in [-1, 1] of a warm start (each attempt restarts from it)
+    program: Optional[Program] = None
+
+    @property
+    def row(self) -> int:
+        """The backend table row of the next step."""
+        return self.program.offset + self.position
 
     @property
     def running(self) -> bool:
@@ -75,43 +111,50 @@ class GuidedSampler:
     (None when the guidance has none: no retry then); ``check_every``: how often (in steps) the
     states are checked for non-finite values, one host sync each (non-finite values never heal,
     so a check every few steps is enough); ``warm_start``: where and how images start from their
-    MSE decode (:meth:`~idemrt.diffusion.schedule.Schedule.warm_start`; None: from x_T).
+    MSE decode (:meth:`~idemrt.diffusion.schedule.Schedule.warm_start`; None: from x_T). These
+    make the default :class:`Program`; :meth:`start` takes another one per image.
+    ``deterministic``: one backend call per image (see the module doc).
     """
 
     def __init__(self, backend, num_steps: int, *, device, scale: Optional[float] = None,
                  retry: RetryPolicy = RetryPolicy(), noise_device=None, check_every: int = 10,
-                 progress: bool = False, warm_start: Optional[WarmStart] = None):
+                 progress: bool = False, warm_start: Optional[WarmStart] = None, deterministic: bool = False):
         self.backend = backend
-        self.num_steps = int(num_steps)
+        self.program = Program(int(num_steps), scale, warm_start)
         self.device = torch.device(device)
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
-        self.scale = scale
         self.retry = retry
         self.check_every = max(1, int(check_every))
-        self.warm_start = warm_start
+        self.deterministic = bool(deterministic)
+
+    @property
+    def num_steps(self) -> int:
+        return self.program.num_steps
 
     # -- per-image state ----------------------------------------------------------------------
     def start(self, target: Tensor, seed: int, shape: Sequence[int], x_T: Optional[Tensor] = None,
-              warm: Optional[Tensor] = None) -> ImageState:
+              warm: Optional[Tensor] = None, program: Optional[Program] = None) -> ImageState:
         """A new image at its first step: x_T drawn from its generator (or ``x_T`` (1, C, H, W)), or
-        with ``warm_start``, x_t0 from ``warm`` (1, C, H, W), the MSE decode in [-1, 1]."""
-        if (self.warm_start is not None) != (warm is not None):
-            raise ValueError("a warm-started sampler needs warm= (the MSE decode), and only it takes one")
+        with a warm start, x_t0 from ``warm`` (1, C, H, W), the MSE decode in [-1, 1]. ``program``:
+        the image's (default: this sampler's)."""
+        program = self.program if program is None else program
+        if (program.warm_start is not None) != (warm is not None):
+            raise ValueError("a warm-started program needs warm= (the MSE decode), and only it takes one")
         if warm is not None and x_T is not None:
             raise ValueError("pass x_T or warm, not both")
         gen = torch.Generator(self.noise_device).manual_seed(int(seed))
         state = ImageState(x=x_T, target=target.to(self.device), generator=gen,
-                           scale=self.scale if self.scale is not None else math.nan, position=-1,
-                           warm=None if warm is None else warm.to(self.device, torch.float32))
+                           scale=program.scale if program.scale is not None else math.nan, position=-1,
+                           warm=None if warm is None else warm.to(self.device, torch.float32), program=program)
         self._begin_attempt(state, tuple(shape), x_T)
         return state
 
     def _begin_attempt(self, state: ImageState, shape: tuple, x_T: Optional[Tensor] = None) -> None:
         state.failed_at = None
-        ws = self.warm_start
+        ws = state.program.warm_start
         if ws is None:
             state.x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
-            state.position = self.num_steps - 1
+            state.position = state.program.num_steps - 1
             return
         state.x = ws.sqrt_abar * state.warm + ws.sqrt_one_minus_abar * self._noise([state], shape)
         state.position = ws.position
@@ -120,6 +163,10 @@ class GuidedSampler:
         noise = torch.stack([torch.randn(shape[1:], generator=s.generator, device=self.noise_device)
                              for s in states])
         return noise.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def has_scale(state: ImageState) -> bool:
+        return state.program.scale is not None
 
     def step_scale(self, state: ImageState) -> float:
         """The DPS scale of the state's next step: the attempt's, shrunk after non-finite tries."""
@@ -143,15 +190,20 @@ class GuidedSampler:
         x = torch.cat([s.x for s in states] + [states[0].x] * pad)
         target = torch.cat([s.target for s in states] + [states[0].target] * pad)
         noise = self._noise(states, shape)
-        positions = [s.position for s in states] + [states[0].position] * pad
+        rows = [s.row for s in states] + [states[0].row] * pad
         scales = [self.step_scale(s) for s in states] + [self.step_scale(states[0])] * pad
         if pad:
             noise = torch.cat([noise, noise.new_zeros((pad, *shape[1:]))])
-        # Host ints: a backend that picks its graph from the indices (fast, ONNX) reads them without
-        # a device sync; the others put them on the device themselves.
-        i = positions[0] if len(set(positions)) == 1 else positions
-        x, dist = self.backend.step(x, i, target, noise, torch.tensor(scales, device=self.device))
-        positions = positions[:n]
+        if self.deterministic:  # each image alone: its numbers do not depend on the batch
+            outs = [self.backend.step(x[k : k + 1], rows[k], target[k : k + 1], noise[k : k + 1],
+                                      torch.tensor(scales[k : k + 1], device=self.device)) for k in range(n)]
+            x, dist = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        else:
+            # Host ints: a backend that picks its graph from the indices (fast, ONNX) reads them
+            # without a device sync; the others put them on the device themselves.
+            i = rows[0] if len(set(rows)) == 1 else rows
+            x, dist = self.backend.step(x, i, target, noise, torch.tensor(scales, device=self.device))
+        positions = [s.position for s in states]
         check = any(p % self.check_every == 0 for p in positions)
         finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(dist)).tolist() if check else None
         for k, s in enumerate(states):
@@ -177,7 +229,7 @@ class GuidedSampler:
         ``error``), False if it was restarted for a retry (then keep advancing it)."""
         if state.running:
             raise ValueError("finish() of a state that is still running")
-        has_scale = self.scale is not None
+        has_scale = self.has_scale(state)
         if state.failed_at is not None:
             if not has_scale or state.nan_tries >= self.retry.nan_retries:
                 tried = f" and {state.nan_tries} retries down to scale {self.step_scale(state):g}" if has_scale else ""

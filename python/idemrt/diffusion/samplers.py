@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .schedule import Schedule
 
-__all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "make_sampler", "per_sample", "x0_from_eps"]
+__all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "StackedSampler", "make_sampler",
+           "per_sample", "x0_from_eps"]
 
 
 class Prediction(NamedTuple):
@@ -77,10 +78,18 @@ class Sampler:
             raise AssertionError(f"{type(self).__name__}: {table.shape[1]} columns for names {self.columns}")
         self._table = torch.from_numpy(table).float()
         self.timesteps = torch.from_numpy(schedule.timestep_map).long()
+        # sqrt(abar) of step i - 1 per row (1 at i == 0): 1/sqrt(1/abar) of the previous row in
+        # float32, kept as a vector so that stacked tables keep each respacing's own first row.
+        self._sqrt_abar_prev = torch.cat([torch.ones(1), 1 / self._table[:-1, 0]])
 
     @property
     def num_steps(self) -> int:
-        return self.schedule.num_steps
+        return self._table.shape[0]
+
+    def family(self) -> tuple:
+        """Samplers of one family share ``predict_rows``/``step_rows`` and differ only in their
+        table rows, so their tables stack into one (:class:`StackedSampler`)."""
+        return (type(self).__name__,)
 
     @property
     def device(self) -> torch.device:
@@ -95,6 +104,7 @@ class Sampler:
         moved = copy.copy(self)
         moved._table = self._table.to(device)
         moved.timesteps = self.timesteps.to(device)
+        moved._sqrt_abar_prev = self._sqrt_abar_prev.to(device)
         return moved
 
     def _index(self, i) -> Tensor | int:
@@ -121,9 +131,8 @@ class Sampler:
         row: 0-dim for an int, (N,) for an (N,) tensor, gathered on the device."""
         i = self._index(i)
         if isinstance(i, int):
-            return 1 / self._table[i - 1, 0] if i > 0 else self._table.new_ones(())
-        prev = 1 / self.rows((i - 1).clamp_min(0))[..., 0]
-        return torch.where(i == 0, torch.ones_like(prev), prev)
+            return self._sqrt_abar_prev[i]
+        return self._sqrt_abar_prev.index_select(0, i.reshape(-1)).reshape(i.shape)
 
     def model_timesteps(self, i, batch: int) -> Tensor:
         """The UNet time input for step ``i``: ``timestep_map[i]`` as a long ``(batch,)`` tensor."""
@@ -223,6 +232,9 @@ class DDIMSampler(Sampler):
         ])
         self.eta = eta
 
+    def family(self) -> tuple:
+        return (type(self).__name__, self.eta)
+
     def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
         recip, recipm1, sqrt_abar_prev, sigma, eps_coef, _ = self._columns(rows, x_t)
         eps, _ = self._split(model_out, x_t, allow_eps_only=True)
@@ -230,6 +242,43 @@ class DDIMSampler(Sampler):
         eps = (recip * x_t - x0) / recipm1
         mean = x0 * sqrt_abar_prev + eps_coef * eps
         return Prediction(x0, mean, sigma.expand_as(x_t))
+
+
+class StackedSampler(Sampler):
+    """Several samplers of one :meth:`~Sampler.family` (e.g. the 1000-, 100- and 50-step
+    respacings of DDPM) as one table: row ``offsets[k] + i`` is step i of ``samplers[k]``, so one
+    batched step runs images of different respacings, each at its own row. ``align``: every
+    offset is a multiple of it (DSG's interval then reads ``row % interval`` as ``i % interval``).
+    """
+
+    def __init__(self, samplers, align: int = 1):
+        samplers = list(samplers)
+        if not samplers or len({s.family() for s in samplers}) != 1:
+            raise ValueError(f"only samplers of one family stack, got {[s.family() for s in samplers]}")
+        if len({s.device for s in samplers}) != 1:
+            raise ValueError("samplers to stack must have their tables on one device")
+        self.samplers, self.columns, self.offsets = samplers, samplers[0].columns, []
+        tables, timesteps, prev, rows = [], [], [], 0
+        for s in samplers:
+            pad = -rows % align
+            if pad:  # unused rows (never indexed): copies of the next sampler's first row
+                tables.append(s._table[:1].expand(pad, -1))
+                timesteps.append(s.timesteps[:1].expand(pad))
+                prev.append(s._sqrt_abar_prev[:1].expand(pad))
+                rows += pad
+            self.offsets.append(rows)
+            tables.append(s._table)
+            timesteps.append(s.timesteps)
+            prev.append(s._sqrt_abar_prev)
+            rows += s.num_steps
+        self.schedule = None  # one per stacked sampler: ``samplers[k].schedule``
+        self._table, self.timesteps, self._sqrt_abar_prev = torch.cat(tables), torch.cat(timesteps), torch.cat(prev)
+
+    def family(self) -> tuple:
+        return self.samplers[0].family()
+
+    def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
+        return self.samplers[0].predict_rows(model_out, x_t, rows)
 
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}  # by name, as Decoder(sampler=...) and the CLI take it

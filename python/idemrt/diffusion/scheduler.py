@@ -4,25 +4,45 @@ A guided decode is tens to hundreds of steps. Batching whole requests makes a re
 arrives one step late wait for the whole batch; here, as in LLM servers' iteration-level
 batching, images join the running batch at the next step and leave when they are done.
 
-* A **group** is the set of images that can share a batch: same image and target shape (one
-  Decoder fixes the models, schedule and guidance). Each iteration advances every running image
-  of one group by one step — each at its own step index (:meth:`GuidedSampler.advance`).
-* Between two iterations, waiting images **join** their group's running batch (up to
-  ``max_slots``) and finished, cancelled or timed-out ones **leave**. A finished attempt that
-  needs a retry restarts in place (:meth:`GuidedSampler.finish`).
-* Groups of different shapes **take turns**, round-robin, so no group starves another.
-* Batches are padded to the next of ``slot_counts`` (default: the backend's ``slot_counts``, e.g.
-  1, 2, 4, 8, 16 for CUDA graphs), unused slots masked, so a graph backend captures a few shapes.
+An iteration is three parts, as in vLLM's engine core:
 
-Each image's result equals its decode alone with the same seed: samples are independent (per-sample
-norms, per-sample step indices and scales) and each image draws its noise from its own generator.
+* :meth:`StepScheduler.schedule` — pure bookkeeping, no device work: drops cancelled and
+  timed-out jobs, picks the **group** to step (images that can share a batch: one
+  :class:`GuidedSampler` — one backend and step table — and one image and target shape), chooses
+  its batch within the **budget** (``max_slots`` images and ``pixel_budget`` pixels per step) by
+  **priority**, then earliest deadline, then arrival, and returns a :class:`SchedulerOutput`: who
+  runs, who joined, who was **preempted**.
+* :meth:`StepScheduler.execute` — the device work: one batched step of the plan's images, each
+  at its own row of the step table (:meth:`GuidedSampler.advance`).
+* :meth:`StepScheduler.update_from_output` — progress callbacks, finished attempts resolved or
+  restarted for a retry.
+
+Groups: the group of the most urgent job (highest priority) steps; groups tied at the top
+priority take turns, round-robin. Within a group, running images keep their slots against
+waiting ones of the same priority (no thrashing); a waiting image of *higher* priority takes the
+slot of the lowest-ranked running one, which is **parked**: its x_t, position and generator are
+its whole state, so it resumes later exactly where it stopped (with ``deterministic`` sampling,
+to the same bits as an uninterrupted run).
+
+Request states (:class:`RequestStatus`): waiting → running → finished, or cancelled / deadline /
+failed; running → preempted → running. Admission (:meth:`StepScheduler.admit`) is atomic: the
+count of held images is checked and raised under one lock hold, so concurrent submitters cannot
+overfill the queue.
+
+Batches are padded to the next of ``slot_counts`` (default: the backend's ``slot_counts``, e.g.
+1, 2, 4, 8, 16 for CUDA graphs), unused slots masked, so a graph backend captures a few shapes.
+
 The scheduler has no thread of its own: :meth:`StepScheduler.run` drives it until given jobs are
 done (``Decoder.decode_batch``), :meth:`StepScheduler.step` is one iteration for a service loop.
-Submitting, cancelling and reading stats are thread-safe; iterations must come from one thread.
+Admitting, submitting, cancelling and reading stats are thread-safe; iterations must come from
+one thread.
 """
 from __future__ import annotations
 
 import collections
+import enum
+import itertools
+import math
 import threading
 import time
 from concurrent.futures import CancelledError, Future
@@ -33,7 +53,7 @@ from torch import Tensor
 
 from ..errors import DecodeError
 from ..progress import progress_bar
-from .guided_sampler import GuidedSampler, ImageState
+from .guided_sampler import GuidedSampler, ImageState, Program
 
 
 class QueueFullError(RuntimeError):
@@ -44,11 +64,28 @@ class DeadlineExceeded(TimeoutError):
     """An image was still being decoded when its deadline passed."""
 
 
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.CANCELLED, RequestStatus.DEADLINE, RequestStatus.FAILED)
+
+
 class JobResult(NamedTuple):
     x: Tensor  # (1, C, H, W) in [-1, 1], unclamped, float32
     distance: float  # constraint distance of the last step
     retries: int  # distance retries used
     scale: Optional[float]  # DPS scale of the final attempt (None without a scale)
+
+
+_arrival = itertools.count()
 
 
 @dataclass(eq=False)
@@ -57,109 +94,238 @@ class Job:
     DecodeError / CancelledError / DeadlineExceeded."""
 
     state: ImageState
+    sampler: GuidedSampler
     future: Future = field(default_factory=Future)
     on_step: Optional[Callable[["Job"], None]] = None  # called after each step, in the loop's thread
     deadline: Optional[float] = None  # time.monotonic() value
+    priority: int = 0  # higher runs first
     submitted: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
     cancelled: bool = False
+    preemptions: int = 0
+    seq: int = field(default_factory=lambda: next(_arrival))
 
     @property
     def steps_done(self) -> int:
         return self.state.steps_run
+
+    @property
+    def pixels(self) -> int:
+        return int(self.state.x.shape[-2] * self.state.x.shape[-1])
+
+    @property
+    def group(self) -> tuple:
+        return (id(self.sampler), *self.state.key())
+
+    def rank(self) -> tuple:
+        """Sort key, most urgent first: priority, then running before waiting (a running image
+        keeps its slot against equals), then earliest deadline, then arrival."""
+        return (-self.priority, self.status is not RequestStatus.RUNNING,
+                math.inf if self.deadline is None else self.deadline, self.seq)
 
     def cancel(self) -> None:
         """Leave at the next step (the slot is freed then); the future is cancelled."""
         self.cancelled = True
 
 
-class StepScheduler:
-    """Continuous batching of :class:`Job`s over one :class:`GuidedSampler` (see the module doc).
+@dataclass
+class SchedulerOutput:
+    """The plan of one iteration (what :meth:`StepScheduler.schedule` decided)."""
 
-    ``max_slots``: images per step of one group; ``max_queue``: images held (running and
-    waiting) before :meth:`submit` refuses with :class:`QueueFullError`.
+    run: list = field(default_factory=list)  # the jobs of this step's batch, in slot order
+    slots: int = 0  # the padded batch size
+    joined: list = field(default_factory=list)  # started or resumed running with this step
+    preempted: list = field(default_factory=list)  # parked to make room for higher-priority jobs
+    left: list = field(default_factory=list)  # (job, status): cancelled or past their deadline
+
+    @property
+    def pixels(self) -> int:
+        return sum(job.pixels for job in self.run)
+
+
+class StepScheduler:
+    """Continuous batching of :class:`Job`s (see the module doc).
+
+    ``sampler``: the default :class:`GuidedSampler` (a job may name another one: a service keeps
+    one per step function); ``max_slots``: images per step; ``pixel_budget``: pixels (H·W, the
+    images' own, not the padding) per step, 0 for no limit; ``max_queue``: images held (admitted,
+    waiting and running) before :meth:`admit` refuses with :class:`QueueFullError`.
     """
 
-    def __init__(self, sampler: GuidedSampler, *, max_slots: int = 16, max_queue: int = 256,
-                 slot_counts: Optional[Sequence[int]] = None):
-        if max_slots < 1 or max_queue < 1:
-            raise ValueError(f"max_slots and max_queue must be >= 1, got {max_slots}, {max_queue}")
+    def __init__(self, sampler: Optional[GuidedSampler] = None, *, max_slots: int = 16, max_queue: int = 256,
+                 slot_counts: Optional[Sequence[int]] = None, pixel_budget: int = 0):
         self.sampler = sampler
-        self.max_slots, self.max_queue = int(max_slots), int(max_queue)
-        counts = slot_counts if slot_counts is not None else getattr(sampler.backend, "slot_counts", None)
-        self.slot_counts = sorted({c for c in counts or () if c <= max_slots} | ({max_slots} if counts else set()))
-        self._waiting: dict = collections.OrderedDict()  # group key -> deque of jobs not yet running
-        self._running: dict = {}  # group key -> list of running jobs
-        self._turn: collections.deque = collections.deque()  # group keys with work, in turn order
+        self._slot_counts_given = slot_counts
         self._lock = threading.Lock()
         self.work = threading.Condition(self._lock)  # notified when a job is submitted
+        self.configure(max_slots=max_slots, max_queue=max_queue, pixel_budget=pixel_budget)
+        self._jobs: dict = {}  # group -> list of unresolved jobs (waiting, running, preempted)
+        self._turn: collections.deque = collections.deque()  # groups with work, in turn order
+        self._held = 0  # admitted images not yet resolved (jobs and reservations)
         self.steps = 0  # iterations run
         self.step_seconds = 0.0  # of the last iteration
         self.slots_used = 0  # images in the last iteration's batch
+        self.pixels_used = 0  # their pixels
+        self.preemptions = 0
+        self.deadline_misses = 0
+        self.finished = collections.Counter()  # final status -> count
 
-    # -- submitting -----------------------------------------------------------------------------
+    def configure(self, *, max_slots: Optional[int] = None, max_queue: Optional[int] = None,
+                  pixel_budget: Optional[int] = None) -> None:
+        """Change the budget between iterations (a service's reconfigure)."""
+        with self._lock:
+            max_slots = self.max_slots if max_slots is None else int(max_slots)
+            max_queue = self.max_queue if max_queue is None else int(max_queue)
+            pixel_budget = self.pixel_budget if pixel_budget is None else int(pixel_budget)
+            if max_slots < 1 or max_queue < 1 or pixel_budget < 0:
+                raise ValueError(f"max_slots and max_queue must be >= 1 and pixel_budget >= 0, got "
+                                 f"{max_slots}, {max_queue}, {pixel_budget}")
+            self.max_slots, self.max_queue, self.pixel_budget = max_slots, max_queue, pixel_budget
+            counts = self._slot_counts_given
+            if counts is None and self.sampler is not None:
+                counts = getattr(self.sampler.backend, "slot_counts", None)
+            self.slot_counts = sorted({c for c in counts or () if c <= max_slots} | ({max_slots} if counts else set()))
+
+    # -- admitting and submitting ---------------------------------------------------------------
+    def admit(self, n: int = 1) -> None:
+        """Reserve room for ``n`` images, or raise :class:`QueueFullError`: the one admission
+        check, atomic. A reservation becomes a job (:meth:`submit` with ``admitted=True``) or is
+        given back (:meth:`release`)."""
+        with self._lock:
+            if self._held + n > self.max_queue:
+                raise QueueFullError(f"the decode queue is full ({self.max_queue} images)")
+            self._held += n
+
+    def release(self, n: int = 1) -> None:
+        """Give back ``n`` reservations that did not become jobs (e.g. an MSE decode done)."""
+        with self._lock:
+            self._held = max(0, self._held - n)
+
     def submit(self, target: Tensor, seed: int, shape: Sequence[int], *, x_T: Optional[Tensor] = None,
-               on_step=None, timeout: Optional[float] = None, warm: Optional[Tensor] = None) -> Job:
+               on_step=None, timeout: Optional[float] = None, warm: Optional[Tensor] = None, priority: int = 0,
+               sampler: Optional[GuidedSampler] = None, program: Optional[Program] = None,
+               admitted: bool = False) -> Job:
         """Queue one image (``target`` (1, ...), ``shape`` (1, C, H, W)); it joins a running batch
         at the next step of its group. ``timeout``: seconds until :class:`DeadlineExceeded`;
-        ``warm``: the MSE decode (1, C, H, W) in [-1, 1], for a warm-started sampler."""
-        with self._lock:
-            if self.pending() >= self.max_queue:
-                raise QueueFullError(f"the decode queue is full ({self.max_queue} images)")
-        job = Job(self.sampler.start(target, seed, shape, x_T, warm=warm), on_step=on_step,
+        ``warm``: the MSE decode (1, C, H, W) in [-1, 1], for a warm-started program;
+        ``sampler``/``program``: the image's (default: the scheduler's sampler and its program);
+        ``admitted``: room was reserved with :meth:`admit` already."""
+        if not admitted:
+            self.admit()
+        sampler = self.sampler if sampler is None else sampler
+        try:
+            state = sampler.start(target, seed, shape, x_T, warm=warm, program=program)
+        except BaseException:
+            self.release()
+            raise
+        job = Job(state, sampler, on_step=on_step, priority=int(priority),
                   deadline=None if timeout is None else time.monotonic() + timeout)
-        key = job.state.key()
         with self._lock:
-            if key not in self._waiting and key not in self._running:
-                self._turn.append(key)
-            self._waiting.setdefault(key, collections.deque()).append(job)
+            group = job.group
+            if group not in self._jobs:
+                self._jobs[group] = []
+                self._turn.append(group)
+            self._jobs[group].append(job)
             self.work.notify_all()
         return job
 
     def pending(self) -> int:
-        """Images waiting or running (call with or without the lock: a snapshot)."""
-        return sum(map(len, self._waiting.values())) + sum(map(len, self._running.values()))
+        """Images admitted and not yet resolved (a snapshot)."""
+        return self._held
 
     def stats(self) -> dict:
         with self._lock:
-            waiting = sum(map(len, self._waiting.values()))
-            running = sum(map(len, self._running.values()))
-        return {"waiting": waiting, "running": running, "max_slots": self.max_slots,
-                "slots_used": self.slots_used, "steps": self.steps, "step_seconds": self.step_seconds}
+            jobs = [j for group in self._jobs.values() for j in group]
+            by_status = collections.Counter(j.status.value for j in jobs)
+            return {"waiting": by_status["waiting"] + by_status["preempted"], "running": by_status["running"],
+                    "preempted": by_status["preempted"], "held": self._held, "max_slots": self.max_slots,
+                    "pixel_budget": self.pixel_budget, "slots_used": self.slots_used,
+                    "pixels_used": self.pixels_used, "steps": self.steps, "step_seconds": self.step_seconds,
+                    "preemptions": self.preemptions, "deadline_misses": self.deadline_misses,
+                    "finished": dict(self.finished)}
 
-    # -- iterating ------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """One iteration: the next group in turn takes in waiting jobs, drops leaving ones and
-        advances one step. Returns False when there was nothing to do."""
+    # -- one iteration: schedule (bookkeeping), execute (device), update ---------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step (see the module doc). No device work; jobs that leave are
+        marked and listed in ``left``, their futures resolved by :meth:`update_from_output`."""
+        out = SchedulerOutput()
+        now = time.monotonic()
         with self._lock:
+            for group, jobs in self._jobs.items():
+                for job in list(jobs):
+                    status = (RequestStatus.CANCELLED if job.cancelled else RequestStatus.DEADLINE
+                              if job.deadline is not None and now > job.deadline else None)
+                    if status is not None:
+                        jobs.remove(job)
+                        job.status = status
+                        out.left.append((job, status))
+            self._forget_empty()
             if not self._turn:
-                return False
-            key = self._turn.popleft()
-            running = self._running.setdefault(key, [])
-            running[:] = [job for job in running if not self._leaves(job)]
-            waiting = self._waiting.get(key, collections.deque())
-            while waiting and len(running) < self.max_slots:
-                job = waiting.popleft()
-                if not self._leaves(job):
-                    running.append(job)
-        if running:
+                return out
+            top = max(max(j.priority for j in self._jobs[g]) for g in self._turn)
+            group = next(g for g in self._turn if max(j.priority for j in self._jobs[g]) == top)
+            self._turn.remove(group)
+            self._turn.append(group)
+            ranked = sorted(self._jobs[group], key=Job.rank)
+            room = self.max_slots
+            if self.pixel_budget:
+                room = min(room, max(1, self.pixel_budget // ranked[0].pixels))  # one image always runs
+            chosen, rest = ranked[:room], ranked[room:]
+            for job in chosen:
+                if job.status is not RequestStatus.RUNNING:
+                    job.status = RequestStatus.RUNNING
+                    out.joined.append(job)
+            for job in rest:
+                if job.status is RequestStatus.RUNNING:
+                    job.status, job.preemptions = RequestStatus.PREEMPTED, job.preemptions + 1
+                    self.preemptions += 1
+                    out.preempted.append(job)
+            out.run = chosen
+            out.slots = self._slots(len(chosen))
+        return out
+
+    def execute(self, out: SchedulerOutput) -> None:
+        """The plan's device work: one batched step of its images."""
+        if out.run:
             t0 = time.perf_counter()
-            self.sampler.advance([job.state for job in running], self._slots(len(running)))
-            self.step_seconds, self.slots_used, self.steps = time.perf_counter() - t0, len(running), self.steps + 1
-            for job in running:
-                if job.on_step is not None:
-                    job.on_step(job)
-            running[:] = [job for job in running if job.state.running or not self._finished(job)]
-        with self._lock:
-            if running or self._waiting.get(key):
-                self._turn.append(key)
+            out.run[0].sampler.advance([job.state for job in out.run], out.slots)
+            self.step_seconds = time.perf_counter() - t0
+            self.slots_used, self.pixels_used, self.steps = len(out.run), out.pixels, self.steps + 1
+
+    def update_from_output(self, out: SchedulerOutput) -> None:
+        """After :meth:`execute`: resolve leaving jobs, call progress callbacks, resolve or restart
+        finished attempts."""
+        for job, status in out.left:
+            if status is RequestStatus.CANCELLED:
+                job.future.cancel() or job.future.done() or job.future.set_exception(CancelledError())
             else:
-                self._running.pop(key, None)
-                self._waiting.pop(key, None)
+                self.deadline_misses += 1
+                job.future.set_exception(DeadlineExceeded(f"not decoded within its deadline "
+                                                          f"({job.steps_done} steps run)"))
+            self._resolved(job)
+        for job in out.run:
+            if job.on_step is not None:
+                job.on_step(job)
+            if job.state.done and self._finished(job):
+                with self._lock:
+                    self._jobs[job.group].remove(job)
+                self._resolved(job)
+        with self._lock:
+            self._forget_empty()
+
+    def step(self) -> bool:
+        """One iteration (schedule, execute, update). Returns False when there was nothing to do."""
+        out = self.schedule()
+        if not out.run and not out.left:
+            return False
+        self.execute(out)
+        self.update_from_output(out)
         return True
 
     def run(self, jobs: Sequence[Job], progress: bool = False) -> None:
         """Iterate until every one of ``jobs`` is resolved (other jobs advance meanwhile)."""
-        bar = progress_bar(self.sampler.num_steps, progress, "decoding", "step")
+        total = max((job.state.program.steps_run for job in jobs), default=0)
+        bar = progress_bar(total, progress, "decoding", "step")
         while not all(job.future.done() for job in jobs):
             if not self.step():
                 raise RuntimeError("the scheduler went idle with unresolved jobs")
@@ -173,37 +339,40 @@ class StepScheduler:
         """Resolve every job with ``exc`` and forget them (after a step failed: their states are
         no longer trustworthy). The scheduler stays usable for new jobs."""
         with self._lock:
-            jobs = [j for group in self._running.values() for j in group]
-            jobs += [j for group in self._waiting.values() for j in group]
-            self._running.clear()
-            self._waiting.clear()
+            jobs = [j for group in self._jobs.values() for j in group]
+            self._jobs.clear()
             self._turn.clear()
         for job in jobs:
+            job.status = RequestStatus.FAILED
             if not job.future.done():
                 job.future.set_exception(exc)
+            self._resolved(job)
 
+    # -- helpers --------------------------------------------------------------------------------
     def _slots(self, n: int) -> int:
         return next((c for c in self.slot_counts if c >= n), n)
 
-    def _leaves(self, job: Job) -> bool:
-        """Cancelled or past its deadline: resolve its future and free its slot."""
-        if job.cancelled:
-            job.future.cancel() or job.future.set_exception(CancelledError())
-            return True
-        if job.deadline is not None and time.monotonic() > job.deadline:
-            job.future.set_exception(DeadlineExceeded(f"not decoded within its deadline ({job.steps_done} steps run)"))
-            return True
-        return False
+    def _forget_empty(self) -> None:
+        for group in [g for g, jobs in self._jobs.items() if not jobs]:
+            del self._jobs[group]
+            self._turn.remove(group)
+
+    def _resolved(self, job: Job) -> None:
+        self.finished[job.status.value] += 1
+        with self._lock:
+            self._held = max(0, self._held - 1)
 
     def _finished(self, job: Job) -> bool:
         """An attempt is over: resolve the job (True), or keep it for its retry (False)."""
-        state = job.state
-        if not self.sampler.finish(state):
+        state, sampler = job.state, job.sampler
+        if not sampler.finish(state):
             return False
         if state.error:
+            job.status = RequestStatus.FAILED
             job.future.set_exception(DecodeError(state.error))
         else:
-            scale = self.sampler.step_scale(state) if self.sampler.scale is not None else None
+            job.status = RequestStatus.FINISHED
+            scale = sampler.step_scale(state) if sampler.has_scale(state) else None
             job.future.set_result(JobResult(state.x, state.distance, state.retries, scale))
         return True
 
@@ -221,4 +390,3 @@ def sample_jobs(scheduler: StepScheduler, requests: Sequence[tuple], progress: b
         k, exc = errors[0]
         raise type(exc)(f"image {k}: {exc}; check the UNet checkpoint and preset, or lower --scale") from None
     return [job.future.result() for job in jobs]
-

@@ -30,10 +30,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .guidance import DPS, DSG, PIR, distance
+from .guidance import Guidance, distance
 from .samplers import Prediction, Sampler, per_sample
 
-Guidance = DPS | DSG | PIR
 Model = Callable[[Tensor, Tensor], Tensor]
 Operator = Callable[[Tensor], Tensor]
 
@@ -127,7 +126,7 @@ def guided_step(model: Model, operator: Operator, sampler: Sampler, guidance: Gu
     skips the step for every sample, the gradient is not computed (deciding that for a tensor
     ``i`` reads it on the host: this path does not need to be graph-capturable).
     """
-    if getattr(guidance, "proximal", False):
+    if guidance.step_kind == "proximal":
         return proximal_step(model, operator, sampler, guidance, x_t, i, target, noise)
     active = guidance.active(i)
     if active is False or (isinstance(active, Tensor) and not bool(active.any())):
