@@ -117,7 +117,7 @@ class StepGraphs:
     def step_gradient(self, height: int, width: int, target_shape: Sequence[int]) -> ExportedGraph:
         """The step-gradient graph for images of ``height x width`` and targets (C, h, w)."""
         target_shape = tuple(int(s) for s in target_shape)
-        proximal = getattr(self.spec.guidance, "proximal", False)  # PIR: its own step graph
+        proximal = self.spec.guidance is not None and self.spec.guidance.step_kind == "proximal"  # PIR: its own graph
         kind = "pir" if proximal else "step"
         key = self._key(kind, (height, width, target_shape))
 

@@ -293,7 +293,7 @@ def export_step_gradient(unet: nn.Module, path, height: int, width: int, *, code
     inputs = step_gradient_inputs(_TRACE_BATCH, height, width, target_shape, sampler)
     image = _image_axes(dynamic_hw)
     dynamic = {"x_t": image, "t": {0: "batch"}, "target": image, "rows": {0: "batch"}}
-    if getattr(guidance, "proximal", False):
+    if guidance is not None and guidance.step_kind == "proximal":
         fn, outputs = proximal_fn(unet, operator, sampler, guidance), PROXIMAL_OUTPUTS
     else:
         fn, outputs = step_gradient_fn(unet, operator, sampler), STEP_OUTPUTS
