@@ -187,3 +187,133 @@ def test_fast_backend_with_graphs_sees_only_its_slot_counts(models):
     want = idemrt.Decoder(codec, unet, steps=2, device="cpu", backend="fast", dtype=torch.float32,
                           backend_options={"graphs": False})
     torch.testing.assert_close(jobs[4].future.result().x, _alone(want, targets[4], 4), rtol=0, atol=TOL)
+
+
+# --- budget, states, priorities, preemption (the serving engine's scheduler) -------------------------
+
+def _record_batches(sched):
+    """Wrap execute(): the list of (job ids, slots) of every step run."""
+    runs, execute = [], sched.execute
+
+    def recording(out):
+        runs.append(([id(j) for j in out.run], out.slots))
+        execute(out)
+
+    sched.execute = recording
+    return runs
+
+
+def test_pixel_budget_limits_the_batch_by_pixels_not_images(models):
+    dec = _decoder(models)
+    targets = _targets(dec.codec, 4)
+    sched = dec.scheduler(max_slots=16)
+    sched.configure(pixel_budget=2 * 64 * 64 + 100)  # room for two 64x64 images per step
+    runs = _record_batches(sched)
+    jobs = [sched.submit(t, s, (1, 3, 64, 64)) for s, t in enumerate(targets)]
+    out = sched.schedule()
+    assert len(out.run) == 2 and out.pixels == 2 * 64 * 64 and [j.status.value for j in jobs] == [
+        "running", "running", "waiting", "waiting"]
+    sched.execute(out)
+    sched.update_from_output(out)
+    sched.run(jobs)
+    assert max(len(ids) for ids, _ in runs) == 2 and all(j.future.result() is not None for j in jobs)
+    # an image larger than the whole budget still runs, alone
+    sched.configure(pixel_budget=100)
+    job = sched.submit(targets[0], 9, (1, 3, 64, 64))
+    assert len(sched.schedule().run) == 1 and job.status.value == "running"
+
+
+def test_priority_preempts_and_the_parked_image_resumes_to_the_same_bits(models):
+    """One slot: a priority-5 image arriving mid-run parks the priority-0 one, which resumes when
+    the slot is free again; with deterministic sampling both results equal their solo decodes bit
+    for bit."""
+    dec = _decoder(models, deterministic=True)
+    low_t, high_t = _targets(dec.codec, 2)
+    want_low, want_high = _alone(dec, low_t, 1), _alone(dec, high_t, 2)
+    sched = dec.scheduler(max_slots=1)
+    runs = _record_batches(sched)
+    low = sched.submit(low_t, 1, (1, 3, 64, 64))
+    for _ in range(3):
+        sched.step()
+    high = sched.submit(high_t, 2, (1, 3, 64, 64), priority=5)
+    out = sched.schedule()
+    assert out.run == [high] and out.preempted == [low] and low.status.value == "preempted"
+    sched.execute(out)
+    sched.update_from_output(out)
+    sched.run([low, high])
+    order = [ids[0] for ids, _ in runs]
+    assert order == [id(low)] * 3 + [id(high)] * 6 + [id(low)] * 3  # high ran to its end, then low resumed
+    assert low.preemptions == 1 and sched.stats()["preemptions"] == 1
+    assert torch.equal(high.future.result().x, want_high) and torch.equal(low.future.result().x, want_low)
+    assert low.status.value == high.status.value == "finished"
+
+
+def test_equal_priorities_keep_their_slots_and_order_by_deadline(models):
+    dec = _decoder(models)
+    targets = _targets(dec.codec, 3)
+    sched = dec.scheduler(max_slots=1)
+    first = sched.submit(targets[0], 0, (1, 3, 64, 64), timeout=1000)
+    sched.step()
+    later = sched.submit(targets[1], 1, (1, 3, 64, 64), timeout=500)
+    urgent = sched.submit(targets[2], 2, (1, 3, 64, 64), timeout=100)
+    out = sched.schedule()
+    assert out.run == [first] and not out.preempted  # a running image is not displaced by equals
+    sched.execute(out)
+    sched.update_from_output(out)
+    while not first.future.done():
+        sched.step()
+    assert sched.schedule().run == [urgent]  # earliest deadline first among the waiting
+    assert later.status.value == "waiting"
+
+
+def test_groups_take_turns_unless_one_holds_a_higher_priority(models):
+    dec = _decoder(models)
+    a, b = _targets(dec.codec, 1, size=64)[0], _targets(dec.codec, 1, size=128)[0]
+    sched = dec.scheduler(max_slots=4)
+    runs = _record_batches(sched)
+    ja = sched.submit(a, 0, (1, 3, 64, 64))
+    jb = sched.submit(b, 1, (1, 3, 128, 128))
+    for _ in range(4):
+        sched.step()
+    assert [ids for ids, _ in runs] == [[id(ja)], [id(jb)], [id(ja)], [id(jb)]]
+    jc = sched.submit(b, 2, (1, 3, 128, 128), priority=3)
+    for _ in range(3):
+        sched.step()
+    assert all(id(jc) in ids for ids, _ in runs[4:7]) and all(id(ja) not in ids for ids, _ in runs[4:7])
+
+
+def test_admission_is_atomic_under_concurrent_submitters(models):
+    """Eight threads race to submit into a queue of five: exactly five are admitted."""
+    dec = _decoder(models)
+    targets = _targets(dec.codec, 8)
+    sched = dec.scheduler(max_slots=2, max_queue=5)
+    barrier, admitted, refused = threading.Barrier(8), [], []
+
+    def submit(k):
+        barrier.wait()
+        try:
+            admitted.append(sched.submit(targets[k], k, (1, 3, 64, 64)))
+        except QueueFullError:
+            refused.append(k)
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 5 and len(refused) == 3 and sched.pending() == 5
+    sched.run(admitted)
+    assert sched.pending() == 0 and sched.stats()["finished"] == {"finished": 5}
+
+
+def test_deadline_and_cancel_end_in_their_states(models):
+    dec = _decoder(models)
+    targets = _targets(dec.codec, 2)
+    sched = dec.scheduler(max_slots=2)
+    late = sched.submit(targets[0], 0, (1, 3, 64, 64), timeout=0.0)
+    gone = sched.submit(targets[1], 1, (1, 3, 64, 64))
+    gone.cancel()
+    sched.step()
+    assert late.status.value == "deadline" and isinstance(late.future.exception(), DeadlineExceeded)
+    assert gone.status.value == "cancelled" and gone.future.cancelled()
+    assert sched.stats()["deadline_misses"] == 1 and sched.pending() == 0

@@ -25,7 +25,7 @@ from .images import load_image, to_pil
 from .models.codec import diffusion_operator
 from .speeds import resolve_speed
 
-__all__ = ["Decoder", "DecodeStats", "Encoder", "entropy_decode", "read_bitstream"]
+__all__ = ["Decoder", "DecodeStats", "Encoder", "Prepared", "entropy_decode", "read_bitstream"]
 
 
 class Encoder:
@@ -65,6 +65,22 @@ class DecodeStats:
         return cls(distance=[0.0] * n, retries=[0] * n, scales=[None] * n)
 
 
+@dataclass
+class Prepared:
+    """One bitstream made ready to sample (:meth:`Decoder.prepare`): everything before the loop."""
+
+    bitstream: bsfmt.Bitstream
+    y_hat: torch.Tensor  # the entropy-decoded latent
+    target: Optional[torch.Tensor]  # the constraint target (None for an MSE decode)
+    warm: Optional[torch.Tensor]  # the warm start's x_mse in [-1, 1], or None
+    seed: int
+
+    @property
+    def shape(self) -> tuple:
+        """The sampled image's shape (1, 3, H, W), padded."""
+        return (1, 3, self.bitstream.padded_height, self.bitstream.padded_width)
+
+
 class Decoder:
     """Decode ``.idm`` bitstreams to the MSE image or to a perceptual image.
 
@@ -75,7 +91,9 @@ class Decoder:
     ``GUIDANCE`` or "none"), ``scale`` (DPS's), ``start`` (warm start from the MSE decode at t0 =
     round(start·1000); 1: pure noise) and ``guidance_options`` (e.g. PIR's iters, lam, zeta) override;
     ``interval``: DSG's, ``eta``: DDIM's. ``exact``: refine each image until it re-encodes to the
-    received latent (:mod:`idemrt.exact`; ``last.exact``)."""
+    received latent (:mod:`idemrt.exact`; ``last.exact``). ``deterministic``: each image's step is
+    its own backend call, so its result does not depend on the other images of its batch (see
+    :class:`idemrt.diffusion.GuidedSampler`; slower)."""
 
     def __init__(self, codec, unet=None, steps: int | str | None = None, sampler: Optional[str] = None,
                  guidance: Optional[str] = None, scale: Optional[float] = None, constraint: str = "x", device=None,
@@ -83,7 +101,7 @@ class Decoder:
                  start: Optional[float] = None, exact: Optional[bool] = None, guidance_options: Optional[dict] = None,
                  backend_options: Optional[dict] = None, noise_device=None, eta: float = 1.0, interval: int = 1,
                  max_retries: int = 0, retry_threshold: float = 20.0, nan_retries: int = 1, check_every: int = 10,
-                 progress: bool = False, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS):
+                 progress: bool = False, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS, deterministic: bool = False):
         cfg = resolve_speed(speed, steps=steps, sampler=sampler, guidance=guidance, scale=scale, start=start,
                             guidance_options=guidance_options, exact=exact)
         _check_choice("sampler", cfg["sampler"], SAMPLERS)
@@ -102,6 +120,7 @@ class Decoder:
                                       options=cfg["guidance_options"])
         self.retry = RetryPolicy(threshold=retry_threshold, max_retries=max_retries, nan_retries=nan_retries)
         self.check_every, self.progress, self.max_pixels = check_every, progress, max_pixels
+        self.deterministic = bool(deterministic)
         self.backend_name, self.backend_options = default_backend(self.device, backend), dict(backend_options or {})
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
         self.dtype, self._backend, self._lock, self._local = dtype, None, threading.Lock(), threading.local()
@@ -128,7 +147,7 @@ class Decoder:
         return GuidedSampler(self.backend, self.schedule.num_steps, device=self.device,
                              scale=None if self.guidance is None else self.guidance.default_scale(), retry=self.retry,
                              noise_device=self.noise_device, check_every=self.check_every,
-                             warm_start=self.warm_start)
+                             warm_start=self.warm_start, deterministic=self.deterministic)
 
     def scheduler(self, max_slots: int = 16, max_queue: int = 256) -> StepScheduler:
         """A step scheduler (continuous batching) over this decoder: see :mod:`idemrt.diffusion.scheduler`."""
@@ -174,16 +193,44 @@ class Decoder:
         _check_choice("output", output, ("pil", "tensor"))
         t0 = time.perf_counter()
         parsed = [read_bitstream(self.codec, b, self.max_pixels) for b in bitstreams]
-        seeds = _seeds(seeds, len(parsed))
-        latents = [entropy_decode(self.codec, bs) for bs in parsed]
+        prepared = [self.prepare(bs, seed, mode) for bs, seed in zip(parsed, _seeds(seeds, len(parsed)))]
         t1 = time.perf_counter()
         stats = self._local.stats = DecodeStats.for_images(len(parsed))
-        images = (_decode_perceptual(self, parsed, latents, seeds, stats) if mode == "perceptual"
-                  else [self.codec.synthesis(y_hat).clamp_(0, 1) for y_hat in latents])  # frozen codec: no graph
+        results = [None] * len(prepared)
+        if mode == "perceptual":
+            results = _sample_results(self, [(p.target, p.seed, p.shape, None, p.warm) for p in prepared], stats)
+        images = [self.finish(p, r) for p, r in zip(prepared, results)]
         t2 = time.perf_counter()
-        images = [img[..., : bs.height, : bs.width].float().cpu() for bs, img in zip(parsed, images)]
+        stats.exact = [extra for _, extra in images if extra is not None]
         stats.timings = {"entropy_decode": t1 - t0, "sample": t2 - t1, "total": time.perf_counter() - t0}
-        return [to_pil(img) if output == "pil" else img for img in images]
+        return [to_pil(img) if output == "pil" else img for img, _ in images]
+
+    # -- the two halves around the sampling loop (Decoder.decode_batch and the decode service) -------
+    @torch.no_grad()
+    def prepare(self, bitstream, seed: int = 0, mode: str = "perceptual") -> Prepared:
+        """Everything before the loop: the parsed bitstream (bytes are parsed here, a
+        :class:`~idemrt.bitstream.Bitstream` is taken as parsed), its latent, and for a perceptual
+        decode the constraint target and the warm start."""
+        bs = bitstream if isinstance(bitstream, bsfmt.Bitstream) else read_bitstream(self.codec, bitstream, self.max_pixels)
+        y_hat = entropy_decode(self.codec, bs)
+        target = self.target_from_latent(y_hat) if mode == "perceptual" else None
+        warm = None if target is None else self.warm_from_target(target)
+        return Prepared(bs, y_hat, target, warm, int(seed))
+
+    def finish(self, prepared: Prepared, result=None) -> tuple:
+        """Everything after the loop: ``(image (1, 3, H, W) in [0, 1] on the CPU, cropped to the stored
+        size; exact-refinement facts or None)``. ``result``: the sampler's
+        :class:`~idemrt.diffusion.JobResult`, or None for the MSE decode."""
+        bs, extra = prepared.bitstream, None
+        if result is None:
+            with torch.no_grad():  # frozen codec: no graph
+                image = self.codec.synthesis(prepared.y_hat).clamp_(0, 1)
+        else:
+            image = ((result.x + 1) / 2).clamp_(0, 1)
+            if self.exact:
+                r = exact_idempotence(self.codec, image, prepared.y_hat)
+                image, extra = r.x, {"before": r.before, "after": r.after, "steps": r.steps}
+        return image[..., : bs.height, : bs.width].float().cpu(), extra
 
 
 def _create_backend(decoder: Decoder):
@@ -199,23 +246,15 @@ def _sample(decoder: Decoder, targets: list, seeds: list, shapes: list, x_Ts: li
     share steps, sizes take turns); ``stats`` filled."""
     requests = [(t, s, shape, x_T, decoder.warm_from_target(t))
                 for t, s, shape, x_T in zip(targets, seeds, shapes, x_Ts)]
+    return [r.x for r in _sample_results(decoder, requests, stats)]
+
+
+def _sample_results(decoder: Decoder, requests: list, stats: DecodeStats) -> list:
+    """The :class:`~idemrt.diffusion.JobResult` of ``(target, seed, shape, x_T, warm)`` requests."""
     results = sample_jobs(decoder.scheduler(len(requests), len(requests)), requests, decoder.progress)
     stats.distance, stats.retries = [r.distance for r in results], [r.retries for r in results]
     stats.scales, stats.steps = [r.scale for r in results], decoder.steps_run
-    return [r.x for r in results]
-
-
-def _decode_perceptual(decoder: Decoder, parsed, latents, seeds, stats: DecodeStats) -> list:
-    """The perceptual images (padded size, in [0, 1]) of entropy-decoded latents, ``stats`` filled."""
-    targets = [decoder.target_from_latent(y_hat) for y_hat in latents]
-    shapes = [(1, 3, bs.padded_height, bs.padded_width) for bs in parsed]
-    xs = _sample(decoder, targets, seeds, shapes, [None] * len(parsed), stats)
-    images = [((x + 1) / 2).clamp_(0, 1) for x in xs]
-    if decoder.exact:
-        refined = [exact_idempotence(decoder.codec, img, y_hat) for img, y_hat in zip(images, latents)]
-        images = [r.x for r in refined]
-        stats.exact = [{"before": r.before, "after": r.after, "steps": r.steps} for r in refined]
-    return images
+    return results
 
 
 def read_bitstream(codec, data, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS) -> bsfmt.Bitstream:

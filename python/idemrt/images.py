@@ -73,7 +73,12 @@ def load_image(src, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
-    """8-bit RGB image of a (3, H, W) or (1, 3, H, W) tensor in [0, 1].
+    """8-bit RGB image of a (3, H, W) or (1, 3, H, W) tensor in [0, 1] (see :func:`to_uint8`)."""
+    return Image.fromarray(to_uint8(x))
+
+
+def to_uint8(x: torch.Tensor):
+    """The 8-bit (H, W, 3) numpy array of a (3, H, W) or (1, 3, H, W) tensor in [0, 1].
 
     Values are clamped and rounded half up, ``floor(x·255 + 0.5)``, exactly as
     torchvision's ``save_image`` used by the reference code.
@@ -88,7 +93,7 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     if not torch.isfinite(x).all():
         raise ImageError("cannot save an image with NaN or infinite values")
     q = x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-    return Image.fromarray(q.permute(1, 2, 0).contiguous().numpy())
+    return q.permute(1, 2, 0).contiguous().numpy()
 
 
 def save_image(x: torch.Tensor, path, *, force: bool = False, inputs=()) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -134,14 +134,19 @@ class DSG:
         on = self.active(i)
         if on is False:
             return sample
-        c_h_w = sample[0].numel()
-        r = per_sample(math.sqrt(c_h_w) * pred.sigma.expand_as(sample).flatten(1)[:, 0], sample)
-        d_star = -r * grad / (per_sample(_per_sample_norm(grad), grad) + _EPS)
-        d_sample = sample - pred.mean
-        mix = d_sample + self.guidance_rate * (d_star - d_sample)
-        guided = pred.mean + mix / (per_sample(_per_sample_norm(mix), mix) + _EPS) * r
+        guided = _sphere_step(sample, pred, grad, self.guidance_rate)
         # A tensor i (graph capture, per-sample steps) selects without a host sync.
         return guided if on is True else torch.where(per_sample(on, sample), guided, sample)
+
+
+def _sphere_step(sample: Tensor, pred: Prediction, grad: Tensor, rate) -> Tensor:
+    """DSG's guided sample (every sample guided); ``rate`` a float or per-sample (N, 1, 1, 1)."""
+    c_h_w = sample[0].numel()
+    r = per_sample(math.sqrt(c_h_w) * pred.sigma.expand_as(sample).flatten(1)[:, 0], sample)
+    d_star = -r * grad / (per_sample(_per_sample_norm(grad), grad) + _EPS)
+    d_sample = sample - pred.mean
+    mix = d_sample + rate * (d_star - d_sample)
+    return pred.mean + mix / (per_sample(_per_sample_norm(mix), mix) + _EPS) * r
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,68 @@ class PIR:
             z = z.clamp(-1, 1)
         with torch.no_grad():
             return z, distance(target, operator(z))
+
+
+class StackedGuidance:
+    """Gradient guidances (DPS, DSG) of several programs as one, per row of a stacked step table
+    (:class:`~idemrt.diffusion.samplers.StackedSampler`): rows ``offsets[k]`` to
+    ``offsets[k] + lengths[k] - 1`` are guided by ``members[k]``. One step function then runs a
+    batch mixing DPS and DSG images: both updates are computed and each sample keeps its own. A
+    DPS row's default scale is its member's; a per-sample ``scale`` overrides it, as for DPS."""
+
+    name: ClassVar[str] = "stacked"
+    step_kind: ClassVar[StepKind] = "gradient"
+
+    def __init__(self, members: Sequence, offsets: Sequence[int], lengths: Sequence[int]):
+        if any(m.step_kind != "gradient" or not isinstance(m, (DPS, DSG)) for m in members):
+            raise ValueError(f"only DPS and DSG guidance stack, got {[type(m).__name__ for m in members]}")
+        rows = max(o + n for o, n in zip(offsets, lengths))
+        self.members = tuple(members)
+        self._dsg, self._on, self._rate, self._scale = [False] * rows, [True] * rows, [0.0] * rows, [0.0] * rows
+        for m, offset, n in zip(members, offsets, lengths):
+            for i in range(n):
+                r = offset + i
+                if isinstance(m, DSG):
+                    self._dsg[r], self._on[r], self._rate[r] = True, bool(m.active(i)), m.guidance_rate
+                else:
+                    self._scale[r] = m.scale
+        self._tables: dict = {}  # device -> the per-row tensors
+
+    def default_scale(self) -> Optional[float]:
+        return None  # per row: see update()
+
+    def _rows(self, i, like: Tensor):
+        key = str(like.device)
+        if key not in self._tables:
+            self._tables[key] = tuple(torch.tensor(v, device=like.device) for v in
+                                      (self._dsg, self._on, self._rate, self._scale))
+        return tuple(t[i] if isinstance(i, int) else t.index_select(0, i.reshape(-1)) for t in self._tables[key])
+
+    def active(self, i) -> bool | Tensor:
+        if isinstance(i, int):
+            return self._on[i]
+        dsg, on, _, _ = self._rows(i, i)
+        return on
+
+    def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i, scale: Tensor | None = None) -> Tensor:
+        dsg, on, rate, default = (per_sample(t, sample) if t.ndim else t for t in self._rows(i, sample))
+        dps = sample - grad * (default if scale is None else per_sample(scale, grad))
+        guided = _sphere_step(sample, pred, grad, rate)
+        return torch.where(dsg, torch.where(on, guided, sample), dps)
+
+
+def stack_guidance(members: Sequence, offsets: Sequence[int], lengths: Sequence[int]):
+    """One guidance for programs stacked at ``offsets`` (see :class:`StackedGuidance`): the shared
+    member itself when all are equal (DSG's interval then needs offsets aligned to it:
+    :func:`stack_alignment`), else a :class:`StackedGuidance`."""
+    if len(set(members)) == 1:
+        return members[0]
+    return StackedGuidance(members, offsets, lengths)
+
+
+def stack_alignment(members: Sequence) -> int:
+    """The row alignment stacked programs of these guidances need (DSG's interval)."""
+    return math.lcm(*[m.interval for m in members if isinstance(m, DSG)] or [1])
 
 
 GUIDANCE = {g.name: g for g in (DPS, DSG, PIR)}  # by name, as Decoder(guidance=...) and the CLI take it
