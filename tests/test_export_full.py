@@ -46,7 +46,7 @@ def test_elic_step_graph(tmp_path, constraint):
     codec = Codec("elic2022-chandelier", Elic2022Chandelier(N=16, M=32, groups=[4, 4, 8, 16]))
     unet = toy_unet()
     target = (3, 64, 64) if constraint == "x" else (32, 4, 4)
-    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, constraint=domain)
+    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, constraint=constraint)
     check_tensorrt_compatible(graph.path)
     for n in (1, 2):
         ox.validate_with_onnxruntime(graph, reference_step(unet, codec, constraint),
@@ -62,7 +62,7 @@ def test_factorized_prior_step_graph(tmp_path, constraint):
         codec.model.entropy_bottleneck.quantiles.add_(torch.rand_like(codec.model.entropy_bottleneck.quantiles))
     unet = conv_unet()
     target = (3, 64, 64) if constraint == "x" else (12, 4, 4)
-    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, constraint=domain)
+    graph = ox.export_step_gradient(unet, tmp_path / "s.onnx", 64, 64, codec=codec, constraint=constraint)
     check_tensorrt_compatible(graph.path)
     for n in (1, 2):
         ox.validate_with_onnxruntime(graph, reference_step(unet, codec, constraint),

@@ -126,6 +126,31 @@ def test_bad_requests_get_problem_json(service, local, query, body, status, kind
     assert problem["status"] == status and problem["type"].endswith(kind) and problem["detail"]
 
 
+def test_hostile_requests_get_problem_json_without_internals(service, local):
+    """Out-of-range seeds, repeats, other methods, unknown paths: a 4xx problem+json answer each,
+    never an exception's text or a traceback."""
+    url = service[0]
+    cases = [("POST", f"/v1/decode?seed={2**64}", 422), ("POST", f"/v1/decode?seed={2**70}", 422),
+             ("POST", f"/v1/decode?seed={'9' * 5000}", 422), ("POST", "/v1/decode?seed=-1", 422),
+             ("POST", "/v1/decode?mode=mse&mode=perceptual", 422), ("POST", "/v1/decode?priority=10", 422),
+             ("POST", "/v1/decode?timeout=nan", 422), ("POST", "/v1/decode?mode=x%22%7D%0Aidemrt_evil%201", 422),
+             ("GET", "/v1/decode", 405), ("PUT", "/v1/decode", 405),
+             ("OPTIONS", "/v1/decode", 405), ("DELETE", "/v1/encode", 405), ("GET", "/no/such/path", 404)]
+    for method, path, status in cases:
+        req = urllib.request.Request(url + path, data=local[2] if method in ("POST", "PUT") else None, method=method)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        body = err.value.read()
+        assert err.value.code == status, (method, path, body)
+        assert err.value.headers.get_content_type() == "application/problem+json", (method, path)
+        assert b"Error:" not in body and b"Traceback" not in body, (method, path, body)
+        problem = json.loads(body)
+        assert problem["status"] == status and problem["title"] and problem["detail"]
+        if status == 405:
+            assert err.value.headers["Allow"] == "POST"
+    assert "evil" not in Client(url).get("/metrics")  # a client's text is never a metrics label
+
+
 def test_foreign_and_oversized_bitstreams(service):
     client = Client(service[0])
     other = idemrt.Encoder(tiny_codec(seed=1)).encode(torch.rand(1, 3, 64, 64))

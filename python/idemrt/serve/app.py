@@ -24,12 +24,11 @@ from .. import bitstream as bsfmt
 from .config import ServeConfig
 from .engine import MODES, DecodeEngine
 from .metrics import Metrics
-from .problems import PROBLEM_JSON, Problem, problem_from
-
-FORMATS = {"png": "image/png", "webp": "image/webp"}
-DECODE_PARAMS = ("mode", "seed", "steps", "format", "stream")
+from .params import DECODE_PARAMS, FORMATS, parse_decode_params  # noqa: F401 - DECODE_PARAMS re-exported
+from .problems import PROBLEM_JSON, Problem, install_problem_handlers, problem_from
 
 api = FastAPI(title="idemrt decode service")
+install_problem_handlers(api)  # 404, 405, validation and unexpected errors answer problem+json too
 
 
 def encode_image(image, fmt: str) -> bytes:
@@ -170,25 +169,7 @@ class Ingress:
 
     # -- checks ------------------------------------------------------------------------------------------
     def _decode_params(self, request: Request) -> dict:
-        q = request.query_params
-        unknown = sorted(set(q) - set(DECODE_PARAMS))
-        if unknown:
-            raise Problem(422, "invalid-parameter", f"unknown parameters {unknown}; known: {list(DECODE_PARAMS)}")
-        params = {"mode": q.get("mode", "perceptual"), "steps": q.get("steps", self.config.steps_allowed[0]),
-                  "format": q.get("format", "png"), "stream": q.get("stream", "0")}
-        allowed = {"mode": MODES, "steps": self.config.steps_allowed, "format": tuple(FORMATS), "stream": ("0", "1")}
-        for name, choices in allowed.items():
-            if params[name] not in choices:
-                raise Problem(422, "invalid-parameter", f"{name}={params[name]!r} is not allowed here; "
-                                                        f"choose one of {list(choices)}")
-        if params["mode"] == "perceptual" and not self.config.unet:
-            raise Problem(422, "invalid-parameter", "this server has no diffusion model: only mode=mse")
-        try:
-            params["seed"] = int(q.get("seed", "0"))
-        except ValueError:
-            raise Problem(422, "invalid-parameter", f"seed={q.get('seed')!r} is not an integer") from None
-        params["stream"] = params["stream"] == "1"
-        return params
+        return parse_decode_params(request.query_params, self.config)  # 422 for anything not allowed here
 
     async def _body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -211,6 +192,7 @@ class Ingress:
 
     def _problem(self, exc, mode: str, t0: float) -> Response:
         problem = problem_from(exc)
+        mode = mode if mode in (*MODES, "encode") else "invalid"  # never a client's text as a metrics label
         self.metrics.observe_error(problem.kind)
         self.metrics.observe_request(mode, problem.status, time.monotonic() - t0)
         return Response(problem.body(), status_code=problem.status, media_type=PROBLEM_JSON,
