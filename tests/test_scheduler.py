@@ -317,3 +317,19 @@ def test_deadline_and_cancel_end_in_their_states(models):
     assert late.status.value == "deadline" and isinstance(late.future.exception(), DeadlineExceeded)
     assert gone.status.value == "cancelled" and gone.future.cancelled()
     assert sched.stats()["deadline_misses"] == 1 and sched.pending() == 0
+
+
+def test_static_policy_runs_whole_batches_without_joins(models):
+    dec = _decoder(models)
+    targets = _targets(dec.codec, 3)
+    sched = StepScheduler(dec.guided_sampler(), max_slots=2, policy="static", batch_wait_s=3600)
+    runs = _record_batches(sched)
+    first = sched.submit(targets[0], 0, (1, 3, 64, 64))
+    assert not sched.step()  # not full, not waited long enough: the batch does not start
+    second = sched.submit(targets[1], 1, (1, 3, 64, 64))
+    sched.step()
+    third = sched.submit(targets[2], 2, (1, 3, 64, 64))
+    sched.batch_wait_s = 0.0
+    sched.run([first, second, third])
+    ids = [ids for ids, _ in runs]
+    assert ids[:6] == [[id(first), id(second)]] * 6 and ids[6:] == [[id(third)]] * 6  # third never joined

@@ -29,6 +29,10 @@ failed; running → preempted → running. Admission (:meth:`StepScheduler.admit
 count of held images is checked and raised under one lock hold, so concurrent submitters cannot
 overfill the queue.
 
+``policy="static"`` is the request-level baseline a load study compares against (as
+``@serve.batch`` batches): a group's batch starts when it is full or its oldest image has waited
+``batch_wait_s``, and runs to its end with nobody joining; no priorities, no preemption.
+
 Batches are padded to the next of ``slot_counts`` (default: the backend's ``slot_counts``, e.g.
 1, 2, 4, 8, 16 for CUDA graphs), unused slots masked, so a graph backend captures a few shapes.
 
@@ -86,6 +90,7 @@ class JobResult(NamedTuple):
 
 
 _arrival = itertools.count()
+POLICIES = ("continuous", "static")
 
 
 @dataclass(eq=False)
@@ -153,8 +158,11 @@ class StepScheduler:
     """
 
     def __init__(self, sampler: Optional[GuidedSampler] = None, *, max_slots: int = 16, max_queue: int = 256,
-                 slot_counts: Optional[Sequence[int]] = None, pixel_budget: int = 0):
-        self.sampler = sampler
+                 slot_counts: Optional[Sequence[int]] = None, pixel_budget: int = 0, policy: str = "continuous",
+                 batch_wait_s: float = 0.0):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.sampler, self.policy, self.batch_wait_s = sampler, policy, float(batch_wait_s)
         self._slot_counts_given = slot_counts
         self._lock = threading.Lock()
         self.work = threading.Condition(self._lock)  # notified when a job is submitted
@@ -262,6 +270,8 @@ class StepScheduler:
             self._forget_empty()
             if not self._turn:
                 return out
+            if self.policy == "static":
+                return self._schedule_static(out, now)
             top = max(max(j.priority for j in self._jobs[g]) for g in self._turn)
             group = next(g for g in self._turn if max(j.priority for j in self._jobs[g]) == top)
             self._turn.remove(group)
@@ -282,6 +292,28 @@ class StepScheduler:
                     out.preempted.append(job)
             out.run = chosen
             out.slots = self._slots(len(chosen))
+        return out
+
+    def _schedule_static(self, out: SchedulerOutput, now: float) -> SchedulerOutput:
+        """Request-level batching (under the lock): the first group in turn whose batch runs or is
+        ready — full, or its oldest image waited ``batch_wait_s`` — steps; nobody joins a running batch."""
+        for group in list(self._turn):
+            jobs = self._jobs[group]
+            running = [j for j in jobs if j.status is RequestStatus.RUNNING]
+            if not running:
+                room = self.max_slots
+                if self.pixel_budget:
+                    room = min(room, max(1, self.pixel_budget // jobs[0].pixels))
+                if len(jobs) < room and now - min(j.submitted for j in jobs) < self.batch_wait_s:
+                    continue
+                running = sorted(jobs, key=lambda j: j.seq)[:room]
+                for job in running:
+                    job.status = RequestStatus.RUNNING
+                    out.joined.append(job)
+            self._turn.remove(group)
+            self._turn.append(group)
+            out.run, out.slots = running, self._slots(len(running))
+            return out
         return out
 
     def execute(self, out: SchedulerOutput) -> None:
