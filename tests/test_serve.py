@@ -181,8 +181,40 @@ def test_models_health_ready_and_metrics(service):
     assert client.get("/healthz")["status"] == "ok" and client.get("/readyz")["status"] == "ready"
     text = client.get("/metrics")
     for name in ("idemrt_requests_total", "idemrt_decode_seconds_bucket", "idemrt_errors_total", "idemrt_queue_depth",
-                 "idemrt_replica_slot_occupancy", "idemrt_replica_step_seconds"):
+                 "idemrt_steps_total", "idemrt_step_seconds_bucket", "idemrt_step_pixels_total", "idemrt_images{",
+                 "idemrt_preemptions_total", "idemrt_deadline_misses_total", "idemrt_pixel_budget"):
         assert name in text
+    assert models["speeds"]["paper"] == ["3", "5"] and models["priorities"] == [0, 9]
+
+
+def _metrics(client) -> dict:
+    """The /metrics samples by name (labels included)."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in client.get("/metrics").splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_move_by_what_was_served(service, local):
+    """Four perceptual decodes (three 5-step at once, one 3-step) on two replicas: the summed
+    counters move by exactly the images' steps and pixels, and the per-speed latency counts them."""
+    client = Client(service[0])
+    before = _metrics(client)
+    threads = [threading.Thread(target=client.decode, args=(local[2],), kwargs={"seed": s, "steps": "5"})
+               for s in range(3)]
+    [t.start() for t in threads]
+    client.decode(local[2], seed=9, steps="3")
+    [t.join(120) for t in threads]
+    key = 'idemrt_replica_decode_seconds_count{speed="paper"}'
+    deadline = time.monotonic() + 15
+    while (after := _metrics(client)).get(key, 0) - before.get(key, 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.5)  # replicas push their snapshots every second
+    moved = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert moved[key] == 4
+    assert moved["idemrt_step_images_total"] == 3 * 5 + 3  # every image's every step, batched or not
+    assert moved["idemrt_step_pixels_total"] == (3 * 5 + 3) * 64 * 64  # 40x48 images, padded to 64x64
+    assert 5 <= moved["idemrt_steps_total"] <= 3 * 5 + 3 and moved["idemrt_step_seconds_count"] == moved[
+        "idemrt_steps_total"]
+    assert moved['idemrt_requests_total{mode="perceptual",code="200"}'] == 4
+    assert after["idemrt_replicas_reporting"] == 2 and after["idemrt_pixel_budget"] > 0
 
 
 def test_overload_and_deadline(service, local):
@@ -205,6 +237,10 @@ def test_overload_and_deadline(service, local):
     t.join(60)
     assert busy.value.status == 503 and busy.value.retry_after
     assert errors and errors[0].status == 504
+    deadline = time.monotonic() + 15
+    while _metrics(client)["idemrt_deadline_misses_total"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _metrics(client)["idemrt_deadline_misses_total"] >= 1
 
 
 def test_disconnect_cancels_the_decode(service, local):
@@ -224,8 +260,7 @@ def test_disconnect_cancels_the_decode(service, local):
 
 
 def _running(client) -> float:
-    line = next(x for x in client.get("/metrics").splitlines() if x.startswith("idemrt_running_images "))
-    return float(line.split()[1])
+    return _metrics(client)['idemrt_images{status="running"}']
 
 
 def test_a_killed_replica_never_returns_a_wrong_image(service, local):

@@ -1,6 +1,8 @@
 """The service's decode engine without Ray: results equal Decoder.decode, events, limits, errors."""
+import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import idemrt
 from idemrt.diffusion import QueueFullError
 from idemrt.serve.config import ServeConfig
 from idemrt.serve.engine import DecodeEngine
-from idemrt.serve.metrics import Metrics
+from idemrt.serve.metrics import EngineMetrics, Metrics, merge
 from idemrt.serve.problems import problem_from
 from tiny_models import tiny_codec, tiny_unet
 
@@ -55,7 +57,7 @@ def test_progress_and_preview_events(data, engine):
     previews = [e for e in events if e["event"] == "preview"]
     assert progress == [1, 2, 3, 4, 5] and all(e["steps"] == 5 for e in events if e["event"] == "progress")
     assert [p["step"] for p in previews] == [2, 4]
-    assert previews[0]["image"].shape == (1, 3, 40, 48) and 0 <= previews[0]["image"].min() <= 1
+    assert previews[0]["image"].shape == (40, 48, 3) and previews[0]["image"].dtype == np.uint8
 
 
 def test_bounded_queue_and_typed_errors(models, data, engine):
@@ -89,18 +91,29 @@ def test_cancelling_frees_the_slot(data, engine):
     assert future.cancelled() and engine.stats()["running"] == 0 and future.job.steps_done < 5
 
 
-def test_metrics_text_is_prometheus_exposition():
+def test_metrics_text_is_prometheus_exposition_summed_over_replicas():
     m = Metrics()
     m.observe_request("perceptual", 200, 0.3)
     m.observe_request("perceptual", 503, 0.0)
     m.observe_error("overloaded")
-    m.observe_step(0.05, 3, 4)
-    text = m.render({"queue_depth": ("help", 2)})
+    replicas = [EngineMetrics(), EngineMetrics()]
+    for k, r in enumerate(replicas):
+        r.observe_step(0.02, 64 * 64 * (k + 1), k + 1, k)
+        r.observe_decode("paper", 3.0)
+        r.set_gauges({"waiting": 2, "running": 1, "preempted": 1, "pixel_budget": 1000}, inbox=1)
+    dead = EngineMetrics()
+    dead.observe_step(0.3, 10, 1, 0)
+    text = m.render(merge([r.snapshot() for r in replicas] + [dead.snapshot()], [r.snapshot() for r in replicas]))
     assert 'idemrt_requests_total{mode="perceptual",code="200"} 1' in text
     assert 'idemrt_errors_total{kind="overloaded"} 1' in text
     assert 'idemrt_decode_seconds_bucket{le="0.25"} 0' in text and 'idemrt_decode_seconds_bucket{le="0.5"} 1' in text
-    assert "idemrt_decode_seconds_count 1" in text and "idemrt_slot_occupancy 0.75" in text
-    assert "idemrt_queue_depth 2" in text and "# TYPE idemrt_decode_seconds histogram" in text
+    # counters over every replica that reported (the dead one too), gauges over the live ones
+    assert "idemrt_steps_total 3" in text and f"idemrt_step_pixels_total {64 * 64 * 3 + 10}" in text
+    assert 'idemrt_step_seconds_bucket{le="0.025"} 2' in text and 'idemrt_step_seconds_count 3' in text
+    assert "idemrt_preemptions_total 1" in text and "idemrt_queue_depth 6" in text
+    assert 'idemrt_images{status="running"} 2' in text and 'idemrt_images{status="waiting"} 4' in text
+    assert 'idemrt_replica_decode_seconds_count{speed="paper"} 2' in text
+    assert "idemrt_replicas_reporting 2" in text and "# TYPE idemrt_step_seconds histogram" in text
 
 
 def test_speed_preset_with_warm_start_and_exact_refinement_equals_the_decoder(models, data):
@@ -117,3 +130,131 @@ def test_speed_preset_with_warm_start_and_exact_refinement_equals_the_decoder(mo
         torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
     finally:
         engine.close()
+
+
+# --- the engine core: one device thread, every program in one batch, deterministic mode --------------
+
+def test_no_torch_work_off_the_core_thread(models, data):
+    """Served decodes (perceptual with previews, MSE, an encode) driven from an asyncio loop as a
+    replica drives them: every UNet and codec module call, every backend step and every preview runs
+    on the engine's core thread; the loop only parses, awaits and encodes the 8-bit result."""
+    import asyncio
+
+    from idemrt.serve.app import encode_image
+
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["3", "5"], preview_every=1, unet="in-memory"), codec, unet,
+                          device="cpu")
+    threads = set()
+    record = lambda *_: threads.add(threading.get_ident())  # noqa: E731
+    hooks = [m.register_forward_pre_hook(record) for d, _, _ in engine.programs.values() for m in (d.unet, d.codec.model)
+             for m in m.modules()]
+    for sampler in engine.groups:
+        step = sampler.backend.step
+        sampler.backend.step = lambda *a, _step=step, **k: (record(), _step(*a, **k))[1]
+
+    async def serve():
+        loop_thread = threading.get_ident()
+        events = []
+        futures = [engine.submit(data[0], seed=1, steps="3", on_event=events.append),
+                   engine.submit(data[1], seed=2, steps="5", speed="paper"),
+                   engine.submit(data[0], mode="mse"), engine.encode(_png(32))]
+        results = [await asyncio.wrap_future(f) for f in futures]
+        pngs = [await asyncio.to_thread(encode_image, r.pixels, "png") for r in results[:3]]
+        return loop_thread, results, pngs, events
+
+    try:
+        loop_thread, results, pngs, events = asyncio.run(serve())
+    finally:
+        for h in hooks:
+            h.remove()
+        engine.close()
+    assert threads == {engine.core_thread_id} and loop_thread != engine.core_thread_id
+    assert all(p.startswith(b"\x89PNG") for p in pngs) and isinstance(results[3], bytes)
+    assert any(e["event"] == "preview" for e in events)
+
+
+def _png(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_one_batch_holds_every_respacing_and_speed(models, data):
+    """A 5-step and a 3-step paper (DPS) image and a warm-started balanced (DSG) image of one shape
+    share batched steps — one backend for the three programs — and each equals its Decoder alone."""
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], unet="in-memory"), codec, unet, device="cpu")
+    runs, execute = [], engine.scheduler.execute
+
+    def recording(out):
+        runs.append({j.state.program.name for j in out.run})
+        execute(out)
+
+    engine.scheduler.execute = recording
+    try:
+        assert engine.programs["paper", "5"][2] is engine.programs["balanced", "50"][2]  # one step function
+        assert engine.programs["fast", "50"][2] is not engine.programs["paper", "5"][2]  # PIR: its own
+        engine.scheduler.configure(max_slots=8)
+        time.sleep(0.2)
+        futures = {(speed, steps): engine.submit(data[0], seed=4, speed=speed, steps=steps)
+                   for speed, steps in (("paper", "5"), ("paper", "3"), ("balanced", "50"))}
+        got = {k: f.result(timeout=300) for k, f in futures.items()}
+    finally:
+        engine.close()
+    assert {"paper/5", "paper/3", "balanced/50"} in runs  # all three in one step
+    for (speed, steps), result in got.items():
+        want = idemrt.Decoder(codec, unet, speed=speed, steps=int(steps), device="cpu").decode(
+            data[0], seed=4, output="tensor")
+        torch.testing.assert_close(result.image, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_deterministic_mode_staggered_concurrent_decodes_equal_solo_byte_for_byte():
+    """The demo models at the demo's 100 DPS steps: four decodes submitted at staggered times (each
+    joining a running batch) give exactly the bytes of the same decodes run one at a time."""
+    from idemrt.demo import DEMO_IMAGES, demo_image
+
+    config = ServeConfig.demo(deterministic=True, speeds_allowed=["paper"], max_slots=4)
+    engine = DecodeEngine(config, device="cpu")
+    try:
+        datas = [idemrt.Encoder(engine.codec).encode(demo_image(name)) for name in DEMO_IMAGES]
+        jobs = [(datas[k % 2], 100 + k) for k in range(4)]
+        solo = [engine.submit(d, seed=s).result(timeout=600).pixels for d, s in jobs]
+        futures = []
+        for d, s in jobs:
+            futures.append(engine.submit(d, seed=s))
+            while engine.stats()["steps"] == 0 or futures[-1].job.steps_done < 7:  # the next joins mid-run
+                time.sleep(0.01)
+        together = [f.result(timeout=900).pixels for f in futures]
+    finally:
+        engine.close()
+    for a, b in zip(solo, together):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_engine_metrics_count_steps_preemptions_and_deadline_misses(models, data):
+    """One slot: a priority-5 decode parks a running priority-0 one (a preemption), a decode with
+    a deadline already passed is dropped (a deadline miss); the counters say exactly that."""
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["5"], max_slots=1, unet="in-memory"), codec, unet, device="cpu")
+    try:
+        low = engine.submit(data[0], seed=1)
+        while low.job.steps_done < 2:
+            time.sleep(0.005)
+        high = engine.submit(data[0], seed=2, priority=5)
+        late = engine.submit(data[0], seed=3, timeout=1e-6)
+        results = [low.result(timeout=120), high.result(timeout=120)]
+        with pytest.raises(Exception, match="deadline"):
+            late.result(timeout=120)
+        snap = engine.metrics.snapshot()
+    finally:
+        engine.close()
+    assert snap["counters"]["preemptions"] >= 1 and snap["counters"]["deadline_misses"] == 1
+    assert snap["counters"]["step_images"] == 10 and snap["counters"]["steps"] == 10  # one image per step
+    assert snap["counters"]["step_pixels"] == 10 * 64 * 64
+    assert sum(snap["decode_seconds"]["paper"]["counts"]) == 2 and all(r.steps == 5 for r in results)

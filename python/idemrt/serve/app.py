@@ -1,9 +1,15 @@
 """The Ray Serve application: a FastAPI ingress and decoder replicas running the step loop.
 
-    HTTP ──▶ Ingress (FastAPI; parses and checks requests, rejects early)
-                │ DeploymentHandle (Ray Serve routes to a replica; replicas on GPUs or CPUs)
+    HTTP ──▶ Ingress (FastAPI; parses the query and the .idm once, rejects early)
+                │ DeploymentHandle (Ray Serve routes the parsed Bitstream to a replica)
                 ▼
-             DecoderReplica × N (one DecodeEngine each: models, step schedulers, loop thread)
+             DecoderReplica × N (one DecodeEngine each: its core thread owns the device)
+                │ metrics snapshots, every second and after each decode
+                ▼
+             MetricsHub (one named actor per application; ``/metrics`` renders the sum)
+
+A replica's asyncio side does no torch work: it hands the parsed bitstream to the engine core,
+awaits the result (an 8-bit array) and encodes PNG/WebP in a worker thread.
 
 Ray Serve gives replicas, placement (``num_gpus`` per replica), restarts of dead replicas,
 clusters (``--address``) and the HTTP proxy; idemrt adds the step-level batching inside a
@@ -14,30 +20,61 @@ import asyncio
 import base64
 import io
 import json
+import threading
 import time
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
 from .. import bitstream as bsfmt
-from .config import ServeConfig
+from .config import PRIORITIES, ServeConfig
 from .engine import MODES, DecodeEngine
-from .metrics import Metrics
+from .metrics import Metrics, merge
 from .params import DECODE_PARAMS, FORMATS, parse_decode_params  # noqa: F401 - DECODE_PARAMS re-exported
 from .problems import PROBLEM_JSON, Problem, install_problem_handlers, problem_from
+from .retry import call_with_retry
+from .runner import deployment_options
+
+RETRIES = 3  # calls of one decode in all when its replica dies (each on a live replica, within the deadline)
+METRICS_PUSH_S = 1.0  # how often a replica sends its metrics snapshot to the hub
+METRICS_LIVE_S = 10.0  # a replica whose last snapshot is older no longer counts in the gauges
 
 api = FastAPI(title="idemrt decode service")
 install_problem_handlers(api)  # 404, 405, validation and unexpected errors answer problem+json too
 
 
-def encode_image(image, fmt: str) -> bytes:
-    """(1, 3, H, W) in [0, 1] -> PNG or WEBP (lossless) bytes."""
-    from ..images import to_pil
+def encode_image(pixels, fmt: str) -> bytes:
+    """(H, W, 3) uint8 -> PNG or WEBP (lossless) bytes (Pillow only: no torch off the core)."""
+    from PIL import Image
 
     buf = io.BytesIO()
-    to_pil(image).save(buf, format=fmt.upper(), **({"lossless": True} if fmt == "webp" else {}))
+    Image.fromarray(pixels).save(buf, format=fmt.upper(), **({"lossless": True} if fmt == "webp" else {}))
     return buf.getvalue()
+
+
+@ray.remote(num_cpus=0)
+class MetricsHub:
+    """The latest metrics snapshot of every replica of one application (see :mod:`.metrics`)."""
+
+    def __init__(self):
+        self.snapshots = {}  # replica id -> (time.monotonic(), snapshot)
+
+    def push(self, replica: str, snapshot: dict) -> None:
+        self.snapshots[replica] = (time.monotonic(), snapshot)
+
+    def collect(self, live_s: float = METRICS_LIVE_S) -> dict:
+        now = time.monotonic()
+        return merge([s for _, s in self.snapshots.values()],
+                     [s for t, s in self.snapshots.values() if now - t <= live_s])
+
+
+def metrics_hub():
+    """This application's hub (created by whoever asks first; it outlives replica restarts)."""
+    app = serve.get_replica_context().app_name
+    return MetricsHub.options(name=f"idemrt-metrics-{app}", namespace="idemrt", get_if_exists=True,
+                              lifetime="detached").remote()
 
 
 @serve.deployment
@@ -47,27 +84,45 @@ class DecoderReplica:
     def __init__(self, config: dict):
         self.engine = DecodeEngine(ServeConfig(**config))
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.hub = metrics_hub()
+        threading.Thread(target=self._push_metrics, name="idemrt-metrics", daemon=True).start()
+
+    def _push_metrics(self) -> None:
+        while self.engine.alive:
+            self.hub.push.remote(self.replica, self.engine.metrics.snapshot())
+            time.sleep(METRICS_PUSH_S)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's ``user_config`` (max_slots, queue, pixel_budget): applied without a restart."""
+        self.engine.reconfigure(**user_config)
 
     def info(self) -> dict:
-        return {"replica": self.replica, "weights_hash": self.engine.codec.weights_hash().hex(), **self.engine.stats()}
+        return {"replica": self.replica, "weights_hash": self.engine.weights_hash.hex(), **self.engine.stats()}
 
     def check_health(self) -> None:
         if not self.engine.alive:
             raise RuntimeError("the step loop thread died")
 
-    async def decode(self, data: bytes, mode: str, seed: int, steps: str, fmt: str) -> dict:
-        future = self.engine.submit(data, mode=mode, seed=seed, steps=steps)
-        result = await _await(future)
-        return {"image": encode_image(result.image, fmt), "distance": result.distance, "steps": result.steps,
+    def _submit(self, bs, params: dict, on_event=None):
+        return self.engine.submit(bs, mode=params["mode"], seed=params["seed"], speed=params["speed"],
+                                  steps=params["steps"], priority=params["priority"], timeout=params["timeout"],
+                                  on_event=on_event)
+
+    async def decode(self, bs: bsfmt.Bitstream, params: dict) -> dict:
+        """``bs``: the bitstream the ingress parsed; ``params``: :func:`parse_decode_params`'s."""
+        result = await _await(self._submit(bs, params))
+        self.hub.push.remote(self.replica, self.engine.metrics.snapshot())
+        image = await asyncio.to_thread(encode_image, result.pixels, params["format"])
+        return {"image": image, "distance": result.distance, "steps": result.steps,
                 "seconds": result.seconds, "replica": self.replica}
 
-    async def decode_stream(self, data: bytes, mode: str, seed: int, steps: str, fmt: str):
+    async def decode_stream(self, bs: bsfmt.Bitstream, params: dict):
         """Server-sent-event payloads: progress, previews, then the result (or an error)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        fmt = params["format"]
         try:
-            future = self.engine.submit(data, mode=mode, seed=seed, steps=steps,
-                                        on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            future = self._submit(bs, params, on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except Exception as exc:  # noqa: BLE001 - reported in the stream
             yield _error_event(exc)
             return
@@ -75,10 +130,12 @@ class DecoderReplica:
         try:
             while (event := await events.get()) is not None:
                 if event["event"] == "preview":
-                    event = {**event, "image": base64.b64encode(encode_image(event["image"], "png")).decode()}
+                    png = await asyncio.to_thread(encode_image, event["image"], "png")
+                    event = {**event, "image": base64.b64encode(png).decode()}
                 yield event
             result = future.result()
-            yield {"event": "result", "format": fmt, "image": base64.b64encode(encode_image(result.image, fmt)).decode(),
+            image = await asyncio.to_thread(encode_image, result.pixels, fmt)
+            yield {"event": "result", "format": fmt, "image": base64.b64encode(image).decode(),
                    "distance": result.distance, "steps": result.steps, "seconds": result.seconds,
                    "replica": self.replica}
         except asyncio.CancelledError:
@@ -87,11 +144,8 @@ class DecoderReplica:
         except Exception as exc:  # noqa: BLE001 - reported in the stream
             yield _error_event(exc)
 
-    def encode(self, image: bytes) -> bytes:
-        from ..api import Encoder
-        from ..images import load_image
-
-        return Encoder(self.engine.codec).encode(load_image(image, max_pixels=self.engine.config.max_pixels))
+    async def encode(self, image: bytes) -> bytes:
+        return await _await(self.engine.encode(image))
 
 
 async def _await(future):
@@ -115,6 +169,7 @@ class Ingress:
         self.decoder = decoder
         self.config = ServeConfig(**config)
         self.metrics = Metrics()
+        self.hub = metrics_hub()
 
     # -- decode and encode ---------------------------------------------------------------------------
     @api.post("/v1/decode")
@@ -122,12 +177,12 @@ class Ingress:
         t0, mode = time.monotonic(), request.query_params.get("mode", "perceptual")
         try:
             params = self._decode_params(request)
-            data = await self._body(request)
-            self._check_header(data)
+            bs = self._check_header(await self._body(request))  # the one parse of the bytes
             if params["stream"]:
-                return self._stream(data, params, t0)
-            out = await self.decoder.decode.remote(data, params["mode"], params["seed"], params["steps"],
-                                                   params["format"])
+                return self._stream(bs, params, t0)
+            out = await call_with_retry(  # a replica lost mid-decode: again on a live one (else 503)
+                lambda: self.decoder.decode.remote(bs, params),
+                tries=RETRIES, deadline=t0 + (params["timeout"] or self.config.timeout_s))
         except Exception as exc:  # noqa: BLE001 - every failure becomes a problem+json answer
             return self._problem(exc, mode, t0)
         self.metrics.observe_request(params["mode"], 200, time.monotonic() - t0)
@@ -147,9 +202,8 @@ class Ingress:
         self.metrics.observe_request("encode", 200, time.monotonic() - t0)
         return Response(out, media_type="application/octet-stream")
 
-    def _stream(self, data, params, t0):
-        gen = self.decoder.options(stream=True).decode_stream.remote(data, params["mode"], params["seed"],
-                                                                     params["steps"], params["format"])
+    def _stream(self, bs, params, t0):
+        gen = self.decoder.options(stream=True).decode_stream.remote(bs, params)
 
         async def events():
             status = 200
@@ -183,12 +237,14 @@ class Ingress:
                 raise Problem(413, "too-large", f"the body is over {limit} bytes")
         return bytes(body)
 
-    def _check_header(self, data: bytes) -> None:
-        """Reject early what no replica could decode: a malformed, foreign or oversized stream."""
+    def _check_header(self, data: bytes) -> bsfmt.Bitstream:
+        """The parsed stream; rejects early what no replica could decode: a malformed, foreign or
+        oversized stream (the replica checks the weights hash)."""
         bs = bsfmt.unpack(data, max_pixels=self.config.max_pixels)
         if (bs.codec, bs.quality) != (self.config.codec, self.config.quality):
             raise Problem(400, "bitstream", f"this file was made with {bs.codec} q{bs.quality}; this server decodes "
                                             f"{self.config.codec} q{self.config.quality}")
+        return bs
 
     def _problem(self, exc, mode: str, t0: float) -> Response:
         problem = problem_from(exc)
@@ -204,7 +260,9 @@ class Ingress:
         c = self.config
         return {"codec": c.codec, "quality": c.quality, "unet_preset": c.preset if c.unet else None,
                 "modes": list(MODES) if c.unet else ["mse"], "steps_allowed": c.steps_allowed,
-                "formats": list(FORMATS), "speed": c.speed or "paper", "sampler": c.sampler, "guidance": c.guidance,
+                "speeds": {speed: c.steps_for(speed) for speed in c.speeds_allowed} if c.unet else {},
+                "priorities": [min(PRIORITIES), max(PRIORITIES)], "deterministic": c.deterministic,
+                "formats": list(FORMATS), "speed": c.speed, "sampler": c.sampler, "guidance": c.guidance,
                 "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s}
 
     @api.get("/healthz")
@@ -223,26 +281,17 @@ class Ingress:
     @api.get("/metrics")
     async def metrics_text(self):
         try:
-            info = await asyncio.wait_for(self.decoder.info.remote(), timeout=5)
+            engine = await asyncio.wait_for(self.hub.collect.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - report what the ingress knows
-            info = {}
-        gauges = {"queue_depth": ("Images waiting for a batch slot (one replica).", info.get("waiting", 0)),
-                  "running_images": ("Images in running batches (one replica).", info.get("running", 0)),
-                  "replica_slot_occupancy": ("Slots used / slots in the last step (one replica).",
-                                             info.get("slots_used", 0) / max(1, info.get("slots", 1))),
-                  "replica_step_seconds": ("Last batched step (one replica).", info.get("step_seconds", 0.0))}
-        return Response(self.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+            engine = None
+        return Response(self.metrics.render(engine), media_type="text/plain; version=0.0.4")
 
 
 def build_app(config: ServeConfig):
     """The Serve application of ``config`` (what ``serve.run`` and ``serve deploy`` take)."""
-    options = {"num_cpus": config.cpus_per_replica}
-    if config.gpus_per_replica > 0:
-        options["num_gpus"] = config.gpus_per_replica
-    decoder = DecoderReplica.options(num_replicas=config.replicas, ray_actor_options=options,
-                                     max_ongoing_requests=config.queue + 8).bind(config.to_dict())
-    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * config.queue).bind(
-        decoder, config.to_dict())
+    options = deployment_options(config)  # replicas or autoscaling, resources, user_config
+    decoder = DecoderReplica.options(**options["DecoderReplica"]).bind(config.to_dict())
+    return Ingress.options(**options["Ingress"]).bind(decoder, config.to_dict())
 
 
 def app_builder(args: dict):

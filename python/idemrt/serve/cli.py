@@ -22,13 +22,20 @@ def add_serve_subparser(subparsers) -> None:
                                                  "--speed preset's)")
     p.add_argument("--speed", default=None, choices=sorted(SPEEDS),
                    help="the decode preset (docs/fast_modes.md; default paper: DPS-1000)")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="decoder replicas (the initial count when autoscaling)")
+    p.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscale the decoder replicas on ongoing requests, down to this many (default 1 "
+                        "with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None, help="... and up to this many")
+    p.add_argument("--proxy-location", default="HeadOnly", choices=["HeadOnly", "EveryNode"],
+                   help="Serve's HTTP proxies: on the head node only (default) or on every node")
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per decoder replica (default: 1 if CUDA is available, else 0: CPU)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-slots", type=int, default=16, help="images per batched step")
     p.add_argument("--queue", type=int, default=256, help="images a replica holds before answering 503")
+    p.add_argument("--pixel-budget", type=int, default=0, help="pixels per batched step (0: derived by the engine)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (then 504)")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one) instead of "
                                                    "starting an embedded instance")
@@ -46,16 +53,18 @@ def config_from_args(args):
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     steps = None if args.steps is None else [s.strip() for s in args.steps.split(",") if s.strip()]  # two: "100,ddim50"
+    scale = dict(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                 proxy_location=args.proxy_location, pixel_budget=args.pixel_budget)
     if args.demo:
-        return ServeConfig.demo(replicas=args.replicas, gpus_per_replica=gpus, max_slots=args.max_slots,
-                                queue=args.queue, timeout_s=args.timeout, speed=args.speed,
+        return ServeConfig.demo(gpus_per_replica=gpus, max_slots=args.max_slots, queue=args.queue,
+                                timeout_s=args.timeout, speed=args.speed, **scale,
                                 **({"steps_allowed": steps} if steps else {}))
     # Replicas may run on other machines of a cluster: files by absolute path.
     unet, ckpt = (os.path.abspath(p) if p else None for p in (args.unet, args.codec_checkpoint))
     return ServeConfig(unet=unet, preset=args.preset, codec=args.codec, quality=args.quality,
                        codec_checkpoint=ckpt, pretrained_codec=args.pretrained_codec,
-                       steps_allowed=steps, speed=args.speed, replicas=args.replicas, gpus_per_replica=gpus,
-                       max_slots=args.max_slots, queue=args.queue, timeout_s=args.timeout)
+                       steps_allowed=steps, speed=args.speed, gpus_per_replica=gpus,
+                       max_slots=args.max_slots, queue=args.queue, timeout_s=args.timeout, **scale)
 
 
 def cmd_serve(args) -> int:
@@ -66,7 +75,8 @@ def cmd_serve(args) -> int:
         print(deploy_config(config, port=args.port), end="")
         return 0
     start_service(config, host=args.host, port=args.port, address=args.address)
-    print(f"idemrt serve: http://{args.host}:{args.port}/v1/decode ({config.replicas} replica(s), "
+    replicas = f"{config.min_replicas}-{config.max_replicas}" if config.autoscaling else config.replicas
+    print(f"idemrt serve: http://{args.host}:{args.port}/v1/decode ({replicas} replica(s), "
           f"{'GPU' if config.gpus_per_replica else 'CPU'}; steps {', '.join(config.steps_allowed)}); Ctrl-C stops")
     try:
         while True:

@@ -11,6 +11,8 @@ from typing import Optional
 
 PRIORITIES = range(0, 10)  # a request's priority: higher runs first (and may preempt lower ones)
 MAX_SEED = 2**63 - 1  # seeds are 0 <= seed <= MAX_SEED (torch.Generator.manual_seed's signed range)
+PROXY_LOCATIONS = ("HeadOnly", "EveryNode")
+USER_CONFIG = ("max_slots", "queue", "pixel_budget")  # applied by DecoderReplica.reconfigure, no restart
 
 
 @dataclass
@@ -29,11 +31,18 @@ class ServeConfig:
     guidance: Optional[str] = None
     scale: Optional[float] = None
     backend: Optional[str] = None  # default: fast on CUDA, eager otherwise
-    replicas: int = 1
+    replicas: int = 1  # fixed replica count (the initial one when autoscaling)
+    min_replicas: Optional[int] = None  # either bound given: autoscale on ongoing requests instead
+    max_replicas: Optional[int] = None
+    proxy_location: str = "HeadOnly"  # Serve's HTTP proxies: "HeadOnly" or "EveryNode"
     gpus_per_replica: float = 0.0  # > 0: one replica per GPU share, decoding on CUDA
     cpus_per_replica: float = 1.0
-    max_slots: int = 16  # images per step of one group
+    max_slots: int = 16  # images per batched step
+    deterministic: bool = False  # each image's result independent of its batch (one backend call per image)
+    batching: str = "continuous"  # "static": request-level batches, the load study's baseline
+    batch_wait_s: float = 0.0  # static batching: how long a batch waits to fill
     queue: int = 256  # images a replica holds (running and waiting) before answering 503
+    pixel_budget: int = 0  # pixels per step of one replica (0: derived by the engine)
     max_body_bytes: int = 64 << 20
     max_pixels: int = 4096 * 4096
     timeout_s: float = 600.0  # per-request deadline (504 after it)
@@ -41,9 +50,7 @@ class ServeConfig:
     preview_size: int = 64  # longest side of a preview, pixels
 
     def __post_init__(self):
-        from ..speeds import resolve_speed
-
-        from ..speeds import SPEEDS
+        from ..speeds import SPEEDS, resolve_speed
 
         self.speed = resolve_speed(self.speed)["speed"]
         if self.speeds_allowed is None:
@@ -63,6 +70,27 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.timeout_s <= 0 or self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise ValueError("timeout_s must be > 0 and the resources per replica >= 0")
+        if int(self.pixel_budget) < 0:
+            raise ValueError(f"pixel_budget must be >= 0 (0: derived by the engine), got {self.pixel_budget!r}")
+        if self.proxy_location not in PROXY_LOCATIONS:
+            raise ValueError(f"proxy_location must be one of {PROXY_LOCATIONS}, got {self.proxy_location!r}")
+        if self.autoscaling:
+            if self.min_replicas is None:
+                self.min_replicas = 1
+            if self.max_replicas is None:
+                self.max_replicas = max(self.min_replicas, self.replicas)
+            if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+                raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                                 f"{self.min_replicas}, {self.max_replicas}")
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether the decoder replicas autoscale (``min_replicas``/``max_replicas``) instead of a fixed count."""
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    def user_config(self) -> dict:
+        """The tunables a running replica applies without a restart (Serve's ``user_config``)."""
+        return {name: int(getattr(self, name)) for name in USER_CONFIG}
 
     @classmethod
     def demo(cls, **overrides) -> "ServeConfig":

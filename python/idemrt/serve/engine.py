@@ -1,40 +1,92 @@
-"""The decode engine of one service replica (no Ray here): models, schedulers and the step loop.
+"""The decode engine of one service replica (no Ray here): an engine core that owns the device.
 
-One :class:`~idemrt.Decoder` per allowed step count shares the replica's models; each has a
-:class:`~idemrt.diffusion.StepScheduler`, and one loop thread steps them in turn, so requests of
-every step count and image size share the device step by step (continuous batching). Callers
-submit from any thread and get a :class:`concurrent.futures.Future`; progress and previews reach
-them through a callback run on the loop thread.
+One thread — the **core** — does every device operation of the replica: loading the models,
+entropy decoding's tensor side, g_s and the constraint target, the warm start, x_T, the steps
+and graph captures, previews, the exact refinement and the copy of each image to the host (as an
+8-bit array). Callers on any thread (the replica's asyncio loop) only parse the bitstream header
+(pure Python), are admitted or refused at once (:class:`~idemrt.diffusion.QueueFullError`), and
+get a :class:`concurrent.futures.Future`; progress and previews reach them through a callback
+run on the core thread.
+
+Every allowed (speed, respacing) pair is a **program**: a :class:`~idemrt.diffusion.Program` — its
+rows in a step table, its DPS scale, its warm start — plus the :class:`~idemrt.Decoder` that
+prepares and finishes its images. Programs whose step functions are the same — the same sampler
+family (:meth:`Sampler.family`) and guidance step kind (:attr:`Guidance.step_kind`; DPS and DSG
+stack into one :class:`~idemrt.diffusion.guidance.StackedGuidance`) — form one **group**: one
+stacked step table, one backend (one set of CUDA graphs), one :class:`GuidedSampler`. A 1000-step,
+a 100-step and a warm-started 20-step image of one group then share a batched step. One
+:class:`~idemrt.diffusion.StepScheduler` holds the jobs of every group (priorities, deadlines,
+the pixel budget, preemption).
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .. import bitstream as bsfmt
-from ..api import Decoder, entropy_decode, read_bitstream
-from ..diffusion import QueueFullError
-from ..exact import exact_idempotence
+from ..api import Decoder
+from ..backends.base import StepSpec, create_backend
+from ..diffusion import GuidedSampler, Program, StackedSampler, StepScheduler
+from ..diffusion.guidance import stack_alignment, stack_guidance
+from ..images import to_uint8
 from .config import ServeConfig
-from .metrics import Metrics
+from .metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
 MODES = ("perceptual", "mse")
+NATIVE_PIXELS = 256 * 256  # an image at the shipped UNets' training size: the pixel budget's unit
 
 
 @dataclass
 class Decoded:
     image: torch.Tensor  # (1, 3, H, W) in [0, 1] on the CPU, cropped to the stored size
+    pixels: np.ndarray  # the same as 8-bit (H, W, 3): what the service encodes, without torch
     distance: float  # final constraint distance (0 for MSE decodes)
-    steps: int  # network steps of the schedule (0 for MSE decodes)
-    seconds: float
+    steps: int  # network steps of the program (0 for MSE decodes)
+    seconds: float  # from submission to the result
+    speed: str = "mse"
+
+
+@dataclass(eq=False)
+class _Request:
+    bitstream: bsfmt.Bitstream
+    mode: str
+    seed: int
+    speed: str
+    steps: str
+    priority: int
+    timeout: float
+    on_event: Optional[Callable[[dict], None]]
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    job: object = None  # the scheduler's Job once the core started it
+
+
+class _Call:
+    """A function the core runs between two steps (device work that is not a decode)."""
+
+    def __init__(self, fn):
+        self.fn, self.future = fn, Future()
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.fn())
+        except Exception as exc:  # noqa: BLE001 - the caller's error
+            self.future.set_exception(exc)
+
+
+class _Handle(Future):
+    """The caller's future; ``job.cancel()`` (or :meth:`cancel_request`) cancels the decode."""
 
 
 def load_models(config: ServeConfig, device: str):
@@ -53,88 +105,267 @@ def load_models(config: ServeConfig, device: str):
 
 
 class DecodeEngine:
+    """See the module doc. ``codec``/``unet``: models already loaded (tests); else the config's."""
+
     def __init__(self, config: ServeConfig, codec=None, unet=None, *, device: Optional[str] = None):
         self.config = config
-        device = device or config.device
-        if codec is None:
-            codec, unet = load_models(config, device)
-        self.metrics = Metrics()
-        self.decoders = {s: Decoder(codec, unet, steps=_respacing(s), speed=config.speed, sampler=config.sampler,
-                                    guidance=config.guidance, scale=config.scale, device=device,
-                                    backend=config.backend, max_pixels=config.max_pixels)
-                         for s in config.steps_allowed}
-        # Post-processing (cropping, the exact-idempotence refinement) off the step loop's thread.
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="idemrt-finish")
-        self.schedulers = {s: d.scheduler(max_slots=config.max_slots, max_queue=config.queue)
-                           for s, d in self.decoders.items()} if unet is not None else {}
-        self.codec = self.decoders[config.steps_allowed[0]].codec
+        self.device = device or config.device
+        self.metrics = EngineMetrics()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="idemrt-step-loop", daemon=True)
+        self._ready = threading.Event()
+        self._init_error: Optional[BaseException] = None
+        self._finished: list = []  # (request, decoder, prepared, job) whose sampling ended, core thread only
+        self.core_thread_id: Optional[int] = None
+        self._thread = threading.Thread(target=self._run, args=(codec, unet), name="idemrt-engine-core", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._init_error is not None:
+            raise self._init_error
 
-    # -- requests --------------------------------------------------------------------------------
-    def check(self, data: bytes) -> bsfmt.Bitstream:
-        """The parsed bitstream, if this server's codec made it (BitstreamError otherwise)."""
-        return read_bitstream(self.codec, data, self.config.max_pixels)
+    # -- built on the core thread -----------------------------------------------------------------
+    def _build(self, codec, unet) -> None:
+        config = self.config
+        if codec is None:
+            codec, unet = load_models(config, self.device)
+        self.programs: dict = {}  # (speed, steps) -> (Decoder, Program, GuidedSampler)
+        decoders = {}
+        for speed in config.speeds_allowed:
+            own = speed == config.speed
+            for steps in config.steps_for(speed):
+                decoders[(speed, steps)] = Decoder(
+                    codec, unet, steps=_respacing(steps), speed=speed, sampler=config.sampler if own else None,
+                    guidance=config.guidance if own else None, scale=config.scale if own else None,
+                    device=self.device, backend=config.backend, max_pixels=config.max_pixels,
+                    deterministic=config.deterministic)
+        first = next(iter(decoders.values()))
+        self.codec = first.codec
+        self.weights_hash = self.codec.weights_hash()
+        self.groups = []
+        if unet is not None:
+            by_group: dict = {}
+            for key, d in decoders.items():
+                by_group.setdefault(_group_key(d), []).append(key)
+            for keys in by_group.values():
+                self._build_group([(k, decoders[k]) for k in keys])
+        self.mse_decoder = first
+        native = getattr(getattr(unet, "config", None), "image_size", None)
+        self.native_pixels = int(native) ** 2 if native else NATIVE_PIXELS
+        self.scheduler = StepScheduler(max_slots=config.max_slots, max_queue=config.queue,
+                                       slot_counts=self._slot_counts(), pixel_budget=self._pixel_budget(),
+                                       policy=config.batching, batch_wait_s=config.batch_wait_s)
 
-    def submit(self, data: bytes, *, mode: str = "perceptual", seed: int = 0, steps: Optional[str] = None,
+    def _build_group(self, members: list) -> None:
+        """One stacked step table, guidance, backend and GuidedSampler for ``members`` [(key, Decoder)]."""
+        decoders = [d for _, d in members]
+        guidances = [d.guidance for d in decoders]
+        align = stack_alignment(guidances) if len(set(guidances)) == 1 else 1
+        stacked = StackedSampler([d.sampler for d in decoders], align=align)
+        lengths = [d.schedule.num_steps for d in decoders]
+        guidance = None if guidances[0] is None else stack_guidance(guidances, stacked.offsets, lengths)
+        d0 = decoders[0]
+        spec = StepSpec(unet=d0.unet, operator=d0.operator if guidance is not None else None, codec=d0.codec,
+                        constraint=d0.constraint, sampler=stacked, guidance=guidance)
+        backend = create_backend(d0.backend_name, spec, device=d0.device, dtype=d0.dtype, **d0.backend_options)
+        sampler = GuidedSampler(backend, stacked.num_steps, device=d0.device, retry=d0.retry,
+                                noise_device=d0.noise_device, check_every=d0.check_every,
+                                deterministic=d0.deterministic)
+        self.groups.append(sampler)
+        for (key, d), offset, n in zip(members, stacked.offsets, lengths):
+            scale = None if d.guidance is None else d.guidance.default_scale()
+            program = Program(n, scale, d.warm_start, offset=offset, name=f"{key[0]}/{key[1]}")
+            self.programs[key] = (d, program, sampler)
+
+    def _slot_counts(self):
+        counts = [getattr(g.backend, "slot_counts", None) for g in self.groups]
+        return next((c for c in counts if c), None)
+
+    def _pixel_budget(self) -> int:
+        """The configured budget, or max_slots images of the UNet's native size."""
+        return int(self.config.pixel_budget) or self.config.max_slots * self.native_pixels
+
+    # -- any thread ------------------------------------------------------------------------------
+    def check(self, data) -> bsfmt.Bitstream:
+        """The parsed bitstream, if this server's codec made it (BitstreamError / TooLargeError)."""
+        bs = bsfmt.parse(data, max_pixels=self.config.max_pixels)
+        bsfmt.check_codec(bs, self.codec.name, self.codec.quality, self.weights_hash)
+        return bs
+
+    def submit(self, data, *, mode: str = "perceptual", seed: int = 0, speed: Optional[str] = None,
+               steps: Optional[str] = None, priority: int = 0, timeout: Optional[float] = None,
                on_event: Optional[Callable[[dict], None]] = None) -> Future:
-        """Queue one decode; the Future resolves to :class:`Decoded`. ``on_event`` receives
-        ``{"event": "progress", "step", "steps"}`` and ``{"event": "preview", "step", "image"}``."""
-        t0 = time.monotonic()
-        steps = self.config.steps_allowed[0] if steps is None else str(steps)
+        """Queue one decode (``data``: the .idm bytes or a parsed Bitstream); the Future resolves to
+        :class:`Decoded`. Raises at once what can be known at once: a bad or foreign bitstream, an
+        unknown program, a full queue. ``on_event`` receives ``{"event": "progress", "step",
+        "steps"}`` and ``{"event": "preview", "step", "image": (h, w, 3) uint8}`` on the core thread."""
         bs = self.check(data)
-        y_hat = entropy_decode(self.codec, bs)
-        done: Future = Future()
-        if mode == "mse":
-            with torch.no_grad():
-                image = self.codec.synthesis(y_hat).clamp_(0, 1)[..., : bs.height, : bs.width].float().cpu()
-            done.set_result(Decoded(image, 0.0, 0, time.monotonic() - t0))
-            return done
-        decoder, scheduler = self.decoders[steps], self.schedulers[steps]
-        if sum(s.pending() for s in self.schedulers.values()) >= self.config.queue:
-            raise QueueFullError(f"the decode queue is full ({self.config.queue} images)")
-        target = decoder.target_from_latent(y_hat)
-        job = scheduler.submit(target, seed, (1, 3, bs.padded_height, bs.padded_width), warm=decoder.warm_from_target(target),
-                               timeout=self.config.timeout_s,
-                               on_step=None if on_event is None else self._reporter(decoder, bs, on_event))
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        speed, steps = (self.config.speed if speed is None else speed), (None if steps is None else str(steps))
+        if mode == "perceptual":
+            if not self.groups:
+                raise ValueError("this server has no diffusion model: only mode=mse")
+            if speed not in self.config.speeds_allowed:
+                raise ValueError(f"speed must be one of {self.config.speeds_allowed}, got {speed!r}")
+            steps = self.config.steps_for(speed)[0] if steps is None else steps
+            if (speed, steps) not in self.programs:
+                raise ValueError(f"steps must be one of {self.config.steps_for(speed)} with speed={speed}, got {steps!r}")
+        request = _Request(bs, mode, int(seed), speed if mode == "perceptual" else "mse", str(steps), int(priority),
+                           self.config.timeout_s if timeout is None else float(timeout), on_event, _Handle())
+        self.scheduler.admit()  # the one admission check, atomic; QueueFullError when full
+        request.future.job = _Cancel(self, request)
+        self._inbox.put(request)
         self._wake.set()
+        return request.future
 
-        def finish(r) -> None:
+    def encode(self, image) -> Future:
+        """Compress an image (bytes, path, PIL, ...) with this server's codec, on the core: a Future
+        of the .idm bytes. Admitted like a decode (it is device work too)."""
+        from ..api import Encoder
+        from ..images import load_image
+
+        def run():
+            return Encoder(self.codec).encode(load_image(image, max_pixels=self.config.max_pixels))
+
+        self.scheduler.admit()
+        call = _Call(run)
+        self._inbox.put(call)
+        self._wake.set()
+        return call.future
+
+    def reconfigure(self, *, max_slots: Optional[int] = None, queue: Optional[int] = None,
+                    pixel_budget: Optional[int] = None) -> None:
+        """Change the tunables that need no restart (Ray Serve's ``user_config``)."""
+        for name, value in (("max_slots", max_slots), ("queue", queue), ("pixel_budget", pixel_budget)):
+            if value is not None:
+                setattr(self.config, name, int(value))
+        self.scheduler.configure(max_slots=self.config.max_slots, max_queue=self.config.queue,
+                                 pixel_budget=self._pixel_budget())
+
+    def stats(self) -> dict:
+        s = self.scheduler.stats()
+        return {**s, "slots": self.config.max_slots, "inbox": self._inbox.qsize()}
+
+    @property
+    def alive(self) -> bool:
+        """Whether the core runs (a replica whose core died is unhealthy)."""
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(30)
+
+    # -- the core ----------------------------------------------------------------------------------
+    def _run(self, codec, unet) -> None:
+        self.core_thread_id = threading.get_ident()
+        try:
+            self._build(codec, unet)
+        except BaseException as exc:  # noqa: BLE001 - reported to the constructor
+            self._init_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while not self._stop.is_set():
+            worked = self._take_requests()
             try:
-                image = ((r.x + 1) / 2).clamp_(0, 1)
-                if decoder.exact:
-                    image = exact_idempotence(decoder.codec, image, y_hat).x
-                image = image[..., : bs.height, : bs.width].float().cpu()
-                done.set_result(Decoded(image, r.distance, decoder.steps_run, time.monotonic() - t0))
-            except Exception as exc:  # noqa: BLE001 - the request fails, the service goes on
-                done.set_exception(exc)
+                out = self.scheduler.schedule()
+                if out.run or out.left:
+                    self.scheduler.execute(out)
+                    self.scheduler.update_from_output(out)
+                    worked = True
+                    if out.run:
+                        self.metrics.observe_step(self.scheduler.step_seconds, out.pixels, len(out.run),
+                                                  len(out.preempted))
+                    self.metrics.observe_deadline_misses(sum(1 for _, s in out.left if s.value == "deadline"))
+            except Exception as exc:  # noqa: BLE001 - fail the images in flight, keep serving
+                log.exception("decode step failed")
+                self.scheduler.fail_all(exc)
+                worked = True
+            worked |= self._finish_done()
+            self.metrics.set_gauges(self.scheduler.stats(), self._inbox.qsize())
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
 
-        def resolve(f: Future) -> None:
+    def _take_requests(self) -> bool:
+        took = False
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                return took
+            took = True
+            if isinstance(request, _Call):
+                request.run()
+                self.scheduler.release()
+                continue
+            if request.cancelled:
+                self.scheduler.release()
+                request.future.cancel()
+                continue
+            try:
+                self._start(request)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the service goes on
+                self.scheduler.release()
+                request.future.set_exception(exc)
+
+    def _start(self, request: _Request) -> None:
+        if request.mode == "mse":
+            decoder = self.mse_decoder
+            prepared = decoder.prepare(request.bitstream, request.seed, "mse")
+            self._resolve(request, decoder, prepared, None)
+            self.scheduler.release()
+            return
+        decoder, program, sampler = self.programs[(request.speed, request.steps)]
+        prepared = decoder.prepare(request.bitstream, request.seed)
+        job = self.scheduler.submit(prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
+                                    timeout=request.timeout - (time.monotonic() - request.submitted),
+                                    priority=request.priority, sampler=sampler, program=program, admitted=True,
+                                    on_step=None if request.on_event is None else self._reporter(decoder, request))
+        request.future.job = request.job = job
+        if request.cancelled:
+            job.cancel()
+        job.future.add_done_callback(lambda f: self._finished.append((request, decoder, prepared, f)))
+
+    def _finish_done(self) -> bool:
+        """Finish (exact refinement, crop, host copy) the images whose sampling ended."""
+        done, self._finished[:] = list(self._finished), []
+        for request, decoder, prepared, f in done:
             if f.cancelled():
-                done.cancel()
+                request.future.cancel()
             elif f.exception() is not None:
-                done.set_exception(f.exception())
+                request.future.set_exception(f.exception())
             else:
-                self._finisher.submit(finish, f.result())
+                try:
+                    self._resolve(request, decoder, prepared, f.result())
+                except Exception as exc:  # noqa: BLE001
+                    request.future.set_exception(exc)
+        return bool(done)
 
-        job.future.add_done_callback(resolve)
-        done.job = job  # the caller cancels through it (a client that went away)
-        return done
+    def _resolve(self, request: _Request, decoder: Decoder, prepared, result) -> None:
+        image, _ = decoder.finish(prepared, result)
+        seconds = time.monotonic() - request.submitted
+        steps = 0 if result is None else self.programs[(request.speed, request.steps)][1].steps_run
+        self.metrics.observe_decode(request.speed, seconds)
+        request.future.set_result(Decoded(image, to_uint8(image), 0.0 if result is None else result.distance, steps,
+                                          seconds, request.speed))
 
-    def _reporter(self, decoder, bs, on_event):
-        every = self.config.preview_every or max(1, decoder.steps_run // 10)
+    def _reporter(self, decoder: Decoder, request: _Request):
+        steps = self.programs[(request.speed, request.steps)][1].steps_run
+        every = self.config.preview_every or max(1, steps // 10)
+        bs = request.bitstream
 
         def report(job) -> None:
             done = job.state.steps_run
-            on_event({"event": "progress", "step": done, "steps": decoder.steps_run})
+            request.on_event({"event": "progress", "step": done, "steps": steps})
             if job.state.running and done % every == 0:
-                on_event({"event": "preview", "step": done, "image": self._preview(decoder, job.state, bs)})
+                request.on_event({"event": "preview", "step": done, "image": self._preview(decoder, job.state, bs)})
 
         return report
 
-    def _preview(self, decoder, state, bs) -> torch.Tensor:
+    def _preview(self, decoder: Decoder, state, bs) -> np.ndarray:
         """The current x0 estimate of one image, small: one extra UNet forward, fp32, no guidance."""
         with torch.no_grad():
             i = state.position
@@ -144,42 +375,33 @@ class DecodeEngine:
             scale = min(1.0, side / max(x0.shape[-2:]))
             if scale < 1:
                 x0 = torch.nn.functional.interpolate(x0, scale_factor=scale, mode="area")
-            return ((x0 + 1) / 2).clamp(0, 1).float().cpu()
+            return to_uint8(((x0 + 1) / 2).clamp(0, 1))
 
-    def stats(self) -> dict:
-        per = [s.stats() for s in self.schedulers.values()]
-        return {"waiting": sum(p["waiting"] for p in per), "running": sum(p["running"] for p in per),
-                "slots": self.config.max_slots * max(1, len(per)), "slots_used": sum(p["slots_used"] for p in per),
-                "step_seconds": max([p["step_seconds"] for p in per] or [0.0])}
+
+class _Cancel:
+    """Stands for the job of a request the core has not started yet: cancelling it marks the
+    request, and the core drops it (or cancels its job) when it gets to it."""
+
+    def __init__(self, engine: DecodeEngine, request: _Request):
+        self.engine, self.request = engine, request
+
+    def cancel(self) -> None:
+        self.request.cancelled = True
+        if self.request.job is not None:  # the core started it meanwhile
+            self.request.job.cancel()
+        self.engine._wake.set()
 
     @property
-    def alive(self) -> bool:
-        """Whether the step loop runs (a replica whose loop died is unhealthy)."""
-        return self._thread.is_alive()
+    def steps_done(self) -> int:
+        return 0
 
-    def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(10)
-        self._finisher.shutdown(wait=False)
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            worked = False
-            for scheduler in self.schedulers.values():
-                try:
-                    stepped = scheduler.step()
-                except Exception as exc:  # noqa: BLE001 - fail that scheduler's images, keep serving
-                    log.exception("decode step failed")
-                    scheduler.fail_all(exc)
-                    stepped = True
-                if stepped:
-                    self.metrics.observe_step(scheduler.step_seconds, scheduler.slots_used, self.config.max_slots)
-                worked |= stepped
-            if not worked:
-                self._wake.wait(0.1)
-                self._wake.clear()
+def _group_key(decoder: Decoder) -> tuple:
+    """Programs with equal keys share a step function (see the module doc)."""
+    g = decoder.guidance
+    kind = "none" if g is None else g.step_kind
+    # A proximal guidance's data step is part of the step function: only equal ones share it.
+    return (decoder.sampler.family(), kind, g if kind == "proximal" else None)
 
 
 def _respacing(steps: str):
