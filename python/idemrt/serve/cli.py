@@ -37,6 +37,10 @@ def add_serve_subparser(subparsers) -> None:
     p.add_argument("--queue", type=int, default=256, help="images a replica holds before answering 503")
     p.add_argument("--pixel-budget", type=int, default=0, help="pixels per batched step (0: derived by the engine)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (then 504)")
+    p.add_argument("--speeds", default=None, help="comma-separated speed presets a request may ask for "
+                                                  "(default: all, --speed first)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="an image's result does not depend on its batch (one backend call per image; slower)")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one) instead of "
                                                    "starting an embedded instance")
     p.add_argument("--demo", action="store_true", help="serve the bundled demo models (no files needed)")
@@ -54,7 +58,9 @@ def config_from_args(args):
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     steps = None if args.steps is None else [s.strip() for s in args.steps.split(",") if s.strip()]  # two: "100,ddim50"
     scale = dict(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                 proxy_location=args.proxy_location, pixel_budget=args.pixel_budget)
+                 proxy_location=args.proxy_location, pixel_budget=args.pixel_budget,
+                 deterministic=args.deterministic,
+                 speeds_allowed=None if args.speeds is None else [s.strip() for s in args.speeds.split(",") if s.strip()])
     if args.demo:
         return ServeConfig.demo(gpus_per_replica=gpus, max_slots=args.max_slots, queue=args.queue,
                                 timeout_s=args.timeout, speed=args.speed, **scale,
