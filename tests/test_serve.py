@@ -311,3 +311,15 @@ def test_decompress_with_server_option(service, local, tmp_path, capsys):
     assert "replica" in capsys.readouterr().out
     assert np.array_equal(_png(out.read_bytes()), _png(Client(service[0]).decode(local[2], seed=11, steps="3").image))
     assert main(["decompress", str(src), str(tmp_path / "x.png"), "--server", service[0], "--steps", "7"]) != 0
+
+
+def test_a_request_chooses_its_speed_and_priority(service, local):
+    """speed=balanced (warm-started DSG + exact refinement) on a server whose default is paper, at
+    priority 7: the image equals Decoder(speed="balanced")'s, with no server restart."""
+    unet, codec, data = local
+    result = Client(service[0]).decode(data, seed=5, speed="balanced", priority=7, timeout=300)
+    decoder = idemrt.Decoder(codec, unet, speed="balanced", device="cpu")
+    want = np.asarray(decoder.decode(data, seed=5)).astype(int)
+    got = _png(result.image)
+    assert result.steps == decoder.steps_run == 20
+    assert np.abs(got - want).max() <= 1 and (got != want).mean() < 0.01

@@ -38,17 +38,23 @@ class Client:
         self.timeout = timeout
 
     def decode(self, data: bytes, *, mode: str = "perceptual", seed: int = 0, steps: Optional[str] = None,
-               format: str = "png") -> DecodeResult:
-        with self._post("/v1/decode", data, _query(mode=mode, seed=seed, steps=steps, format=format)) as r:
+               format: str = "png", speed: Optional[str] = None, priority: Optional[int] = None,
+               timeout: Optional[float] = None) -> DecodeResult:
+        """One decode (the parameters of ``POST /v1/decode``; None: the server's default)."""
+        query = _query(mode=mode, seed=seed, steps=steps, format=format, speed=speed, priority=priority,
+                       timeout=timeout)
+        with self._post("/v1/decode", data, query) as r:
             h = r.headers
             return DecodeResult(r.read(), float(h["X-Idemrt-Decode-Seconds"]), int(h["X-Idemrt-Steps"]),
                                 float(h["X-Idemrt-Distance"]), h.get("X-Idemrt-Replica", ""))
 
     def decode_stream(self, data: bytes, *, mode: str = "perceptual", seed: int = 0, steps: Optional[str] = None,
-                      format: str = "png") -> Iterator[dict]:
+                      format: str = "png", speed: Optional[str] = None, priority: Optional[int] = None,
+                      timeout: Optional[float] = None) -> Iterator[dict]:
         """Server-sent events as dicts (progress, preview, result; images base64-decoded to bytes).
         An error event raises :class:`ServiceError`."""
-        query = _query(mode=mode, seed=seed, steps=steps, format=format, stream=1)
+        query = _query(mode=mode, seed=seed, steps=steps, format=format, speed=speed, priority=priority,
+                       timeout=timeout, stream=1)
         with self._post("/v1/decode", data, query) as r:
             for line in r:
                 if not line.startswith(b"data: "):
