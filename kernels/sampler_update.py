@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from idemrt.diffusion.samplers import DDPMSampler, per_sample
 
 from ._launch import check_launchable, per_sample_rows
 
@@ -42,9 +41,10 @@ __all__ = [
     "sampler_update_reference",
 ]
 
-# Column order of the table the kernels index: the DDPM sampler's table, by definition. A backend
-# checks ``sampler.columns == COEFFICIENTS`` before handing ``sampler.coefficients()`` to the kernels.
-COEFFICIENTS = DDPMSampler.columns
+# Column order of the table the kernels index: the DDPM sampler's (a test keeps the two equal; the
+# kernels import nothing from idemrt.diffusion, so they stay leaves). A backend checks
+# ``sampler.columns == COEFFICIENTS`` before handing ``sampler.coefficients()`` to the kernels.
+COEFFICIENTS = ("sqrt_recip_abar", "sqrt_recipm1_abar", "c1", "c2", "log_beta", "plv", "nonzero")
 _NCOEF = len(COEFFICIENTS)
 _BLOCK = 1024
 
@@ -241,6 +241,11 @@ def sampler_update(x, eps, v, grad, noise, table, step, scale, out=None):
 
 
 # --- torch references: the reference's op sequence in x's dtype (float64 for checks) -------------
+
+def per_sample(v, like):
+    """An (N,) tensor shaped to broadcast over ``like`` (N, ...); a 0-dim one stays as is."""
+    return v if v.ndim == 0 else v.view(-1, *([1] * (like.ndim - 1)))
+
 
 def _columns(table, step, like):
     """The table columns of each sample's step, cast to like's dtype and shaped to broadcast over it."""

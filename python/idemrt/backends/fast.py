@@ -234,7 +234,7 @@ class FastBackend:
             self.operator = fused_gdn_operator(self.spec.codec, self.spec.constraint)
         # The fused step kernels read the sampler's own table: usable when it has their columns
         # (DDPM's) and the update is DPS's ``sample - scale·grad``.
-        if tuple(self.sampler.columns) == tuple(COEFFICIENTS) and getattr(self.spec.guidance, "name", None) == "dps":
+        if tuple(self.sampler.columns) == tuple(COEFFICIENTS) and self.spec.guidance is not None and self.spec.guidance.name == "dps":
             self._fused = self.sampler.coefficients()
 
     def _fused_step(self, x_t, target, noise, i, scale):
