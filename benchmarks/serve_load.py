@@ -1,11 +1,54 @@
-"""Load test of ``idemrt serve``: throughput and latency against concurrency, with and without
-step-level batching (``max_slots`` 1 = one image per step, i.e. no batching).
+"""Open-loop load study of the decode engine: continuous (step-level) batching against static
+(request-level) batching and against no batching, under a mixed Poisson workload.
 
-Runs an embedded local Ray instance (loopback only) with the demo models, then for each
-``max_slots`` and each concurrency level sends ``--requests`` perceptual decodes of distinct demo
-crops from that many client threads, and prints one JSON line per cell:
+What is compared is the **engine**, in-process (:class:`idemrt.serve.engine.DecodeEngine` on the
+demo models): no Ray, no HTTP, no client threads. The service's proxy and transport add the same
+cost to every policy, so leaving them out isolates what the batching policy changes.
 
-    .venv/bin/python benchmarks/serve_load.py --steps 20 --requests 16 --concurrency 1,4,8 --slots 1,8
+Workload (the same sequence, from ``--seed``, for every policy at a given rate):
+
+* arrivals: a Poisson process of ``rate`` requests/s (exponential gaps from a seeded numpy RNG);
+* image size: 64 px (75%) or 128 px (25%), crops of the held-out demo photographs;
+* speed: ``paper`` (50%, DPS; respaced to ``--paper-steps``, default 20 instead of the preset's
+  1000 so that the study fits a CPU), ``balanced`` (25%, warm-started DSG, 20 of 50 steps + exact
+  refinement) and ``fast`` (25%, codec-gradient PIR, 20 of 50 steps + exact refinement);
+* priority: 5 for about 10% of the requests, 0 otherwise (so a continuous engine preempts);
+* a deadline of ``--deadline`` seconds per request, well above the expected latency: a deadline
+  miss is a failure of the cell, not a way to shed load.
+
+Policies (the same ``--max-slots`` and pixel budget, i.e. ``max_slots`` images of 64² per step):
+
+* ``continuous``: step-level batching, images join and leave the running batch at every step,
+  priorities and preemption;
+* ``static``: request-level batches (as Ray Serve's ``@serve.batch``): a batch starts when full
+  or when its oldest image waited ``--batch-wait`` seconds, then runs to its end with nobody
+  joining; no priorities;
+* ``none``: continuous with ``max_slots`` 1 (one image per step).
+
+For every policy one engine is built and warmed up (one decode of each speed and size), then for
+every rate the driver thread submits ``--requests`` requests at their arrival times, open loop
+(it never waits for a result before submitting the next one), and waits until all are resolved.
+
+Per request: latency (submit → result) and time to first preview (submit → first preview event,
+``--preview-every`` steps). One JSON line per cell (policy × rate):
+
+* ``throughput``: images finished / (last result − start of the arrivals), images/s;
+* ``offered_rate``: requests / last arrival time of the sample (the realised Poisson rate);
+* ``latency_p50/p95/p99_s``, ``ttfp_p50/p95_s``: over finished requests (numpy's linear
+  interpolation; with a few tens of requests per cell p99 is close to the maximum);
+* ``preemptions``, ``steps``: the engine's counters over the cell;
+* ``failed`` (decode errors), ``timeouts`` (deadline misses), ``rejected`` (queue full),
+  ``unresolved`` (cancelled after the drain limit): ``finished`` + these = ``requests``;
+* ``backlog_*``: requests in the engine (submitted, unresolved) seen by each arrival;
+* ``sustained``: the engine kept up with the offered rate: every request finished (no failure,
+  timeout, rejection), ``throughput >= 0.9 * offered_rate``, and the backlog did not grow: its
+  mean over the last quarter of arrivals is at most 1.5 × its mean over the second quarter + 1.
+
+At the end, the check of the study: at the highest rate the static baseline sustained, p95
+latency of continuous / p95 of static (target <= 0.6).
+
+    .venv/bin/python benchmarks/serve_load.py --rates 0.05,0.1,0.15 --requests 24 --json load.json
+    .venv/bin/python benchmarks/serve_load.py --smoke    # seconds: paper speed only, 2 steps
 
 Numbers go to benchmarks/RESULTS.md with the machine they were measured on.
 """
@@ -14,94 +57,266 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
-import statistics
-import tempfile
+import sys
 import threading
 import time
+from concurrent.futures import CancelledError
+from concurrent.futures import wait as wait_futures
 
+import numpy as np
 import torch
 
+POLICIES = ("continuous", "static", "none")
+SIZES = {64: 0.75, 128: 0.25}
+SPEEDS = {"paper": 0.5, "balanced": 0.25, "fast": 0.25}
+HIGH_PRIORITY, HIGH_SHARE = 5, 0.1
+TARGET_RATIO = 0.6
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _bitstreams(n: int, size: int) -> list:
+def _bitstreams(sizes, per_size: int = 4) -> dict:
+    """size -> a few distinct .idm bitstreams (crops / flips of the held-out demo photographs)."""
     from idemrt import Encoder
     from idemrt.demo import DEMO_IMAGES, demo_image, load_demo_codec
 
     codec = load_demo_codec("cpu")
-    out = []
-    for k in range(n):
-        image = demo_image(DEMO_IMAGES[k % len(DEMO_IMAGES)], 128)
-        y, x = (k // 2 * 16) % (128 - size + 1), (k * 24) % (128 - size + 1)
-        out.append(Encoder(codec).encode(image[..., y : y + size, x : x + size]))
+    images = [demo_image(name, 128) for name in DEMO_IMAGES]
+    out = {}
+    for size in sizes:
+        out[size] = []
+        for k in range(per_size):
+            image = images[k % len(images)]
+            if size >= 128:
+                crop = image if k < len(images) else image.flip(-1)
+            else:
+                y, x = (k // 2 * 32) % (128 - size + 1), (k * 24) % (128 - size + 1)
+                crop = image[..., y: y + size, x: x + size]
+            out[size].append(Encoder(codec).encode(crop.contiguous()))
     return out
 
 
-def run_cell(url: str, data: list, concurrency: int, steps: str) -> dict:
-    from idemrt.serve import Client
+def workload(n: int, rate: float, seed: int, sizes: dict = SIZES, speeds: dict = SPEEDS) -> list:
+    """``n`` requests: dicts of arrival (s from the start), size, speed, priority, seed."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    size_keys, speed_keys = list(sizes), list(speeds)
+    size_p = np.array([sizes[s] for s in size_keys], float)
+    speed_p = np.array([speeds[s] for s in speed_keys], float)
+    size_idx = rng.choice(len(size_keys), n, p=size_p / size_p.sum())
+    speed_idx = rng.choice(len(speed_keys), n, p=speed_p / speed_p.sum())
+    high = rng.random(n) < HIGH_SHARE
+    return [{"k": k, "arrival": float(arrivals[k]), "size": int(size_keys[size_idx[k]]),
+             "speed": speed_keys[speed_idx[k]], "priority": HIGH_PRIORITY if high[k] else 0,
+             "seed": int(rng.integers(2**31))} for k in range(n)]
 
-    client, latencies, lock = Client(url), [], threading.Lock()
-    queue = list(enumerate(data))
 
-    def worker():
-        while True:
+def _percentile(values, q):
+    return round(float(np.percentile(values, q)), 3) if len(values) else None
+
+
+def run_cell(engine, data: dict, requests: list, *, deadline: float, drain_s: float) -> dict:
+    """Submit ``requests`` open loop at their arrival times from this thread; wait for all; stats."""
+    from idemrt.diffusion import DeadlineExceeded, QueueFullError
+
+    lock = threading.Lock()
+    records = [dict(r, submitted=None, preview=None, done=None, status=None) for r in requests]
+    unresolved = [0]
+    backlog = []
+    futures = []
+
+    def on_event_for(rec):
+        def on_event(event):
+            if event["event"] == "preview" and rec["preview"] is None:
+                rec["preview"] = time.perf_counter()
+        return on_event
+
+    def on_done_for(rec):
+        def on_done(future):
+            now = time.perf_counter()
+            if future.cancelled():
+                status = "unresolved"
+            else:
+                exc = future.exception()
+                status = ("ok" if exc is None else "timeout" if isinstance(exc, DeadlineExceeded)
+                          else "unresolved" if isinstance(exc, CancelledError) else "failed")
             with lock:
-                if not queue:
-                    return
-                k, d = queue.pop()
-            t0 = time.perf_counter()
-            client.decode(d, seed=k, steps=steps)
-            with lock:
-                latencies.append(time.perf_counter() - t0)
+                rec["done"], rec["status"] = now, status
+                unresolved[0] -= 1
+        return on_done
 
+    counters0 = engine.stats()
+    lag = 0.0
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    return {"concurrency": concurrency, "requests": len(data), "wall_s": round(wall, 2),
-            "images_per_s": round(len(data) / wall, 3), "latency_p50_s": round(statistics.median(latencies), 2),
-            "latency_p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2)}
+    for k, rec in enumerate(records):
+        wait = t0 + rec["arrival"] - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        now = time.perf_counter()
+        lag = max(lag, now - (t0 + rec["arrival"]))
+        with lock:
+            backlog.append(unresolved[0])
+            unresolved[0] += 1
+        rec["submitted"] = now
+        d = data[rec["size"]][k % len(data[rec["size"]])]
+        try:
+            future = engine.submit(d, seed=rec["seed"], speed=rec["speed"], priority=rec["priority"],
+                                   timeout=deadline, on_event=on_event_for(rec))
+        except QueueFullError:
+            with lock:
+                rec["done"], rec["status"] = time.perf_counter(), "rejected"
+                unresolved[0] -= 1
+            continue
+        futures.append(future)
+        future.add_done_callback(on_done_for(rec))
+    _, pending = wait_futures(futures, timeout=deadline + drain_s)
+    for future in pending:  # the engine enforces deadlines; this only bounds a stuck engine
+        future.job.cancel()
+    wait_futures(futures, timeout=60)
+    counters = engine.stats()
+
+    ok = [r for r in records if r["status"] == "ok"]
+    latencies = [r["done"] - r["submitted"] for r in ok]
+    ttfp = [r["preview"] - r["submitted"] for r in ok if r["preview"] is not None]
+    n = len(records)
+    count = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "timeout", "rejected")}
+    count["unresolved"] = n - sum(count.values())
+    last_done = max((r["done"] for r in ok), default=t0)
+    throughput = len(ok) / (last_done - t0) if ok else 0.0
+    offered = n / records[-1]["arrival"]
+    q = max(1, n // 4)
+    growth_mid = float(np.mean(backlog[q: 2 * q])) if n >= 4 else 0.0
+    growth_end = float(np.mean(backlog[-q:])) if n >= 4 else 0.0
+    sustained = (count["ok"] == n and throughput >= 0.9 * offered and growth_end <= 1.5 * growth_mid + 1)
+    return {"requests": n, "finished": count["ok"], "failed": count["failed"], "timeouts": count["timeout"],
+            "rejected": count["rejected"], "unresolved": count["unresolved"],
+            "offered_rate": round(offered, 4), "throughput": round(throughput, 4),
+            "latency_p50_s": _percentile(latencies, 50), "latency_p95_s": _percentile(latencies, 95),
+            "latency_p99_s": _percentile(latencies, 99), "latency_max_s": _percentile(latencies, 100),
+            "ttfp_p50_s": _percentile(ttfp, 50), "ttfp_p95_s": _percentile(ttfp, 95),
+            "previewed": len(ttfp),
+            "preemptions": counters["preemptions"] - counters0["preemptions"],
+            "steps": counters["steps"] - counters0["steps"],
+            "backlog_max": max(backlog), "backlog_at_last_arrival": backlog[-1],
+            "backlog_q2_mean": round(growth_mid, 2), "backlog_q4_mean": round(growth_end, 2),
+            "sustained": bool(sustained), "wall_s": round(time.perf_counter() - t0, 1),
+            "submit_lag_max_s": round(lag, 3),
+            "high_priority": sum(r["priority"] > 0 for r in records),
+            "mix": {f"{s}/{z}": sum(r["speed"] == s and r["size"] == z for r in records)
+                    for s in sorted({r["speed"] for r in records}) for z in sorted({r["size"] for r in records})}}
+
+
+def build_engine(policy: str, args, speeds):
+    from idemrt.serve import ServeConfig
+    from idemrt.serve.engine import DecodeEngine
+
+    config = ServeConfig.demo(steps_allowed=[args.paper_steps], speeds_allowed=list(speeds),
+                              max_slots=1 if policy == "none" else args.max_slots,
+                              batching="static" if policy == "static" else "continuous",
+                              batch_wait_s=args.batch_wait if policy == "static" else 0.0,
+                              preview_every=args.preview_every, timeout_s=args.deadline,
+                              queue=max(256, 2 * args.requests))
+    return DecodeEngine(config, device="cpu")
+
+
+def warm_up(engine, data: dict, speeds) -> float:
+    """One decode of every speed and size (first allocations, thread pools); seconds taken."""
+    t0 = time.perf_counter()
+    futures = [engine.submit(data[size][0], seed=0, speed=speed) for speed in speeds for size in data]
+    [f.result() for f in futures]
+    return time.perf_counter() - t0
+
+
+def check(rows: list) -> dict:
+    """p95 continuous / p95 static at the highest rate the static baseline sustained."""
+    static = [r for r in rows if r["policy"] == "static" and r["sustained"]]
+    if not static:
+        return {"rate": None, "ratio": None, "met": None,
+                "line": "the static baseline sustained none of the rates: no p95 ratio (lower --rates)"}
+    rate = max(r["rate"] for r in static)
+    s = next(r for r in static if r["rate"] == rate)
+    c = next((r for r in rows if r["policy"] == "continuous" and r["rate"] == rate), None)
+    if c is None or c["latency_p95_s"] is None or not s["latency_p95_s"]:
+        return {"rate": rate, "ratio": None, "met": None, "line": f"no continuous cell at rate {rate}"}
+    ratio = c["latency_p95_s"] / s["latency_p95_s"]
+    met = ratio <= TARGET_RATIO
+    return {"rate": rate, "ratio": round(ratio, 3), "met": met,
+            "line": f"at the highest sustained rate of the static baseline ({rate}/s), p95 continuous / p95 static "
+                    f"= {c['latency_p95_s']:.2f} s / {s['latency_p95_s']:.2f} s = {ratio:.2f} "
+                    f"(target <= {TARGET_RATIO}: {'met' if met else 'NOT met'})"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", default="20")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--concurrency", default="1,4,8")
-    p.add_argument("--slots", default="1,8", help="max_slots values to compare")
+    p.add_argument("--rates", default="0.05,0.1,0.15", help="offered arrival rates, requests/s")
+    p.add_argument("--requests", type=int, default=24, help="requests per cell")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"subset of {','.join(POLICIES)}")
+    p.add_argument("--max-slots", type=int, default=8, help="images per step (continuous and static)")
+    p.add_argument("--batch-wait", type=float, default=0.5, help="static: seconds a batch waits to fill")
+    p.add_argument("--paper-steps", default="20", help="respacing of the paper speed (DPS)")
+    p.add_argument("--preview-every", type=int, default=5, help="a preview every this many steps")
+    p.add_argument("--deadline", type=float, default=300.0, help="per-request deadline, seconds")
+    p.add_argument("--drain", type=float, default=60.0, help="extra seconds to wait past the deadline")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write environment, rows and the check here")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny and fast: paper speed only at 2 steps, 6 requests at 1/s, previews every step")
     args = p.parse_args(argv)
+    speeds, sizes = dict(SPEEDS), dict(SIZES)
+    if args.smoke:
+        args.paper_steps, args.preview_every, args.deadline, args.drain = "2", 1, 120.0, 30.0
+        args.requests = min(args.requests, 6)
+        if args.rates == p.get_default("rates"):
+            args.rates = "1"
+        speeds = {"paper": 1.0}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        p.error(f"unknown policies {sorted(unknown)}; choose from {POLICIES}")
+    rates = [float(r) for r in args.rates.split(",")]
+    if args.requests < 1 or min(rates) <= 0:
+        p.error("--requests must be >= 1 and --rates > 0")
 
-    import ray
-    from ray import serve
-
-    from idemrt.serve import ServeConfig
-    from idemrt.serve.runner import start_service
-
-    data = _bitstreams(args.requests, args.size)
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        for slots in (int(s) for s in args.slots.split(",")):
-            config = ServeConfig.demo(steps_allowed=[args.steps], max_slots=slots, cpus_per_replica=0)
-            start_service(config, port=port, temp_dir=tmp, num_cpus=2)
-            url = f"http://127.0.0.1:{port}"
-            run_cell(url, data[:2], 2, args.steps)  # warm-up: first allocations, thread pools
-            for c in (int(c) for c in args.concurrency.split(",")):
-                row = {"max_slots": slots, **run_cell(url, data, c, args.steps), "steps": args.steps,
-                       "size": args.size, "device": "cpu", "cpu": platform.processor() or platform.machine(),
-                       "threads": torch.get_num_threads(), "torch": torch.__version__, "ray": ray.__version__}
+    environment = {"device": "cpu", "cpu": _cpu_model(), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "python": platform.python_version(),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    data = _bitstreams(sizes)
+    rows = []
+    for policy in policies:
+        engine = build_engine(policy, args, speeds)
+        try:
+            warm = warm_up(engine, data, speeds)
+            for rate in rates:
+                requests = workload(args.requests, rate, args.seed, sizes, speeds)
+                cell = run_cell(engine, data, requests, deadline=args.deadline, drain_s=args.drain)
+                row = {"policy": policy, "rate": rate, "max_slots": engine.config.max_slots,
+                       "batch_wait_s": engine.config.batch_wait_s if policy == "static" else None,
+                       **cell, "paper_steps": args.paper_steps, "warmup_s": round(warm, 1),
+                       "threads": environment["threads"], "torch": environment["torch"]}
+                rows.append(row)
                 print(json.dumps(row), flush=True)
-            serve.delete("idemrt")
-        serve.shutdown()
-        ray.shutdown()
+        finally:
+            engine.close()
+    result = check(rows) if {"continuous", "static"} <= set(policies) else None
+    if result is not None:
+        print(result["line"], flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment, "argv": sys.argv[1:] if argv is None else list(argv),
+                       "args": vars(args), "rows": rows, "check": result}, f, indent=1)
     return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
