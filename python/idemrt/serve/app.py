@@ -35,7 +35,8 @@ from .metrics import Metrics, merge
 from .params import DECODE_PARAMS, FORMATS, parse_decode_params  # noqa: F401 - DECODE_PARAMS re-exported
 from .problems import PROBLEM_JSON, Problem, install_problem_handlers, problem_from
 from .retry import call_with_retry
-from .runner import deployment_options
+from .runner import HEAD_NODE, deployment_options
+from .web import static_response
 
 RETRIES = 3  # calls of one decode in all when its replica dies (each on a live replica, within the deadline)
 METRICS_PUSH_S = 1.0  # how often a replica sends its metrics snapshot to the hub
@@ -71,10 +72,11 @@ class MetricsHub:
 
 
 def metrics_hub():
-    """This application's hub (created by whoever asks first; it outlives replica restarts)."""
+    """This application's hub (created by whoever asks first; it outlives replica restarts). On
+    the head node, like the ingress, so losing a worker node never loses the counters."""
     app = serve.get_replica_context().app_name
     return MetricsHub.options(name=f"idemrt-metrics-{app}", namespace="idemrt", get_if_exists=True,
-                              lifetime="detached").remote()
+                              lifetime="detached", resources={HEAD_NODE: 0.001}).remote()
 
 
 @serve.deployment
@@ -264,6 +266,15 @@ class Ingress:
                 "priorities": [min(PRIORITIES), max(PRIORITIES)], "deterministic": c.deterministic,
                 "formats": list(FORMATS), "speed": c.speed, "sampler": c.sampler, "guidance": c.guidance,
                 "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s}
+
+    # -- the web page (docs/serving.md, "Web page"): shipped files only, by a fixed allow-list ------------
+    @api.get("/")
+    async def page(self):
+        return static_response("index.html")
+
+    @api.get("/static/{name}")
+    async def static(self, name: str):
+        return static_response(name)  # a 404 problem for any name not shipped
 
     @api.get("/healthz")
     async def healthz(self):
