@@ -152,6 +152,7 @@ class DecodeEngine:
         self.mse_decoder = first
         native = getattr(getattr(unet, "config", None), "image_size", None)
         self.native_pixels = int(native) ** 2 if native else NATIVE_PIXELS
+        self._memory_pixels = None  # on CUDA: what the free memory holds, measured once
         self.scheduler = StepScheduler(max_slots=config.max_slots, max_queue=config.queue,
                                        slot_counts=self._slot_counts(), pixel_budget=self._pixel_budget(),
                                        policy=config.batching, batch_wait_s=config.batch_wait_s)
@@ -182,8 +183,34 @@ class DecodeEngine:
         return next((c for c in counts if c), None)
 
     def _pixel_budget(self) -> int:
-        """The configured budget, or max_slots images of the UNet's native size."""
-        return int(self.config.pixel_budget) or self.config.max_slots * self.native_pixels
+        """The configured budget, or max_slots images of the UNet's native size — on CUDA no more
+        than the measured memory allows (:meth:`_memory_budget`)."""
+        if self.config.pixel_budget:
+            return int(self.config.pixel_budget)
+        budget = self.config.max_slots * self.native_pixels
+        if self._memory_pixels is None and torch.device(self.device).type == "cuda" and self.groups:
+            self._memory_pixels = self._memory_budget()
+        return budget if self._memory_pixels is None else max(self.native_pixels, min(budget, self._memory_pixels))
+
+    def _memory_budget(self) -> int:
+        """Pixels whose guided steps fit in 80 % of the device's free memory: one warm-up step per
+        step function at batch 1 and the native size measures the peak bytes per pixel (batch-1
+        overheads make this conservative); the warm-up also captures those graphs."""
+        side = int(round(self.native_pixels ** 0.5))
+        shape, per_pixel = (1, 3, side, side), 0.0
+        for sampler in self.groups:
+            decoder, program = next((d, p) for d, p, s in self.programs.values() if s is sampler)
+            with torch.no_grad():
+                target = decoder.operator(torch.rand(shape, device=self.device) * 2 - 1)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            state = sampler.start(target, 0, shape, warm=decoder.warm_from_target(target), program=program)
+            sampler.advance([state])
+            torch.cuda.synchronize(self.device)
+            per_pixel = max(per_pixel, (torch.cuda.max_memory_allocated(self.device) - base) / (side * side))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(0.8 * free / max(per_pixel, 1.0))
 
     # -- any thread ------------------------------------------------------------------------------
     def check(self, data) -> bsfmt.Bitstream:
