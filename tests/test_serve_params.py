@@ -188,7 +188,7 @@ def service_api():
     return api
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/v1/decode/x", "/v1/../../etc/passwd", "/" + "a" * 5000])
+@pytest.mark.parametrize("path", ["/index.html", "/static", "/nope", "/v1/decode/x", "/v1/../../etc/passwd", "/" + "a" * 5000])
 def test_unknown_paths_are_404_problems(service_api, path):
     problem = problem_of(*call(service_api, "GET", path), 404)
     assert problem["title"] == "Not Found" and problem["type"].endswith("/not-found") and len(problem["detail"]) < 200

@@ -84,6 +84,8 @@ def cmd_serve(args) -> int:
     replicas = f"{config.min_replicas}-{config.max_replicas}" if config.autoscaling else config.replicas
     print(f"idemrt serve: http://{args.host}:{args.port}/v1/decode ({replicas} replica(s), "
           f"{'GPU' if config.gpus_per_replica else 'CPU'}; steps {', '.join(config.steps_allowed)}); Ctrl-C stops")
+    page_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # a wildcard: this machine
+    print(f"idemrt serve: web page at http://{page_host}:{args.port}/")
     try:
         while True:
             time.sleep(3600)
