@@ -17,6 +17,7 @@ tested one by one instead: eps, the UNet VJP and the operator VJP against float3
 inputs, plus the end result of a short decode (final distance within 10 %).
 """
 import copy
+import os
 import warnings
 
 import pytest
@@ -85,11 +86,26 @@ def inputs(codec, n=2, seed=1):
 
 # --- registration and arguments ---------------------------------------------------------------
 
-def test_registered_with_cpu_defaults(unet, codec):
+@pytest.mark.parametrize("flags, want", [({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"}, torch.bfloat16),
+                                         ({"avx512f", "avx2"}, torch.float32), (set(), torch.float32)])
+def test_registered_with_cpu_defaults(unet, codec, monkeypatch, flags, want):
+    """bf16 where the CPU computes it natively, fp32 where oneDNN would emulate it (slower)."""
+    import idemrt.defaults
+
+    monkeypatch.setattr(idemrt.defaults, "cpu_flags", lambda: flags)
     backend = create_backend("fast", make_spec(unet, codec), device=CPU)
     assert isinstance(backend, FastBackend)
-    assert backend.dtype == torch.bfloat16 and backend.operator_dtype == torch.bfloat16
+    assert backend.dtype == want and backend.operator_dtype == want
     assert backend.graphs is False and backend.kernels == "torch"
+
+
+def test_cpu_flags_are_read_from_linux():
+    import idemrt.defaults
+
+    if not os.path.exists("/proc/cpuinfo") or "flags" not in open("/proc/cpuinfo").read():
+        pytest.skip("no /proc/cpuinfo flags (not Linux)")
+    flags = idemrt.defaults.cpu_flags()
+    assert "sse2" in flags or "fpu" in flags  # every x86-64 CPU has them
 
 
 def test_default_kernels_are_triton_on_cuda_where_they_fit(unet, codec):

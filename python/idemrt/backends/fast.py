@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..diffusion.step import finish_step, plain_step, proximal_step, step_gradient
+from ..defaults import default_fast_dtype
 from ..errors import BackendError
 from ..models.codec import Codec
 from .base import StepSpec, check_step_inputs, register
@@ -82,8 +83,9 @@ def _triton_misfit(spec: StepSpec) -> Optional[str]:
 class FastBackend:
     """``step(x_t, i, target, noise, scale=None) -> (x_prev, distance)`` as the eager backend, faster.
 
-    ``dtype``: compute dtype of the UNet, ``torch.bfloat16`` (default), ``torch.float16`` or
-    ``torch.float32``; ``operator_dtype``: that of the codec operator (default: ``dtype``).
+    ``dtype``: compute dtype of the UNet, ``torch.bfloat16``, ``torch.float16`` or ``torch.float32``
+    (default: :func:`idemrt.defaults.default_fast_dtype` — bf16 on CUDA and on CPUs with AVX-512
+    BF16 or AMX, fp32 on other CPUs, where emulated bf16 is slower); ``operator_dtype``: that of the codec operator (default: ``dtype``).
     ``graphs``: replay CUDA graphs (default: on CUDA). ``kernels``: one of :data:`KERNELS` (default:
     :func:`default_kernels` of the device).
     """
@@ -94,7 +96,7 @@ class FastBackend:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        dtype = torch.bfloat16 if dtype is None else dtype
+        dtype = default_fast_dtype(device) if dtype is None else dtype
         operator_dtype = dtype if operator_dtype is None else operator_dtype
         for d in (dtype, operator_dtype):
             if d not in DTYPES:
