@@ -185,6 +185,23 @@ def test_image_to_perceptual_decode_in_the_browser(service, page, photo, tmp_pat
     assert not page.errors  # no script errors, no CSP violations
 
 
+def test_dropped_idm_is_decoded(service, page, photo):
+    """Drag and drop of an .idm file: no encode, W and H from the MSE decode."""
+    status, idm = _post(service + "/v1/encode", photo.read_bytes())
+    assert status == 200
+    page.evaluate("""bytes => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], "dropped.idm", {type: "application/octet-stream"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true,
+                                                                             cancelable: true}));
+    }""", list(idm))
+    expect(page.locator("#image-size")).to_have_text("64×64")
+    expect(page.locator("#bpp")).to_have_text(f"{8 * len(idm) / (64 * 64):.4f} bpp")
+    expect(page.locator("#file-name")).to_contain_text("dropped.idm")
+    assert _download(page, "#dl-idm") == idm
+    assert page.is_enabled("#decode") and page.is_hidden("#error")
+
+
 def test_corrupt_idm_shows_the_problem(service, page):
     bad = b"IDM" + bytes(range(40))
     status, body = _post(service + "/v1/decode?mode=mse", bad)
