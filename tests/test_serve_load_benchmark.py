@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "serve_load.py"
 FIELDS = ("policy", "rate", "max_slots", "batch_wait_s", "requests", "finished", "failed", "timeouts", "rejected",
-          "unresolved", "offered_rate", "throughput", "latency_p50_s", "latency_p95_s", "latency_p99_s",
+          "unresolved", "throughput", "throughput_makespan", "latency_p50_s", "latency_p95_s", "latency_p99_s",
           "ttfp_p50_s", "ttfp_p95_s", "preemptions", "steps", "backlog_max", "sustained", "wall_s", "mix")
 
 
@@ -46,14 +46,18 @@ def test_smoke_rows_have_the_fields_and_sane_values(smoke):
         assert r["latency_max_s"] < r["wall_s"] + 1
         # previews every step: every finished request saw one, before its result
         assert r["previewed"] == 6 and 0 < r["ttfp_p50_s"] <= r["ttfp_p95_s"] <= r["latency_max_s"]
-        assert r["throughput"] > 0 and r["offered_rate"] > 0 and r["steps"] > 0 and r["preemptions"] >= 0
+        assert r["throughput"] > 0 and r["throughput_makespan"] > 0 and r["steps"] > 0 and r["preemptions"] >= 0
         assert isinstance(r["sustained"], bool) and r["backlog_max"] >= 0
+        # per-request records (in the JSON file only): all finished, latencies after first previews
+        recs = r["records"]
+        assert len(recs) == 6 and all(x["status"] == "ok" and 0 < x["ttfp_s"] <= x["latency_s"] for x in recs)
     by = {r["policy"]: r for r in rows}
     assert by["none"]["max_slots"] == 1 and by["continuous"]["max_slots"] == by["static"]["max_slots"] > 1
     assert by["static"]["batch_wait_s"] > 0 and by["continuous"]["batch_wait_s"] is None
     # the same workload for every policy
     assert len({json.dumps(r["mix"], sort_keys=True) for r in rows}) == 1
-    assert len({r["offered_rate"] for r in rows}) == 1
+    assert len({json.dumps([(x["arrival"], x["size"], x["speed"], x["priority"]) for x in r["records"]])
+                for r in rows}) == 1
     assert smoke["environment"]["torch"] and smoke["check"] is not None and "line" in smoke["check"]
 
 
@@ -70,14 +74,18 @@ def test_workload_is_seeded_poisson_with_the_documented_mix(serve_load):
     a = serve_load.workload(4000, 2.0, seed=1)
     assert a == serve_load.workload(4000, 2.0, seed=1) and a != serve_load.workload(4000, 2.0, seed=2)
     arrivals = np.array([r["arrival"] for r in a])
-    assert np.all(np.diff(arrivals) > 0) and arrivals[0] > 0
-    assert abs(np.mean(np.diff(arrivals)) - 0.5) < 0.05  # mean gap 1/rate
-    share = lambda pred: np.mean([pred(r) for r in a])  # noqa: E731
-    assert abs(share(lambda r: r["size"] == 64) - 0.75) < 0.03
-    assert abs(share(lambda r: r["speed"] == "paper") - 0.5) < 0.03
-    assert abs(share(lambda r: r["speed"] == "fast") - 0.25) < 0.03
-    assert abs(share(lambda r: r["priority"] == 5) - 0.1) < 0.02
-    assert {r["priority"] for r in a} == {0, 5}
+    assert np.all(np.diff(arrivals) > 0) and 0 < arrivals[0] and arrivals[-1] < 4000 / 2.0  # n arrivals in n/rate s
+    assert abs(np.mean(np.diff(arrivals)) - 0.5) < 0.01  # mean gap 1/rate
+    assert 0.8 < np.std(np.diff(arrivals)) / 0.5 < 1.2  # exponential gaps: std = mean
+    count = lambda pred: sum(pred(r) for r in a)  # noqa: E731
+    assert count(lambda r: r["size"] == 64) == 3000 and count(lambda r: r["size"] == 128) == 1000
+    assert [count(lambda r: r["speed"] == s) for s in ("paper", "balanced", "fast")] == [2000, 1000, 1000]
+    assert count(lambda r: r["priority"] == 5) == 400 and count(lambda r: r["priority"] == 0) == 3600
+    # small cells carry the mix too (largest-remainder rounding), in a seeded random order
+    small = serve_load.workload(12, 0.1, seed=0)
+    assert sorted(r["size"] for r in small) == [64] * 9 + [128] * 3
+    assert sum(r["priority"] == 5 for r in small) == 1 and sum(r["speed"] == "paper" for r in small) == 6
+    assert [r["size"] for r in small] != [r["size"] for r in serve_load.workload(12, 0.1, seed=1)]
 
 
 def test_check_uses_the_highest_rate_the_static_baseline_sustained(serve_load):
