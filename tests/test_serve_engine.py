@@ -258,3 +258,23 @@ def test_engine_metrics_count_steps_preemptions_and_deadline_misses(models, data
     assert snap["counters"]["step_images"] == 10 and snap["counters"]["steps"] == 10  # one image per step
     assert snap["counters"]["step_pixels"] == 10 * 64 * 64
     assert sum(snap["decode_seconds"]["paper"]["counts"]) == 2 and all(r.steps == 5 for r in results)
+
+
+def test_the_recompression_check_counts_the_symbols_of_the_8bit_image(models, data):
+    """Decoded.symbols_equal: re-encoding what the client receives reproduces this share of the
+    received latent symbols — checked against an Encoder run on the 8-bit image here; the MSE decode
+    of an 8-bit-rounded image is near 1 but need not be exactly 1."""
+    from idemrt.exact import symbols_equal
+
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["3"], unet="in-memory"), codec, unet, device="cpu")
+    try:
+        results = [engine.submit(data[0], seed=1).result(timeout=120), engine.submit(data[0], mode="mse").result(10)]
+    finally:
+        engine.close()
+    y_hat = idemrt.Decoder(codec, None, device="cpu").prepare(data[0], mode="mse").y_hat
+    for r in results:
+        x = torch.from_numpy(r.pixels).permute(2, 0, 1)[None].float() / 255
+        padded = torch.nn.functional.pad(x, (0, -x.shape[-1] % 64, 0, -x.shape[-2] % 64), mode="replicate")
+        assert r.symbols_equal == pytest.approx(symbols_equal(codec, padded, y_hat), abs=0)
+        assert 0 < r.symbols_equal <= 1

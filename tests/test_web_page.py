@@ -176,6 +176,16 @@ def test_image_to_perceptual_decode_in_the_browser(service, page, photo, tmp_pat
     assert np.array_equal(_shown_pixels(page, "#perceptual"), _png(want))
     assert np.array_equal(_shown_pixels(page, "#compare-perceptual"), _png(want))
 
+    # the re-compression check: the page's verdict equals compressing the perceptual PNG here
+    expect(page.locator("#recompress-info")).not_to_contain_text("checking", timeout=30000)
+    check = page.evaluate("window.idemrtPage.recompress")
+    status, again = _post(service + "/v1/encode", got)
+    assert status == 200 and check["same"] == (again == idm) and check["bytes"] == len(again)
+    assert 0 < check["symbols_equal"] <= 1 and (check["symbols_equal"] == 1) >= check["same"]
+    n = max(len(again), len(idm))
+    assert check["differing"] == sum(1 for k in range(n) if k >= min(len(again), len(idm)) or again[k] != idm[k])
+    expect(page.locator("#recompress-info")).to_contain_text("re-compression: ")
+
     page.hover("#compare", position={"x": 100, "y": 120})  # the zoom follows the pointer
     page.fill("#slider", "30")
     shot = os.environ.get("IDEMRT_WEB_SCREENSHOT") or str(tmp_path / "web_page.png")

@@ -116,7 +116,7 @@ class DecoderReplica:
         self.hub.push.remote(self.replica, self.engine.metrics.snapshot())
         image = await asyncio.to_thread(encode_image, result.pixels, params["format"])
         return {"image": image, "distance": result.distance, "steps": result.steps,
-                "seconds": result.seconds, "replica": self.replica}
+                "seconds": result.seconds, "replica": self.replica, "symbols_equal": result.symbols_equal}
 
     async def decode_stream(self, bs: bsfmt.Bitstream, params: dict):
         """Server-sent-event payloads: progress, previews, then the result (or an error)."""
@@ -139,7 +139,7 @@ class DecoderReplica:
             image = await asyncio.to_thread(encode_image, result.pixels, fmt)
             yield {"event": "result", "format": fmt, "image": base64.b64encode(image).decode(),
                    "distance": result.distance, "steps": result.steps, "seconds": result.seconds,
-                   "replica": self.replica}
+                   "replica": self.replica, "symbols_equal": result.symbols_equal}
         except asyncio.CancelledError:
             getattr(future, "job", future).cancel()  # the client went away: free the slot
             raise
@@ -190,7 +190,8 @@ class Ingress:
         self.metrics.observe_request(params["mode"], 200, time.monotonic() - t0)
         return Response(out["image"], media_type=FORMATS[params["format"]], headers={
             "X-Idemrt-Decode-Seconds": f"{out['seconds']:.4f}", "X-Idemrt-Steps": str(out["steps"]),
-            "X-Idemrt-Distance": f"{out['distance']:.6g}", "X-Idemrt-Replica": out["replica"]})
+            "X-Idemrt-Distance": f"{out['distance']:.6g}", "X-Idemrt-Replica": out["replica"],
+            "X-Idemrt-Symbols-Equal": f"{out['symbols_equal']:.6f}"})
 
     @api.post("/v1/encode")
     async def encode(self, request: Request):
@@ -260,7 +261,7 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self):
         c = self.config
-        return {"codec": c.codec, "quality": c.quality, "unet_preset": c.preset if c.unet else None,
+        return {"codec": c.codec, "quality": c.quality, "unet_preset": (c.preset if not c.unet_overrides else "custom") if c.unet else None,
                 "modes": list(MODES) if c.unet else ["mse"], "steps_allowed": c.steps_allowed,
                 "speeds": {speed: c.steps_for(speed) for speed in c.speeds_allowed} if c.unet else {},
                 "priorities": [min(PRIORITIES), max(PRIORITIES)], "deterministic": c.deterministic,

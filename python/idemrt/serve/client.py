@@ -28,6 +28,7 @@ class DecodeResult:
     steps: int
     distance: float
     replica: str
+    symbols_equal: float = 0.0  # fraction of latent symbols the image re-encodes to (1: idempotent)
 
 
 class Client:
@@ -46,7 +47,8 @@ class Client:
         with self._post("/v1/decode", data, query) as r:
             h = r.headers
             return DecodeResult(r.read(), float(h["X-Idemrt-Decode-Seconds"]), int(h["X-Idemrt-Steps"]),
-                                float(h["X-Idemrt-Distance"]), h.get("X-Idemrt-Replica", ""))
+                                float(h["X-Idemrt-Distance"]), h.get("X-Idemrt-Replica", ""),
+                                float(h.get("X-Idemrt-Symbols-Equal", 0.0)))
 
     def decode_stream(self, data: bytes, *, mode: str = "perceptual", seed: int = 0, steps: Optional[str] = None,
                       format: str = "png", speed: Optional[str] = None, priority: Optional[int] = None,

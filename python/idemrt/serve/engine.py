@@ -36,6 +36,7 @@ from ..api import Decoder
 from ..backends.base import StepSpec, create_backend
 from ..diffusion import GuidedSampler, Program, StackedSampler, StepScheduler
 from ..diffusion.guidance import stack_alignment, stack_guidance
+from ..exact import symbols_equal
 from ..images import to_uint8
 from .config import ServeConfig
 from .metrics import EngineMetrics
@@ -54,6 +55,7 @@ class Decoded:
     steps: int  # network steps of the program (0 for MSE decodes)
     seconds: float  # from submission to the result
     speed: str = "mse"
+    symbols_equal: float = 0.0  # fraction of latent symbols the 8-bit image re-encodes to (1: idempotent)
 
 
 @dataclass(eq=False)
@@ -373,11 +375,18 @@ class DecodeEngine:
 
     def _resolve(self, request: _Request, decoder: Decoder, prepared, result) -> None:
         image, _ = decoder.finish(prepared, result)
+        pixels = to_uint8(image)
         seconds = time.monotonic() - request.submitted
         steps = 0 if result is None else self.programs[(request.speed, request.steps)][1].steps_run
         self.metrics.observe_decode(request.speed, seconds)
-        request.future.set_result(Decoded(image, to_uint8(image), 0.0 if result is None else result.distance, steps,
-                                          seconds, request.speed))
+        request.future.set_result(Decoded(image, pixels, 0.0 if result is None else result.distance, steps,
+                                          seconds, request.speed, self._recompressed(pixels, prepared.y_hat)))
+
+    def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor) -> float:
+        """The re-compression check of what the client receives: the fraction of latent symbols
+        that the 8-bit image, padded as an encoder pads it, quantizes to (one g_a)."""
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(self.codec.device, torch.float32).div_(255)
+        return symbols_equal(self.codec, self.codec.pad(x)[0], y_hat)
 
     def _reporter(self, decoder: Decoder, request: _Request):
         steps = self.programs[(request.speed, request.steps)][1].steps_run

@@ -13,6 +13,7 @@ const state = {
   controller: null,  // AbortController of the running perceptual decode
   previews: [],      // data URLs of this decode's previews, in order
   result: null,      // the last result event's fields (no image)
+  recompress: null,  // the re-compression check of the last perceptual decode: {same, differing, bytes}
   busy: false,
 };
 window.idemrtPage = state;
@@ -141,10 +142,12 @@ function resetOutputs() {
   setUrl("perceptual", null, $("dl-perceptual"));
   $("mse-info").textContent = "";
   $("perceptual-info").textContent = "";
+  $("recompress-info").textContent = "";
   $("progress").value = 0;
   $("step-count").textContent = "idle";
   state.previews = [];
   state.result = null;
+  state.recompress = null;
   delete $("perceptual").dataset.final;
   clearZoom();
 }
@@ -269,6 +272,8 @@ async function decodePerceptual() {
   $("progress").value = 0;
   $("step-count").textContent = "queued…";
   $("perceptual-info").textContent = "";
+  $("recompress-info").textContent = "";
+  state.recompress = null;
   delete $("perceptual").dataset.final;
   setUrl("perceptual", null, $("dl-perceptual"));
   try {
@@ -331,15 +336,40 @@ async function onEvent(name, data) {
     const url = setUrl("perceptual", blob, $("dl-perceptual"));
     await loadImage($("perceptual"), url);
     $("compare-perceptual").src = url;
-    state.result = { distance: data.distance, steps: data.steps, seconds: data.seconds, replica: data.replica };
+    state.result = { distance: data.distance, steps: data.steps, seconds: data.seconds, replica: data.replica,
+                     symbols_equal: data.symbols_equal };
     $("progress").value = $("progress").max;
     $("step-count").textContent = `done: ${data.steps} steps`;
     $("perceptual-info").textContent = `(${Number(data.seconds).toFixed(2)} s, ${data.steps} steps, ` +
       `constraint distance ${Number(data.distance).toFixed(4)})`;
     $("perceptual").dataset.final = "1";
     drawZoom(0.5, 0.5);
+    recompressCheck(blob, Number(data.symbols_equal));
   } else if (name === "error") {
     throw new ProblemError(String(data.title || "Decode failed"), String(data.detail || ""), data.status);
+  }
+}
+
+// Idempotence, checked: the server reports the share of latent symbols the perceptual PNG
+// re-encodes to; compressing the PNG again here gives the same .idm bytes when all of them match.
+async function recompressCheck(blob, symbolsEqual) {
+  const info = $("recompress-info");
+  const share = `${(100 * symbolsEqual).toFixed(1)} % of latent symbols reproduced`;
+  state.recompress = null;
+  info.textContent = "re-compression: checking…";
+  try {
+    const response = await post("/v1/encode", blob);
+    const again = new Uint8Array(await response.arrayBuffer());
+    const n = Math.max(again.length, state.idm.length);
+    let differing = 0;
+    for (let k = 0; k < n; k++) if (again[k] !== state.idm[k]) differing++;
+    state.recompress = { same: differing === 0, differing, bytes: again.length, symbols_equal: symbolsEqual };
+    info.textContent = differing === 0
+      ? "re-compression: the same bitstream (every latent symbol reproduced)"
+      : `re-compression: ${share}; the bitstream differs from the received one`;
+  } catch (err) {
+    state.recompress = { error: String(err.message || err) };
+    info.textContent = `re-compression check failed: ${err.message || err}`;
   }
 }
 
