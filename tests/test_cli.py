@@ -138,6 +138,26 @@ def test_convert_checkpoint(files, tmp_path):
     assert r.returncode == 3 and not (tmp_path / "conv2.pth").exists()
 
 
+def test_convert_checkpoint_writes_safetensors(files, tmp_path, capsys):
+    import safetensors.torch
+
+    d = files
+    code, out, _ = main(capsys, "convert-checkpoint", d / "codec.pth", tmp_path / "conv.safetensors")
+    assert code == 0 and "bmshj2018-hyperprior" in out and "safetensors format" in out
+    converted = safetensors.torch.load_file(str(tmp_path / "conv.safetensors"))
+    original = tiny_codec_state()
+    assert converted.keys() == original.keys()
+    assert all(torch.equal(converted[k], original[k]) for k in ("g_a.0.weight", "g_s.6.weight"))
+    # The safetensors file is a codec checkpoint like any other: compress with it.
+    code, _, _ = main(capsys, "compress", d / "in.png", tmp_path / "a.idm", "--codec", "bmshj2018-hyperprior",
+                      "--quality", "1", "--checkpoint", tmp_path / "conv.safetensors")
+    assert code == 0 and (tmp_path / "a.idm").exists()
+    code, out, _ = main(capsys, "convert-checkpoint", tmp_path / "conv.safetensors", tmp_path / "conv.bin",
+                        "--format", "torch")
+    assert code == 0 and "torch format" in out
+    assert torch.load(tmp_path / "conv.bin", weights_only=True).keys() == original.keys()
+
+
 def test_usage_errors_exit_2():  # argparse exits itself: needs a real process
     r = run("compress")
     assert r.returncode == 2

@@ -196,3 +196,172 @@ def test_sha256_pinning(tmp_path):
     assert "w" in read_checkpoint(zoo_ok)
     with pytest.raises(CheckpointError, match="sha256"):
         read_checkpoint(zoo_bad)
+
+
+# ------------------------------------------------------------------------------ safetensors files
+
+
+def _save_st(state, path):
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def _st_parts(path):
+    """(header length bytes, header JSON bytes, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return raw[:8], raw[8:8 + n], raw[8 + n:]
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_safetensors_round_trip_equals_the_pickle_path(tmp_path, state, half):
+    weights = {k: v.half() for k, v in state.items()} if half else state
+    torch.save(weights, tmp_path / "unet.pt")
+    _save_st(weights, tmp_path / "unet.safetensors")
+    from_pickle = load_unet(tmp_path / "unet.pt", **TINY)
+    from_st = load_unet(tmp_path / "unet.safetensors", **TINY)
+    assert_inference_ready(from_st)
+    a, b = from_pickle.state_dict(), from_st.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t = inputs()
+    with torch.no_grad():
+        assert torch.equal(from_st(x, t), from_pickle(x, t))
+    assert_matches_reference(from_st, ref.to64(weights))
+
+
+def test_format_is_detected_by_content_not_name(tmp_path, state):
+    from idemrt.models.checkpoint_io import checkpoint_format
+
+    st = _save_st(state, tmp_path / "unet.safetensors")
+    renamed = tmp_path / "really_safetensors.pt"
+    renamed.write_bytes(st.read_bytes())
+    pickled = tmp_path / "really_pickle.safetensors"
+    torch.save(state, pickled)
+    assert checkpoint_format(renamed) == "safetensors" and checkpoint_format(pickled) == "torch"
+    for path in (renamed, pickled):
+        model = load_unet(path, **TINY)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_safetensors_file_is_read_without_pickle(tmp_path, state, monkeypatch):
+    _save_st(state, tmp_path / "unet.safetensors")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load used on a safetensors file")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    load_unet(tmp_path / "unet.safetensors", **TINY)
+
+
+def test_loaded_weights_do_not_follow_later_changes_of_the_file(tmp_path, state):
+    path = _save_st(state, tmp_path / "unet.safetensors")
+    model = load_unet(path, **TINY)
+    head, header, data = _st_parts(path)
+    with open(path, "r+b") as f:  # overwrite the tensor bytes in place
+        f.seek(len(head) + len(header))
+        f.write(bytes(len(data)))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_corrupt_safetensors_files_are_refused(tmp_path, state):
+    path = _save_st(state, tmp_path / "unet.safetensors")
+    head, header, data = _st_parts(path)
+    n = len(header)
+    cases = {
+        "truncated.safetensors": (head + header + data[: len(data) // 2], "truncated"),
+        "short.safetensors": (head[:5], "truncated"),
+        "cut_header.safetensors": (head + header[: n // 2], "header length"),
+        "bad_length.safetensors": ((2**40).to_bytes(8, "little") + header + data, "header length"),
+        "garbage_json.safetensors": (head + b"{" + b"\xff!" * ((n - 1) // 2) + b" " * ((n - 1) % 2) + data,
+                                     "not valid JSON"),
+        "not_object.safetensors": ((4).to_bytes(8, "little") + b"[1 ]" + data, "not a JSON object"),
+        "bad_dtype.safetensors": (head + header.replace(b'"F32"', b'"X32"', 1) + data, "corrupt safetensors"),
+        "bad_offsets.safetensors": (head + header.replace(b'"data_offsets":[0,', b'"data_offsets":[4,', 1) + data,
+                                    "corrupt safetensors"),
+        # The same bytes under a PyTorch name: still diagnosed as (damaged) safetensors by content.
+        "truncated.pt": (head + header + data[:100], "truncated safetensors"),
+    }
+    assert header.count(b'"data_offsets":[0,') == 1 and b'"F32"' in header
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_unet(tmp_path / name, **TINY)
+        assert name in str(info.value)
+
+
+def test_file_that_is_neither_format_is_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    with pytest.raises(CheckpointError, match="neither a safetensors file nor a weights-only PyTorch"):
+        load_unet(path, **TINY)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda s: s.pop("middle_block.1.qkv.weight"), "missing keys: middle_block.1.qkv.weight"),
+        (lambda s: s.update({"label_emb.weight": torch.zeros(1000, 128)}), "unexpected keys: label_emb.weight"),
+        (lambda s: s.update({"out.2.weight": torch.zeros(3, 32, 3, 3)}),
+         r"out.2.weight: checkpoint \(3, 32, 3, 3\) vs model \(6, 32, 3, 3\)"),
+        (lambda s: s.update({"out.2.bias": torch.zeros(6, dtype=torch.int64)}), "non floating-point.*out.2.bias"),
+        (lambda s: s.update({"out.2.bias": torch.zeros(6, dtype=torch.bool)}), "non floating-point.*out.2.bias"),
+        (lambda s: s["time_embed.0.bias"].__setitem__(0, float("nan")), "non-finite.*time_embed.0.bias"),
+        (lambda s: s["time_embed.0.bias"].__setitem__(1, float("-inf")), "non-finite.*time_embed.0.bias"),
+    ],
+)
+def test_safetensors_with_wrong_content_is_refused(tmp_path, state, change, match):
+    broken = {k: v.clone() for k, v in state.items()}
+    change(broken)
+    path = _save_st(broken, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match=match):
+        load_unet(path, **TINY)
+
+
+def test_safetensors_for_another_preset_is_refused(tmp_path, state):
+    with pytest.raises(CheckpointError, match="ffhq256"):
+        load_unet(_save_st(state, tmp_path / "unet.safetensors"), "ffhq256")
+
+
+def test_sha256_pinning_of_a_safetensors_file(tmp_path, state):
+    import hashlib
+
+    path = _save_st(state, tmp_path / "unet.safetensors")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = load_unet(path, sha256=digest, **TINY)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    load_unet(path, sha256=digest[:12].upper(), **TINY)
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_unet(path, sha256=wrong, **TINY)
+    # A zoo-style name (NAME-HASH8.pth.tar) is checked against its hash whatever the content.
+    zoo_bad = tmp_path / f"unet-{wrong[:8]}.pth.tar"
+    zoo_bad.write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_unet(zoo_bad, **TINY)
+    zoo_ok = tmp_path / f"unet-{digest[:8]}.pth.tar"
+    zoo_ok.write_bytes(path.read_bytes())
+    load_unet(zoo_ok, **TINY)
+
+
+def test_save_state_dict_formats_and_atomicity(tmp_path, state):
+    from idemrt.fileio import OutputExistsError
+    from idemrt.models.checkpoint_io import checkpoint_format, output_format, save_state_dict
+
+    assert output_format("m.safetensors") == output_format("m") == "safetensors"
+    assert {output_format(f"m{s}") for s in (".pt", ".pth", ".pth.tar", ".PTH")} == {"torch"}
+    assert output_format("m.pt", "safetensors") == "safetensors"
+    with pytest.raises(ValueError, match="format"):
+        output_format("m", "onnx")
+    for name, fmt in (("a.safetensors", None), ("b.pt", None), ("c.pt", "safetensors")):
+        written = save_state_dict(state, tmp_path / name, fmt=fmt)
+        assert checkpoint_format(tmp_path / name) == written
+        model = load_unet(tmp_path / name, **TINY)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(OutputExistsError):
+        save_state_dict(state, tmp_path / "a.safetensors")
+    save_state_dict({"w": torch.ones(2)}, tmp_path / "a.safetensors", force=True)
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.pt", "c.pt"]  # no temporary files

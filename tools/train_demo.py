@@ -41,6 +41,7 @@ except ImportError:  # a checkout that is not installed: the pure-Python package
     sys.path.insert(0, str(ROOT / "python"))
 
 from idemrt.diffusion import Schedule  # noqa: E402
+from idemrt.models.checkpoint_io import save_state_dict  # noqa: E402
 from idemrt.models.unet import ADMUNet, UNetConfig  # noqa: E402
 
 # Colour photographs bundled in scikit-image's wheel (0.26). skimage.data.cat is chelsea again, and the
@@ -57,8 +58,8 @@ TRAIN_IMAGES = (
 HELD_OUT_IMAGES = ("chelsea", "coffee")
 
 CODEC_NAME = "bmshj2018-hyperprior"
-CODEC_FILE = "codec.pt"
-UNET_FILE = "unet.pt"
+CODEC_FILE = "codec.safetensors"
+UNET_FILE = "unet.safetensors"
 CONFIG_FILE = "config.json"
 
 
@@ -220,7 +221,7 @@ def train_codec(args, device: torch.device) -> None:
     model.update(force=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(fp16_state(model), out_dir / CODEC_FILE)
+    save_state_dict(fp16_state(model), out_dir / CODEC_FILE, force=True, metadata={"model": "codec"})
     update_config(out_dir, "codec", {
         "file": CODEC_FILE, "name": CODEC_NAME, "N": args.codec_n, "M": args.codec_m,
         "lambda": args.codec_lmbda, "steps": args.codec_steps, "batch": args.codec_batch,
@@ -352,7 +353,7 @@ def train_unet(args, device: torch.device) -> None:
     ema = ema.cpu().eval()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(fp16_state(ema), out_dir / UNET_FILE)
+    save_state_dict(fp16_state(ema), out_dir / UNET_FILE, force=True, metadata={"model": "unet"})
     cfg = asdict(config)
     cfg["channel_mult"] = ",".join(str(m) for m in config.channel_mults)
     cfg["attention_resolutions"] = ",".join(str(r) for r in config.attention_resolutions)

@@ -126,10 +126,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from .models.checkpoint_io import output_format
     from .models.codec_loading import convert_checkpoint
 
-    name = convert_checkpoint(args.input, args.output, name=args.codec, force=args.force)
-    print(f"{args.output}: written ({name}, compressai format)")
+    fmt = output_format(args.output, args.format)
+    name = convert_checkpoint(args.input, args.output, name=args.codec, force=args.force, fmt=fmt)
+    print(f"{args.output}: written ({name}, compressai state_dict, {fmt} format)")
     return 0
 
 
@@ -176,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("input")
     i.set_defaults(func=cmd_info)
 
-    v = sub.add_parser("convert-checkpoint", help="convert a codec checkpoint to compressai's format")
-    v.add_argument("input")
-    v.add_argument("output")
+    v = sub.add_parser("convert-checkpoint", help="convert a codec checkpoint to compressai's format (safetensors)")
+    v.add_argument("input", help="codec checkpoint: safetensors or PyTorch (.pth.tar, .pt; read weights-only)")
+    v.add_argument("output", help="written as safetensors, or as a PyTorch file if named .pt/.pth/.pth.tar")
     v.add_argument("--codec", default=None, help="model name when it cannot be inferred")
+    v.add_argument("--format", choices=["safetensors", "torch"], default=None,
+                   help="output format (default: torch for .pt/.pth/.pth.tar names, safetensors otherwise)")
     v.add_argument("--force", action="store_true")
     v.set_defaults(func=cmd_convert)
 

@@ -1,11 +1,20 @@
-"""Safe checkpoint reading shared by the UNet and codec loaders.
+"""Safe checkpoint reading (and writing) shared by the UNet and codec loaders.
 
-Only ``torch.load(weights_only=True)`` is used: a pickle that would execute code
-is refused with :class:`idemrt.CheckpointError` instead of being run.
+Two file formats are read, told apart by their content, not their name:
+
+* safetensors (``.safetensors``; an 8-byte little-endian header length, a JSON header, raw tensor
+  bytes), read with ``safetensors.torch.load_file``: no pickle is involved at all. This is the
+  format idemrt writes (:func:`save_state_dict`).
+* PyTorch checkpoints (``.pt``, ``.pth``, ``.pth.tar``: zip or legacy pickles), read only with
+  ``torch.load(weights_only=True)``: a pickle that would execute code is refused with
+  :class:`idemrt.CheckpointError` instead of being run.
+
+A file that is neither, or a damaged one, is refused with :class:`idemrt.CheckpointError`.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -15,6 +24,13 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import CheckpointError
+
+SAFETENSORS = "safetensors"
+TORCH = "torch"
+# Output names that keep the PyTorch (pickle) format in save_state_dict; anything else is safetensors.
+TORCH_SUFFIXES = (".pt", ".pth", ".pth.tar", ".tar", ".bin", ".ckpt")
+# The safetensors library refuses headers above 100 MB; so does this reader, before parsing them.
+_MAX_SAFETENSORS_HEADER = 100_000_000
 
 # Common wrappers around a bare state_dict (training scripts, EMA exports, lightning).
 _WRAPPER_KEYS = ("state_dict", "model", "ema", "model_state_dict", "net")
@@ -57,9 +73,83 @@ def verify_sha256(path, sha256: str | None = None, *, name_pin: bool = True) -> 
         )
 
 
+def checkpoint_format(path) -> str:
+    """``"safetensors"`` or ``"torch"``: what the file at ``path`` is, judged by its first bytes.
+
+    A PyTorch zip (``PK\\x03\\x04``) is torch; a JSON object after the 8-byte length is safetensors;
+    a pickle (``\\x80`` and a protocol number) is torch. Files that are none of these are judged by
+    their name (``.safetensors``), so that a damaged safetensors file gets a safetensors diagnosis,
+    and otherwise go to the weights-only PyTorch reader, which refuses them.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):
+        return TORCH
+    if len(head) == 9 and head[8:9] == b"{":
+        return SAFETENSORS
+    if len(head) == 9 and head[0] == 0x80 and 1 <= head[1] <= 5:  # PROTO opcode and a known protocol
+        return TORCH
+    return SAFETENSORS if os.fspath(path).endswith(".safetensors") else TORCH
+
+
+def _check_safetensors_layout(path: str) -> None:
+    """Refuse a safetensors file whose header length, header JSON or data extent is wrong, with a
+    message that says which (the library's own errors are terse)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, less than its header length)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(
+                f"{path}: bad safetensors header length {n} (the file has {size - 8} bytes after it); "
+                "the file is truncated or corrupt"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors file: its header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file: its header is not a JSON object")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise CheckpointError(f"{path}: corrupt safetensors file: tensor {key!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: its tensors need {8 + n + end} bytes, the file has {size}"
+        )
+
+
+def _read_safetensors(path: str) -> dict:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    _check_safetensors_layout(path)
+    try:
+        # pread: tensors in private memory, like torch.load's, not views of a memory map that
+        # would change with the file after its sha256 was checked.
+        try:
+            return dict(safetensors.torch.load_file(path, device="cpu", backend="pread"))
+        except TypeError:  # a safetensors without the backend argument: copy out of the map
+            return {k: v.clone() for k, v in safetensors.torch.load_file(path, device="cpu").items()}
+    except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused to load; corrupt safetensors file: {detail}") from None
+
+
 def read_checkpoint(source, sha256: str | None = None, *, name_pin: bool = True) -> dict:
     """Return the raw object stored in a checkpoint file (or ``source`` if it is a mapping).
 
+    safetensors files are read with ``safetensors.torch.load_file``, others with
+    ``torch.load(weights_only=True)`` (see :func:`checkpoint_format`).
     ``sha256``, ``name_pin``: optional pin of the file's digest (see :func:`verify_sha256`).
     """
     if isinstance(source, Mapping):
@@ -68,8 +158,13 @@ def read_checkpoint(source, sha256: str | None = None, *, name_pin: bool = True)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     verify_sha256(path, sha256, name_pin=name_pin)
+    if checkpoint_format(path) == SAFETENSORS:
+        return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the path: recent torch.load hands paths named .safetensors to the
+        # safetensors reader, and this file was judged by its content to be a PyTorch one.
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only reports both a forbidden global (a pickle that would run code) and plain
         # garbage as UnpicklingError; tell the user which one it is.
@@ -79,13 +174,13 @@ def read_checkpoint(source, sha256: str | None = None, *, name_pin: bool = True)
                 f"(only weights_only checkpoints are accepted): {exc}"
             ) from None
         raise CheckpointError(
-            f"{path}: refused to load; not a weights-only PyTorch checkpoint (the file is corrupt, or "
-            f"holds pickled data other than tensors): {str(exc).strip().splitlines()[-1]}"
+            f"{path}: refused to load; neither a safetensors file nor a weights-only PyTorch checkpoint "
+            f"(the file is corrupt, or holds pickled data other than tensors): {str(exc).strip().splitlines()[-1]}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
-            f"{path}: refused to load; not a weights-only PyTorch checkpoint (the file is corrupt, or "
-            f"holds pickled data other than tensors): {str(exc).strip().splitlines()[-1]}"
+            f"{path}: refused to load; neither a safetensors file nor a weights-only PyTorch checkpoint "
+            f"(the file is corrupt, or holds pickled data other than tensors): {str(exc).strip().splitlines()[-1]}"
         ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping), found {type(obj).__name__}")
@@ -110,6 +205,51 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
 def load_state_dict(source, sha256: str | None = None, *, name_pin: bool = True) -> dict[str, torch.Tensor]:
     """Read ``source`` (path or mapping) and return a bare ``{name: tensor}`` state_dict."""
     return unwrap_state_dict(read_checkpoint(source, sha256, name_pin=name_pin))
+
+
+def output_format(path, fmt: str | None = None) -> str:
+    """The format :func:`save_state_dict` writes to ``path``: ``fmt`` if given, else ``"torch"`` for
+    the PyTorch names (:data:`TORCH_SUFFIXES`) and ``"safetensors"`` for any other."""
+    if fmt is None:
+        return TORCH if os.fspath(path).lower().endswith(TORCH_SUFFIXES) else SAFETENSORS
+    if fmt not in (SAFETENSORS, TORCH):
+        raise ValueError(f"checkpoint format must be {SAFETENSORS!r} or {TORCH!r}, got {fmt!r}")
+    return fmt
+
+
+def state_dict_bytes(state: Mapping[str, torch.Tensor], fmt: str = SAFETENSORS,
+                     metadata: Mapping[str, str] | None = None) -> bytes:
+    """A state_dict serialised as safetensors (default) or a ``torch.save`` file (``fmt="torch"``).
+
+    Tensors are copied to contiguous CPU tensors that share no storage (safetensors refuses
+    shared or strided ones). ``metadata`` (str -> str) goes into the safetensors header.
+    """
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    if output_format("", fmt) == TORCH:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        return buf.getvalue()
+    import safetensors.torch
+
+    return safetensors.torch.save(tensors, metadata=dict(metadata) if metadata else None)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path, *, fmt: str | None = None, force: bool = False,
+                    inputs=(), metadata: Mapping[str, str] | None = None) -> str:
+    """Write ``state`` to ``path`` atomically (:func:`idemrt.fileio.atomic_writer`); returns the format.
+
+    safetensors unless ``fmt="torch"`` or the name ends in a PyTorch suffix (see :func:`output_format`).
+    """
+    from ..fileio import atomic_writer, check_output_path
+
+    fmt = output_format(path, fmt)
+    check_output_path(path, force=force, inputs=inputs)  # before serialising
+    data = state_dict_bytes(state, fmt, metadata)
+    with atomic_writer(path, force=force, inputs=inputs) as f:
+        f.write(data)
+    return fmt
 
 
 def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], what: str) -> None:

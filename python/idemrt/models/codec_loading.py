@@ -3,8 +3,8 @@
 :func:`load_codec` builds one of compressai's image models (:data:`~idemrt.models.codec.KNOWN_CODECS`)
 with weights from compressai's model zoo (``pretrained=True``, downloads), from a local checkpoint,
 or (tests, benchmarks) at random. :func:`convert_checkpoint` writes the normalised, fully loaded
-(CDF tables included) state_dict of a codec, readable by ``compressai.models.*.from_state_dict`` and
-``torch.load(weights_only=True)``.
+(CDF tables included) state_dict of a codec, readable by ``compressai.models.*.from_state_dict``, as a
+safetensors file (or, for ``.pt``/``.pth`` names, a ``torch.load(weights_only=True)`` one).
 
 Checkpoints accepted on input (all are normalised by :func:`normalize_state_dict`):
 
@@ -39,7 +39,7 @@ from compressai.zoo.image import cfgs as _ZOO_WIDTHS
 from compressai.zoo.image import model_urls as _ZOO_URLS
 
 from ..errors import CheckpointError
-from ..fileio import atomic_writer, check_output_path
+from ..fileio import check_output_path
 from . import checkpoint_io
 from .codec import Codec, architecture
 
@@ -283,7 +283,9 @@ def load_codec(
 
     Exactly one weight source:
 
-    * ``checkpoint``: a path or a state_dict mapping, read safely (``torch.load(weights_only=True)``).
+    * ``checkpoint``: a path or a state_dict mapping, read safely: a safetensors file with
+      ``safetensors.torch.load_file``, a PyTorch one with ``torch.load(weights_only=True)`` (told
+      apart by content, not name).
       Any compressai version's state_dict, or an ELiC-ReImplemetation ``TestModel`` checkpoint for
       ``elic2022-chandelier`` (see the module docstring). The architecture widths are inferred from
       the tensors; ``quality`` is only recorded.
@@ -421,15 +423,22 @@ def _check_cdf_tables(state: dict, cdf_keys: set, name: str) -> None:
 # --- conversion -----------------------------------------------------------------------------------
 
 
-def convert_checkpoint(src, dst, name: Optional[str] = None, *, force: bool = False) -> str:
+def convert_checkpoint(src, dst, name: Optional[str] = None, *, force: bool = False,
+                       fmt: Optional[str] = None) -> str:
     """Read checkpoint ``src`` (any accepted format), write a current compressai state_dict to ``dst``.
 
     ``name`` is the compressai model name; detected from the keys when omitted. The codec is fully
     loaded first (key and shape checks, CDF tables computed when the checkpoint lacks them), so the
-    written file loads strictly with ``compressai.models.<Model>.from_state_dict``. The file is written
-    atomically; an existing ``dst`` is replaced only with ``force``. Returns ``name``.
+    written file loads strictly with ``compressai.models.<Model>.from_state_dict``.
+
+    ``dst`` is written as safetensors (``safetensors.torch.load_file`` reads it; no pickle), unless
+    ``fmt="torch"`` or its name ends in ``.pt``, ``.pth``, ``.pth.tar`` (... see
+    :data:`~idemrt.models.checkpoint_io.TORCH_SUFFIXES`): then ``torch.save``'s format, readable with
+    ``torch.load(weights_only=True)``. The file is written atomically; an existing ``dst`` is replaced
+    only with ``force``. Returns ``name``.
     """
     inputs = [] if isinstance(src, Mapping) else [src]
+    fmt = checkpoint_io.output_format(dst, fmt)
     check_output_path(dst, force=force, inputs=inputs)
     state = checkpoint_io.load_state_dict(src)
     if name is None:
@@ -438,8 +447,6 @@ def convert_checkpoint(src, dst, name: Optional[str] = None, *, force: bool = Fa
             raise CheckpointError(f"{os.fspath(src) if not isinstance(src, Mapping) else 'state_dict'}: "
                                   "cannot tell which codec this checkpoint is for; pass its name")
     codec = load_codec(name, checkpoint=state)
-    out = {k: v.detach().to("cpu").clone() for k, v in codec.model.state_dict().items()}
-
-    with atomic_writer(dst, force=force, inputs=inputs) as f:
-        torch.save(out, f)
+    checkpoint_io.save_state_dict(codec.model.state_dict(), dst, fmt=fmt, force=force, inputs=inputs,
+                                  metadata={"codec": name})
     return name

@@ -22,7 +22,9 @@ def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, sh
     """Return an inference-ready ADM UNet (eval mode, fp32, parameters without gradients).
 
     source: a checkpoint path or a state_dict, bare or wrapped as {"state_dict": ...},
-        {"model": ...} or {"ema": ...}; fp16 or fp32 tensors.
+        {"model": ...} or {"ema": ...}; fp16 or fp32 tensors. A path is a safetensors file (read
+        with ``safetensors.torch.load_file``) or a PyTorch one (``torch.load(weights_only=True)``),
+        told apart by content, not name.
     preset: "ffhq256" or "imagenet256" (or a UNetConfig); ``config`` keyword arguments
         (guided-diffusion ``create_model`` names) override it or, without a preset,
         define the architecture. The architecture is never guessed from the checkpoint.
