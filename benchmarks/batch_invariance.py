@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import idemrt
-from idemrt.demo import DEMO_IMAGES, DEMO_STEPS, demo_image
+from idemrt.demo_assets import DEMO_IMAGES, DEMO_STEPS, demo_image
 from idemrt.serve.config import ServeConfig
 from idemrt.serve.engine import DecodeEngine
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from idemrt.demo import Pipeline, as_8bit, demo_file, json_safe, load_demo_codec, load_demo_unet
+from idemrt.demo_assets import demo_file, load_demo_codec, load_demo_unet
+from idemrt.evaluation import Pipeline, as_8bit, json_safe
 
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("psc_benchmark", ROOT / "psc.py")

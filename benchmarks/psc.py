@@ -54,8 +54,9 @@ import torch.nn.functional as F
 
 from idemrt import bitstream as bsfmt
 from idemrt import psc
-from idemrt.demo import (DEMO_IMAGES, DEMO_SCALE, DEMO_STEPS, Pipeline, json_safe, as_8bit, demo_file,
-                         gradient_energy, load_demo_codec, load_demo_unet, mse255, psnr)
+from idemrt.demo_assets import DEMO_IMAGES, DEMO_SCALE, DEMO_STEPS, demo_file, load_demo_codec, load_demo_unet
+from idemrt.evaluation import Pipeline, as_8bit, gradient_energy, json_safe
+from idemrt.images import mse255, psnr
 from idemrt.psc import stream
 from idemrt.defaults import DTYPE_CHOICES, dtype_from_name
 from idemrt.psc.sampling import deterministic

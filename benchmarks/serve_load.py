@@ -86,7 +86,7 @@ TARGET_RATIO = 0.6
 def _bitstreams(sizes, per_size: int = 4) -> dict:
     """size -> a few distinct .idm bitstreams (crops / flips of the held-out demo photographs)."""
     from idemrt import Encoder
-    from idemrt.demo import DEMO_IMAGES, demo_image, load_demo_codec
+    from idemrt.demo_assets import DEMO_IMAGES, demo_image, load_demo_codec
 
     codec = load_demo_codec("cpu")
     images = [demo_image(name, 128) for name in DEMO_IMAGES]

@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from idemrt import demo
+from idemrt import demo, demo_assets, evaluation, images
 from idemrt.errors import CheckpointError
 from idemrt.fileio import OutputExistsError
 
@@ -30,34 +30,34 @@ def _train_demo():
 
 @pytest.fixture(scope="module")
 def codec():
-    return demo.load_demo_codec()
+    return demo_assets.load_demo_codec()
 
 
 @pytest.fixture(scope="module")
 def unet():
-    return demo.load_demo_unet()
+    return demo_assets.load_demo_unet()
 
 
 # -- the committed weights -----------------------------------------------------------------------
 
 
 def test_demo_files_are_package_resources_of_bounded_size():
-    cfg = demo.demo_config()
-    names = [cfg["codec"]["file"], cfg["unet"]["file"], "config.json", *(f"{n}.png" for n in demo.DEMO_IMAGES)]
-    sizes = [demo.demo_file(n).stat().st_size if hasattr(demo.demo_file(n), "stat")
-             else len(demo.demo_file(n).read_bytes()) for n in names]
+    cfg = demo_assets.demo_config()
+    names = [cfg["codec"]["file"], cfg["unet"]["file"], "config.json", *(f"{n}.png" for n in demo_assets.DEMO_IMAGES)]
+    sizes = [demo_assets.demo_file(n).stat().st_size if hasattr(demo_assets.demo_file(n), "stat")
+             else len(demo_assets.demo_file(n).read_bytes()) for n in names]
     assert all(s > 0 for s in sizes)
     assert sum(sizes) <= 25 * 2**20
-    assert sorted(cfg["data"]["held_out"]) == sorted(demo.DEMO_IMAGES)
+    assert sorted(cfg["data"]["held_out"]) == sorted(demo_assets.DEMO_IMAGES)
     assert not set(cfg["data"]["held_out"]) & set(cfg["data"]["train"])
 
 
 def test_parameters_are_fp16_on_disk(codec, unet):
-    cfg = demo.demo_config()
+    cfg = demo_assets.demo_config()
     for module, entry in ((codec.model, cfg["codec"]), (unet, cfg["unet"])):
         # Shipped as safetensors (no pickle), read without idemrt's loader.
         assert entry["file"].endswith(".safetensors")
-        state = safetensors.torch.load(demo.demo_file(entry["file"]).read_bytes())
+        state = safetensors.torch.load(demo_assets.demo_file(entry["file"]).read_bytes())
         params = [name for name, _ in module.named_parameters()]
         assert len(params) > 10 and set(params) <= set(state)
         # Buffers (the codec's CDF tables and scale table) are kept exact; every parameter is fp16.
@@ -65,25 +65,25 @@ def test_parameters_are_fp16_on_disk(codec, unet):
 
 
 def test_demo_codec_matches_its_config_and_compresses_at_a_low_rate(codec):
-    cfg = demo.demo_config()["codec"]
+    cfg = demo_assets.demo_config()["codec"]
     assert codec.name == cfg["name"] == "bmshj2018-hyperprior"
     assert (codec.model.N, codec.model.M) == (cfg["N"], cfg["M"])
-    x = demo.demo_image("chelsea")
-    pipe = demo.Pipeline(codec, None, steps=2, sampler="ddpm", guidance="dps", scale=1.0, device="cpu",
+    x = demo_assets.demo_image("chelsea")
+    pipe = evaluation.Pipeline(codec, None, steps=2, sampler="ddpm", guidance="dps", scale=1.0, device="cpu",
                          progress=False)
     data = pipe.encoder.encode(x)
     x_mse = pipe.decoder.decode(data, mode="mse", output="tensor")
     # A trained codec: a low rate and a far better reconstruction than the image's mean colour.
     mean_colour = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
     assert 0.02 < 8 * len(data) / x[0, 0].numel() < 1.0
-    assert demo.mse255(x, x_mse) < 0.6 * demo.mse255(x, mean_colour)
+    assert images.mse255(x, x_mse) < 0.6 * images.mse255(x, mean_colour)
 
 
 def test_demo_unet_matches_its_config_and_predicts_the_noise(unet):
-    cfg = demo.demo_config()["unet"]
+    cfg = demo_assets.demo_config()["unet"]
     assert sum(p.numel() for p in unet.parameters()) == cfg["params"] <= 5_000_000
     assert all(p.dtype == torch.float32 for p in unet.parameters())
-    x0 = demo.demo_image("coffee")[:, :, :64, :64] * 2 - 1
+    x0 = demo_assets.demo_image("coffee")[:, :, :64, :64] * 2 - 1
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(x0.shape, generator=gen)
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
@@ -101,10 +101,10 @@ def test_demo_unet_matches_its_config_and_predicts_the_noise(unet):
 def test_psnr_and_mse_known_values():
     a = torch.zeros(1, 3, 4, 4)
     b = torch.full((1, 3, 4, 4), 1 / 255)
-    assert demo.mse255(a, b) == pytest.approx(1.0)
-    assert demo.psnr(1.0) == pytest.approx(20 * math.log10(255))
-    assert demo.psnr(255.0**2) == pytest.approx(0.0)
-    assert demo.psnr(0.0) == float("inf")
+    assert images.mse255(a, b) == pytest.approx(1.0)
+    assert images.psnr(1.0) == pytest.approx(20 * math.log10(255))
+    assert images.psnr(255.0**2) == pytest.approx(0.0)
+    assert images.psnr(0.0) == float("inf")
 
 
 def test_gradient_energy_of_a_ramp():
@@ -112,7 +112,7 @@ def test_gradient_energy_of_a_ramp():
     h, w, s = 5, 7, 0.1
     x = (torch.arange(w, dtype=torch.float64) * s).expand(1, 3, h, w)
     expected = s**2 * h * (w - 1) / (h * (w - 1) + w * (h - 1))
-    assert demo.gradient_energy(x) == pytest.approx(expected)
+    assert evaluation.gradient_energy(x) == pytest.approx(expected)
 
 
 def test_as_8bit_is_the_saved_png(tmp_path):
@@ -120,7 +120,7 @@ def test_as_8bit_is_the_saved_png(tmp_path):
     from idemrt.images import load_image, save_image
 
     save_image(x, tmp_path / "a.png")
-    assert torch.equal(demo.as_8bit(x), load_image(tmp_path / "a.png"))
+    assert torch.equal(evaluation.as_8bit(x), load_image(tmp_path / "a.png"))
 
 
 # -- idemrt demo ---------------------------------------------------------------------------------
@@ -132,9 +132,9 @@ def test_run_demo_writes_the_panel_and_prints_the_facts(tmp_path, capsys):
     for word in ("bpp", "MSE decode", "perceptual decode", "re-compressing", "time"):
         assert word in out
     png = np.asarray(Image.open(tmp_path / demo.DEMO_PNG).convert("RGB")).astype(np.float64)
-    original = np.round(demo.demo_image("chelsea")[0].permute(1, 2, 0).numpy().astype(np.float64) * 255)
+    original = np.round(demo_assets.demo_image("chelsea")[0].permute(1, 2, 0).numpy().astype(np.float64) * 255)
     h, w = original.shape[:2]
-    assert (h, w) == (demo.DEMO_SIZE, demo.DEMO_SIZE)
+    assert (h, w) == (demo_assets.DEMO_SIZE, demo_assets.DEMO_SIZE)
     tile = 3 * w + 4  # panels are upscaled 3x (nearest) with 4-pixel gaps, below a 16-pixel label row
     assert png.shape == (3 * h + 16, 4 * tile - 4, 3)
     panels = [png[16::3, k * tile : k * tile + 3 * w : 3] for k in range(4)]
@@ -156,7 +156,7 @@ def test_run_demo_writes_the_panel_and_prints_the_facts(tmp_path, capsys):
 def tiny_dir(tmp_path):
     d = tmp_path / "images"
     d.mkdir()
-    img = Image.open(demo.demo_file("coffee.png"))
+    img = Image.open(demo_assets.demo_file("coffee.png"))
     img.crop((0, 0, 64, 64)).save(d / "a.png")
     img.crop((64, 64, 128, 128)).save(d / "b.png")
     (d / "notes.txt").write_text("not an image")
@@ -165,7 +165,7 @@ def tiny_dir(tmp_path):
 
 def test_eval_writes_csv_json_and_plot(tiny_dir, tmp_path, codec, unet, capsys):
     out = tmp_path / "eval"
-    result = demo.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False)
+    result = evaluation.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False)
     assert "FID/KID skipped" in capsys.readouterr().out
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -185,7 +185,7 @@ def test_eval_writes_csv_json_and_plot(tiny_dir, tmp_path, codec, unet, capsys):
     assert float(rows[0]["mse_mse"]) == pytest.approx(np.mean((decoded - original) ** 2), rel=1e-5)
     # Outputs are never overwritten silently.
     with pytest.raises(OutputExistsError):
-        demo.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False)
+        evaluation.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False)
 
 
 def test_eval_patch_fid_kid_of_the_saved_decodes(tiny_dir, tmp_path, codec, unet, capsys):
@@ -198,7 +198,7 @@ def test_eval_patch_fid_kid_of_the_saved_decodes(tiny_dir, tmp_path, codec, unet
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(random_inception_state(), weights)
     out = tmp_path / "eval"
-    result = demo.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False, inception=weights)
+    result = evaluation.evaluate(tiny_dir, out, codec=codec, unet=unet, steps=2, progress=False, inception=weights)
     printed = capsys.readouterr().out
     fid = json.loads((out / "metrics.json").read_text())["fid"]
     assert fid == json.loads(json.dumps(result["fid"])) and fid["patches"] == 2 and fid["patch"] == 64
@@ -222,7 +222,7 @@ def test_eval_patch_fid_kid_of_the_saved_decodes(tiny_dir, tmp_path, codec, unet
         assert fid[name]["kid"] == pytest.approx(kernel_inception_distance(reference, decoded)[0], rel=1e-6)
         assert fid[name]["fid"] > 0
     with pytest.raises(CheckpointError, match="sha256"):  # a pinned file is checked before any decoding
-        demo.evaluate(tiny_dir, tmp_path / "eval2", codec=codec, unet=unet, steps=2, progress=False,
+        evaluation.evaluate(tiny_dir, tmp_path / "eval2", codec=codec, unet=unet, steps=2, progress=False,
                       inception=weights, inception_sha256="0" * 64)
 
 
@@ -230,7 +230,7 @@ def test_eval_refuses_an_empty_dir(tmp_path):
     from idemrt.errors import ImageError
 
     with pytest.raises(ImageError, match="no images"):
-        demo.evaluate(tmp_path, tmp_path / "out", progress=False)
+        evaluation.evaluate(tmp_path, tmp_path / "out", progress=False)
 
 
 def test_subcommands_parse_and_check_their_arguments(tmp_path):
@@ -239,7 +239,7 @@ def test_subcommands_parse_and_check_their_arguments(tmp_path):
     args = p.parse_args(["demo", "--steps", "ddim5", "--out-dir", str(tmp_path)])
     assert (args.func, args.steps, args.sampler) == (demo.cmd_demo, "ddim5", "ddpm")
     # Strings, as cli.main expects of every --steps (it turns digits into an int).
-    assert p.parse_args(["demo"]).steps == demo.DEMO_STEPS  # parsed to an int, as the Decoder takes it
+    assert p.parse_args(["demo"]).steps == demo_assets.DEMO_STEPS  # parsed to an int, as the Decoder takes it
     assert p.parse_args(["demo", "--steps", "ddim50"]).steps == "ddim50"
     from idemrt.cli_options import steps_value
 
@@ -288,4 +288,14 @@ def test_hybrid_loss_vanishes_for_the_true_noise_and_posterior_variance():
 
 def test_json_safe_writes_infinite_psnr_as_a_string():
     value = {"a": [float("inf"), 1.5], "b": {"c": float("nan")}}
-    assert demo.json_safe(value) == {"a": ["inf", 1.5], "b": {"c": "nan"}}
+    assert evaluation.json_safe(value) == {"a": ["inf", 1.5], "b": {"c": "nan"}}
+
+
+def test_the_service_finds_the_demo_models_without_evaluation_or_plotting_code():
+    import subprocess
+    import sys
+
+    code = ("import sys; from idemrt.serve.config import ServeConfig; ServeConfig.demo(); "
+            "bad = [m for m in ('idemrt.evaluation', 'idemrt.demo', 'idemrt.fid', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

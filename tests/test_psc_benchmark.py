@@ -42,7 +42,7 @@ def _levels(decoded: torch.Tensor) -> np.ndarray:
     benchmark runs it in: a float64 re-definition disagrees with it by one level for pixels within
     about 1e-5 of a half-level, and which pixels fall there depends on the decode, which depends on
     the CPU's convolution kernels (one flipped level moved a PSNR by 6e-5 dB on another CPU)."""
-    from idemrt.demo import as_8bit
+    from idemrt.evaluation import as_8bit
 
     assert decoded.dtype == torch.float32  # the dtype the benchmark quantizes in
     levels = np.round(as_8bit(decoded).double().numpy() * 255)
@@ -73,7 +73,7 @@ def test_rd_rows_match_an_independent_recomputation(bench, tmp_path):
 
     import idemrt
     from idemrt import bitstream
-    from idemrt.demo import demo_file, load_demo_codec
+    from idemrt.demo_assets import demo_file, load_demo_codec
     from idemrt.images import load_image
 
     size, r = 32, 2

@@ -101,10 +101,10 @@ def _decode(url: str, data: bytes, seed: int, timeout: float = 120) -> dict:
 @pytest.fixture(scope="module")
 def data():
     import idemrt
-    from idemrt import demo
+    from idemrt import demo_assets
 
-    x = demo.demo_image("chelsea")[..., :HEIGHT, :WIDTH]
-    return idemrt.Encoder(demo.load_demo_codec()).encode(x)
+    x = demo_assets.demo_image("chelsea")[..., :HEIGHT, :WIDTH]
+    return idemrt.Encoder(demo_assets.load_demo_codec()).encode(x)
 
 
 def test_losing_a_worker_node_mid_load(data):

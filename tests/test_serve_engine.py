@@ -217,7 +217,7 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
 def test_deterministic_mode_staggered_concurrent_decodes_equal_solo_byte_for_byte():
     """The demo models at the demo's 100 DPS steps: four decodes submitted at staggered times (each
     joining a running batch) give exactly the bytes of the same decodes run one at a time."""
-    from idemrt.demo import DEMO_IMAGES, demo_image
+    from idemrt.demo_assets import DEMO_IMAGES, demo_image
 
     config = ServeConfig.demo(deterministic=True, speeds_allowed=["paper"], max_slots=4)
     engine = DecodeEngine(config, device="cpu")

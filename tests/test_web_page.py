@@ -85,7 +85,7 @@ def page(service):
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     """A held-out demo photograph (64x64, what the demo UNet was trained on) as a PNG file."""
-    from idemrt.demo import demo_image
+    from idemrt.demo_assets import demo_image
 
     pixels = (demo_image("chelsea")[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
     path = tmp_path_factory.mktemp("photo") / "chelsea.png"

@@ -96,7 +96,7 @@ class ServeConfig:
     def demo(cls, **overrides) -> "ServeConfig":
         """The bundled demo models (idemrt/demo_models; 64x64-trained UNet, small hyperprior codec),
         DDPM + DPS at the demo's 100 steps, or a ``speed`` preset's configuration."""
-        from ..demo import DEMO_SCALE, DEMO_STEPS, demo_config, demo_file
+        from ..demo_assets import DEMO_SCALE, DEMO_STEPS, demo_config, demo_file
 
         cfg = demo_config()
         files = {k: str(demo_file(cfg[k]["file"])) for k in ("unet", "codec")}
