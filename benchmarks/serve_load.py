@@ -31,9 +31,13 @@ Policies (the same ``--max-slots`` and pixel budget, i.e. ``max_slots`` images o
   joining; no priorities;
 * ``none``: continuous with ``max_slots`` 1 (one image per step).
 
-For every policy one engine is built and warmed up (one decode of each speed and size), then for
-every rate the driver thread submits ``--requests`` requests at their arrival times, open loop
-(it never waits for a result before submitting the next one), and waits until all are resolved.
+For every policy one engine is built and warmed up (one decode of each speed and size), all
+before any timing; then for every rate, policy after policy (the order rotating from rate to rate,
+so that the cells compared at one rate ran close together in time on a shared machine), the driver
+thread submits ``--requests`` requests at their arrival times, open loop (it never waits for a
+result before submitting the next one), and waits until all are resolved. ``loadavg_1m`` (the
+machine's 1-minute load average before and after the cell, this process included) shows how
+busy the machine was.
 
 Per request: latency (submit → result) and time to first preview (submit → first preview event,
 ``--preview-every`` steps). One JSON line per cell (policy × rate):
@@ -66,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -308,21 +313,27 @@ def main(argv=None) -> int:
                    "torch": torch.__version__, "python": platform.python_version(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     data = _bitstreams(sizes)
-    rows = []
-    for policy in policies:
-        engine = build_engine(policy, args, speeds)
-        try:
-            warm = warm_up(engine, data, speeds)
-            for rate in rates:
-                requests = workload(args.requests, rate, args.seed, sizes, speeds)
+    rows, engines, warm = [], {}, {}
+    try:
+        for policy in policies:  # every engine up and warm first; an idle engine's core only waits
+            engines[policy] = build_engine(policy, args, speeds)
+            warm[policy] = warm_up(engines[policy], data, speeds)
+        for r, rate in enumerate(rates):
+            requests = workload(args.requests, rate, args.seed, sizes, speeds)
+            # the cells of one rate back to back, the policies' order rotating from rate to rate
+            for policy in policies[r % len(policies):] + policies[: r % len(policies)]:
+                engine = engines[policy]
+                load0 = _loadavg()
                 cell = run_cell(engine, data, requests, rate, deadline=args.deadline, drain_s=args.drain)
                 row = {"policy": policy, "rate": rate, "max_slots": engine.config.max_slots,
                        "batch_wait_s": engine.config.batch_wait_s if policy == "static" else None,
-                       **cell, "paper_steps": args.paper_steps, "warmup_s": round(warm, 1),
-                       "threads": environment["threads"], "torch": environment["torch"]}
+                       **cell, "loadavg_1m": [load0, _loadavg()], "paper_steps": args.paper_steps,
+                       "warmup_s": round(warm[policy], 1), "threads": environment["threads"],
+                       "torch": environment["torch"]}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "records"}), flush=True)
-        finally:
+    finally:
+        for engine in engines.values():
             engine.close()
     result = check(rows) if {"continuous", "static"} <= set(policies) else None
     if result is not None:
@@ -332,6 +343,13 @@ def main(argv=None) -> int:
             json.dump({"environment": environment, "argv": sys.argv[1:] if argv is None else list(argv),
                        "args": vars(args), "rows": rows, "check": result}, f, indent=1)
     return 0
+
+
+def _loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str:

@@ -67,6 +67,7 @@ def test_smoke_prints_one_json_line_per_cell_and_the_check(serve_load, capsys, t
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [json.loads(line) for line in lines[:-1]]
     assert [r["policy"] for r in rows] == ["continuous", "static"] and all(r["requests"] == 2 for r in rows)
+    assert all(len(r["loadavg_1m"]) == 2 for r in rows)
     assert "p95" in lines[-1] or "sustained none" in lines[-1]
 
 
