@@ -16,11 +16,11 @@ Workload (the same sequence, from ``--seed``, for every policy at a given rate):
   refinement) and ``fast`` (25%, codec-gradient PIR, 20 of 50 steps + exact refinement);
 * priority: 5 for 10% of the requests, 0 otherwise (so a continuous engine preempts when its
   batch is full);
+* a deadline of ``--deadline`` seconds per request, well above the expected latency: a deadline
+  miss is a failure of the cell, not a way to shed load.
 
 The shares are exact (rounded by largest remainder; in a seeded random order, each attribute
 independently), so that a cell of a few tens of requests carries the intended mix.
-* a deadline of ``--deadline`` seconds per request, well above the expected latency: a deadline
-  miss is a failure of the cell, not a way to shed load.
 
 Policies (the same ``--max-slots`` and pixel budget, i.e. ``max_slots`` images of 64² per step):
 
@@ -61,7 +61,7 @@ Per request: latency (submit → result) and time to first preview (submit → f
 At the end, the check of the study: at the highest rate the static baseline sustained, p95
 latency of continuous / p95 of static (target <= 0.6).
 
-    .venv/bin/python benchmarks/serve_load.py --rates 0.07,0.13 --requests 12 --max-slots 4 --json load.json
+    .venv/bin/python benchmarks/serve_load.py --rates 0.13,0.2,0.3 --requests 12 --max-slots 4 --json load.json
     .venv/bin/python benchmarks/serve_load.py --smoke    # seconds: paper speed only, 2 steps
 
 Numbers go to benchmarks/RESULTS.md with the machine they were measured on.
