@@ -118,7 +118,10 @@ def fake_cuda(unet, codec, monkeypatch):
 
 def fake_cuda_step(mode, unet, codec, sampler, guidance, dtype, step):
     with mode:
-        backend = FastBackend(make_spec(unet, codec, sampler, guidance), device=CUDA, dtype=dtype, graphs=False)
+        # kernels="torch": the Triton kernels (the CUDA default) cannot run on fake tensors; their
+        # launches check device placement themselves (kernels/_launch.py).
+        backend = FastBackend(make_spec(unet, codec, sampler, guidance), device=CUDA, dtype=dtype, graphs=False,
+                              kernels="torch")
         x = torch.randn(2, 3, SIZE, SIZE, device=CUDA)
         target = backend.apply_operator(torch.randn(2, 3, SIZE, SIZE, device=CUDA)) if guidance else None
         return backend.step_uncaptured(x, step, target, torch.randn_like(x), torch.tensor([0.6, 0.9]))
