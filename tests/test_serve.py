@@ -5,8 +5,6 @@ Two applications share the instance: "main" (two decoder replicas, short decodes
 """
 import io
 import json
-import os
-import socket
 import threading
 import time
 import urllib.request
@@ -24,12 +22,7 @@ from ray import serve  # noqa: E402
 
 from idemrt.serve import Client, ServeConfig, ServiceError  # noqa: E402
 from idemrt.serve.app import build_app  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from local_ray import local_serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +34,10 @@ def service(tmp_path_factory):
                   codec_checkpoint=str(tmp / "codec.pth"), cpus_per_replica=0)
     main = ServeConfig(steps_allowed=["3", "5"], replicas=2, max_body_bytes=20000, max_pixels=128 * 128, **common)
     tight = ServeConfig(steps_allowed=["400"], replicas=1, queue=1, timeout_s=2.0, **common)
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                      RAY_memory_monitor_refresh_ms="0")
-    ray.init(include_dashboard=False, _temp_dir=str(tmp / "ray"), num_cpus=2, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(main), name="main", route_prefix="/")
-    serve.run(build_app(tight), name="tight", route_prefix="/tight")
-    url = f"http://127.0.0.1:{port}"
-    yield url, main
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp) as url:
+        serve.run(build_app(main), name="main", route_prefix="/")
+        serve.run(build_app(tight), name="tight", route_prefix="/tight")
+        yield url, main
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from local_ray import free_port
+
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
@@ -35,12 +36,6 @@ ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",  # with 0 the second node is re
        "RAY_AUTH_MODE": "disabled", "RAY_memory_monitor_refresh_ms": "0"}
 STEPS = "20"  # a short demo decode: a few seconds on one CPU
 HEIGHT, WIDTH = 48, 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args, log: Path) -> subprocess.Popen:
@@ -109,18 +104,18 @@ def data():
 
 def test_losing_a_worker_node_mid_load(data):
     tmp = Path(tempfile.mkdtemp(prefix="idemrt-cluster-"))  # short: Ray's socket paths live under it
-    gcs, http = _free_port(), _free_port()
+    gcs, http = free_port(), free_port()
     url = f"http://127.0.0.1:{http}"
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
               "--dashboard-agent-listen-port"]
     procs, passed = {}, False
     try:
-        procs["head"] = _start([RAY, "start", "--head", "--port", str(gcs), *common, str(_free_port()),
+        procs["head"] = _start([RAY, "start", "--head", "--port", str(gcs), *common, str(free_port()),
                                 "--resources", '{"head": 1}', "--include-dashboard=false",
-                                "--ray-client-server-port", str(_free_port()), "--temp-dir", str(tmp / "ray")],
+                                "--ray-client-server-port", str(free_port()), "--temp-dir", str(tmp / "ray")],
                                tmp / "head.log")
         _wait_for(tmp / "head.log", "Ray runtime started", procs["head"], 90)
-        procs["worker"] = _start([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common, str(_free_port()),
+        procs["worker"] = _start([RAY, "start", "--address", f"127.0.0.1:{gcs}", *common, str(free_port()),
                                   "--resources", '{"worker": 1}'], tmp / "worker.log")
         _wait_for(tmp / "worker.log", "Ray runtime started", procs["worker"], 90)
         # One CPU per replica and per node: serve.run returns once a replica runs on each node.

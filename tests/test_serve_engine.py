@@ -189,9 +189,10 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
     share batched steps — one backend for the three programs — and each equals its Decoder alone."""
     unet, codec = models
     engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], unet="in-memory"), codec, unet, device="cpu")
-    runs, execute = [], engine.scheduler.execute
+    runs, execute, all_in = [], engine.scheduler.execute, threading.Event()
 
-    def recording(out):
+    def recording(out):  # the first step waits until all three are submitted: from the next one, all run
+        all_in.wait(60)
         runs.append({j.state.program.name for j in out.run})
         execute(out)
 
@@ -199,10 +200,10 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
     try:
         assert engine.programs["paper", "5"][2] is engine.programs["balanced", "50"][2]  # one step function
         assert engine.programs["fast", "50"][2] is not engine.programs["paper", "5"][2]  # PIR: its own
-        engine.scheduler.configure(max_slots=8)
-        time.sleep(0.2)
+        engine.reconfigure(max_slots=8, pixel_budget=8 * 64 * 64)  # room for all three 64x64 (padded) images
         futures = {(speed, steps): engine.submit(data[0], seed=4, speed=speed, steps=steps)
                    for speed, steps in (("paper", "5"), ("paper", "3"), ("balanced", "50"))}
+        all_in.set()
         got = {k: f.result(timeout=300) for k, f in futures.items()}
     finally:
         engine.close()

@@ -8,7 +8,6 @@ import io
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ pytestmark = [
 from idemrt.serve import ServeConfig  # noqa: E402
 from idemrt.serve.app import build_app  # noqa: E402
 from idemrt.serve.web import CSP  # noqa: E402
+from local_ray import local_serve  # noqa: E402
 
 if sync_playwright is not None:
     expect.set_options(timeout=120_000)  # decodes on 2 shared CPU cores
@@ -43,26 +43,14 @@ MAX_BODY = 200_000
 MAX_PIXELS = 256 * 256
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     config = ServeConfig.demo(steps_allowed=["20", "1000"], preview_every=2, cpus_per_replica=0,
                               max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS)
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                      RAY_memory_monitor_refresh_ms="0")
-    ray.init(include_dashboard=False, _temp_dir=str(tmp / "ray"), num_cpus=2, log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="web", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(tmp) as url:
+        serve.run(build_app(config), name="web", route_prefix="/")
+        yield url
 
 
 @pytest.fixture(scope="module")

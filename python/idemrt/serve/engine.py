@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import bitstream as bsfmt
-from ..api import Decoder
+from ..api import Decoder, read_bitstream
 from ..backends.base import StepSpec, create_backend
 from ..diffusion import GuidedSampler, Program, StackedSampler, StepScheduler
 from ..diffusion.guidance import stack_alignment, stack_guidance
@@ -87,10 +87,6 @@ class _Call:
             self.future.set_exception(exc)
 
 
-class _Handle(Future):
-    """The caller's future; ``job.cancel()`` (or :meth:`cancel_request`) cancels the decode."""
-
-
 def load_models(config: ServeConfig, device: str):
     """(codec, unet) from the server's configuration: files named there, never by a client."""
     from ..models.codec_loading import load_codec
@@ -143,7 +139,7 @@ class DecodeEngine:
                     deterministic=config.deterministic)
         first = next(iter(decoders.values()))
         self.codec = first.codec
-        self.weights_hash = self.codec.weights_hash()
+        self.weights_hash = self.codec.weights_hash()  # cached by the codec: check() then does no torch work
         self.groups = []
         if unet is not None:
             by_group: dict = {}
@@ -216,10 +212,9 @@ class DecodeEngine:
 
     # -- any thread ------------------------------------------------------------------------------
     def check(self, data) -> bsfmt.Bitstream:
-        """The parsed bitstream, if this server's codec made it (BitstreamError / TooLargeError)."""
-        bs = bsfmt.parse(data, max_pixels=self.config.max_pixels)
-        bsfmt.check_codec(bs, self.codec.name, self.codec.quality, self.weights_hash)
-        return bs
+        """The parsed bitstream, if this server's codec made it (BitstreamError / TooLargeError);
+        pure Python (the weights hash was computed on the core when the engine was built)."""
+        return read_bitstream(self.codec, data, self.config.max_pixels)
 
     def submit(self, data, *, mode: str = "perceptual", seed: int = 0, speed: Optional[str] = None,
                steps: Optional[str] = None, priority: int = 0, timeout: Optional[float] = None,
@@ -241,7 +236,7 @@ class DecodeEngine:
             if (speed, steps) not in self.programs:
                 raise ValueError(f"steps must be one of {self.config.steps_for(speed)} with speed={speed}, got {steps!r}")
         request = _Request(bs, mode, int(seed), speed if mode == "perceptual" else "mse", str(steps), int(priority),
-                           self.config.timeout_s if timeout is None else float(timeout), on_event, _Handle())
+                           self.config.timeout_s if timeout is None else float(timeout), on_event)
         self.scheduler.admit()  # the one admission check, atomic; QueueFullError when full
         request.future.job = _Cancel(self, request)
         self._inbox.put(request)
