@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -83,16 +84,21 @@ def cmd_serve(args) -> int:
     start_service(config, host=args.host, port=args.port, address=args.address)
     replicas = f"{config.min_replicas}-{config.max_replicas}" if config.autoscaling else config.replicas
     print(f"idemrt serve: http://{args.host}:{args.port}/v1/decode ({replicas} replica(s), "
-          f"{'GPU' if config.gpus_per_replica else 'CPU'}; steps {', '.join(config.steps_allowed)}); Ctrl-C stops")
+          f"{'GPU' if config.gpus_per_replica else 'CPU'}; steps {', '.join(config.steps_allowed)}); Ctrl-C or SIGTERM stops")
     page_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # a wildcard: this machine
     print(f"idemrt serve: web page at http://{page_host}:{args.port}/")
+    # Ctrl-C, and SIGTERM (a service manager, `kill PID`, a background job whose SIGINT is ignored),
+    # both stop the application and the embedded Ray instance.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import ray
         from ray import serve
 
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 
