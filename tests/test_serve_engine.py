@@ -186,9 +186,13 @@ def _png(side: int) -> bytes:
 
 def test_one_batch_holds_every_respacing_and_speed(models, data):
     """A 5-step and a 3-step paper (DPS) image and a warm-started balanced (DSG) image of one shape
-    share batched steps — one backend for the three programs — and each equals its Decoder alone."""
+    share batched steps — one backend for the three programs — and each equals its Decoder alone,
+    bit for bit in deterministic mode (the exact refinement's stopping rule could turn a last-bit
+    difference of a batched call into a visible one on another CPU; the batched backend call with
+    mixed rows is checked against the Decoder in the first test of this file)."""
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], unet="in-memory"), codec, unet, device="cpu")
+    engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], deterministic=True, unet="in-memory"), codec, unet,
+                          device="cpu")
     runs, execute, all_in = [], engine.scheduler.execute, threading.Event()
 
     def recording(out):  # the first step waits until all three are submitted: from the next one, all run
@@ -211,7 +215,7 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
     for (speed, steps), result in got.items():
         want = idemrt.Decoder(codec, unet, speed=speed, steps=int(steps), device="cpu").decode(
             data[0], seed=4, output="tensor")
-        torch.testing.assert_close(result.image, want, rtol=0, atol=2e-5)
+        assert torch.equal(result.image, want), (speed, steps)
 
 
 @pytest.mark.slow
