@@ -8,11 +8,12 @@
 #     bash benchmarks/gpu_session.sh imagenet       # latency.py, imagenet256
 #     bash benchmarks/gpu_session.sh psc            # benchmarks/psc.py, eager and fast
 #     bash benchmarks/gpu_session.sh lease          # all of it, cut down to one call of a 15-minute lease
+#     bash benchmarks/gpu_session.sh lease2         # what the first lease left unmeasured, one call
 #
 # Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
 # call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease}
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2}
 OUT=${OUT:-/tmp/idemrt_out}
 mkdir -p "$OUT" /tmp/site /tmp/pkg
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -57,5 +58,21 @@ case $part in
           timeout 70 $lat --preset ffhq256 --codec hyperprior,elic --batch 1 --modes fast-compile --max-decode-seconds 6 \
               --json "$OUT/latency_ffhq256_compile.json"
         } 2>&1 | tee "$OUT/lease.log" ;;
+    lease2)
+        # About 9 minutes: every -m gpu test (8 processes: the Triton compiles dominate), the load study of
+        # issue 18 on the GPU, the compiled fast path, ELIC and ImageNet batch 8.
+        lat="python3 benchmarks/latency.py --warmup 2 --repeats 5 --decode-steps 100,1000"
+        { timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/test_backend_fast.py \
+              tests/test_guidance.py tests/test_psc_fast.py tests/test_backend_trt.py tests/test_kernels_gdn.py \
+              tests/test_kernels_groupnorm_silu.py tests/test_kernels_loss_seed.py tests/test_kernels_sampler_update.py
+          timeout 170 python3 benchmarks/serve_load.py --device cuda --rates 2,6,18 --requests 40 --max-slots 8 \
+              --json "$OUT/serve_load_cuda.json"
+          timeout 110 $lat --preset ffhq256 --codec hyperprior --batch 1 --modes fast-compile --max-decode-seconds 6 \
+              --json "$OUT/latency_ffhq256_compile.json"
+          timeout 60 $lat --preset ffhq256 --codec elic --batch 1 --modes eager,fast-triton --max-decode-seconds 6 \
+              --json "$OUT/latency_ffhq256_elic.json"
+          timeout 60 $lat --preset imagenet256 --codec hyperprior --batch 8 --modes eager,fast-triton --max-decode-seconds 6 \
+              --json "$OUT/latency_imagenet256_b8.json"
+        } 2>&1 | tee "$OUT/lease2.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -245,7 +245,7 @@ def build_engine(policy: str, args, speeds):
                               batch_wait_s=args.batch_wait if policy == "static" else 0.0,
                               preview_every=args.preview_every, timeout_s=args.deadline,
                               queue=max(256, 2 * args.requests))
-    return DecodeEngine(config, device="cpu")
+    return DecodeEngine(config, device=args.device)
 
 
 def warm_up(engine, data: dict, speeds) -> float:
@@ -286,6 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--preview-every", type=int, default=5, help="a preview every this many steps")
     p.add_argument("--deadline", type=float, default=300.0, help="per-request deadline, seconds")
     p.add_argument("--drain", type=float, default=60.0, help="extra seconds to wait past the deadline")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the engine's default: the fast backend)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write environment, rows and the check here")
@@ -309,7 +310,8 @@ def main(argv=None) -> int:
     if args.requests < 1 or min(rates) <= 0:
         p.error("--requests must be >= 1 and --rates > 0")
 
-    environment = {"device": "cpu", "cpu": _cpu_model(), "threads": torch.get_num_threads(),
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    environment = {"device": device, "cpu": _cpu_model(), "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "python": platform.python_version(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     data = _bitstreams(sizes)
