@@ -283,3 +283,78 @@ def test_the_recompression_check_counts_the_symbols_of_the_8bit_image(models, da
         padded = torch.nn.functional.pad(x, (0, -x.shape[-1] % 64, 0, -x.shape[-2] % 64), mode="replicate")
         assert r.symbols_equal == pytest.approx(symbols_equal(codec, padded, y_hat), abs=0)
         assert 0 < r.symbols_equal <= 1
+
+
+def _held_until(engine, *, fail_when=None):
+    """Replace the engine's execute: its first step waits for ``go`` (so that every image submitted
+    before is in the batch); ``fail_when(out)`` True makes that step raise instead."""
+    go, runs, execute = threading.Event(), [], engine.scheduler.execute
+
+    def held(out):
+        go.wait(60)
+        runs.append([j.state.program.name for j in out.run])
+        if fail_when is not None and fail_when(out):
+            raise RuntimeError("step broke")
+        execute(out)
+
+    engine.scheduler.execute = held
+    return go, runs
+
+
+def test_a_non_finite_image_fails_alone_and_never_as_a_preview(models, data):
+    """A DPS scale of 1e38 drives one image to inf/NaN (its retry at half the scale too): that
+    image fails with the sampler's DecodeError, its previews skip the non-finite estimates (a
+    preview used to raise ImageError, and the engine then failed every image in flight), and the
+    image stepped in the same batch ends exactly as its Decoder alone."""
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["5"], scale=1e38, preview_every=1, deterministic=True,
+                                      unet="in-memory"), codec, unet, device="cpu")
+    events = {"paper": [], "balanced": []}
+    go, runs = _held_until(engine)
+    try:
+        futures = {speed: engine.submit(data[0], seed=4, speed=speed, on_event=events[speed].append)
+                   for speed in ("paper", "balanced")}
+        go.set()
+        with pytest.raises(idemrt.DecodeError, match="non-finite"):
+            futures["paper"].result(timeout=300)
+        got = futures["balanced"].result(timeout=300)
+        again = engine.submit(data[0], seed=4, speed="balanced").result(timeout=300)  # still serving
+    finally:
+        engine.close()
+    assert ["paper/5", "balanced/50"] in runs or ["balanced/50", "paper/5"] in runs
+    want = idemrt.Decoder(codec, unet, speed="balanced", device="cpu").decode(data[0], seed=4, output="tensor")
+    assert torch.equal(got.image, want) and torch.equal(again.image, want)
+    previews = [e["image"] for e in events["paper"] if e["event"] == "preview"]
+    assert len(previews) < 5 and all(p.dtype == np.uint8 for p in previews)  # not every step had one
+    assert len([e for e in events["balanced"] if e["event"] == "preview"]) == 19  # each of its 20 steps but the last
+
+
+def test_a_failing_callback_or_step_fails_only_its_own_images(models, data):
+    """An exception in one request's event callback fails that request only; an exception in a
+    batched step fails the images of that step, not those of another shape waiting their turn."""
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["3"], unet="in-memory"), codec, unet, device="cpu")
+    small, large = data[0], idemrt.Encoder(codec).encode(torch.rand(1, 3, 100, 48))  # 64x64 and 128x64 padded
+
+    def broken(event):
+        if event["event"] == "progress" and event["step"] == 2:
+            raise ValueError("client callback broke")
+
+    go, runs = _held_until(engine, fail_when=lambda out: out.run[0].state.x.shape[-2] > 64 and len(runs) < 3)
+    try:
+        bad = engine.submit(small, seed=1, on_event=broken)
+        good = engine.submit(small, seed=2)
+        doomed = engine.submit(large, seed=3)
+        go.set()
+        with pytest.raises(ValueError, match="client callback"):
+            bad.result(timeout=120)
+        with pytest.raises(RuntimeError, match="step broke"):
+            doomed.result(timeout=120)
+        got = good.result(timeout=120)
+        later = engine.submit(large, seed=3).result(timeout=120)
+    finally:
+        engine.close()
+    assert len(runs[0]) == 2 or len(runs[1]) == 2  # the two small images shared a step
+    decoder = idemrt.Decoder(codec, unet, steps=3, device="cpu")
+    torch.testing.assert_close(got.image, decoder.decode(small, seed=2, output="tensor"), rtol=0, atol=2e-5)
+    torch.testing.assert_close(later.image, decoder.decode(large, seed=3, output="tensor"), rtol=0, atol=2e-5)

@@ -336,9 +336,14 @@ class StepScheduler:
                                                           f"({job.steps_done} steps run)"))
             self._resolved(job)
         for job in out.run:
-            if job.on_step is not None:
-                job.on_step(job)
-            if job.state.done and self._finished(job):
+            try:
+                if job.on_step is not None:
+                    job.on_step(job)
+                finished = job.state.done and self._finished(job)
+            except Exception as exc:  # noqa: BLE001 - one image's callback or end failed: that image only
+                self.fail([job], exc)
+                continue
+            if finished:
                 with self._lock:
                     self._jobs[job.group].remove(job)
                 self._resolved(job)
@@ -367,13 +372,17 @@ class StepScheduler:
         if bar is not None:
             bar.close()
 
-    def fail_all(self, exc: BaseException) -> None:
-        """Resolve every job with ``exc`` and forget them (after a step failed: their states are
-        no longer trustworthy). The scheduler stays usable for new jobs."""
+    def fail(self, jobs: Optional[Sequence[Job]], exc: BaseException) -> None:
+        """Resolve ``jobs`` (None: every job) with ``exc`` and forget them — after their step or
+        their callback failed, their states are no longer trustworthy; the other jobs are not
+        touched. The scheduler stays usable."""
         with self._lock:
-            jobs = [j for group in self._jobs.values() for j in group]
-            self._jobs.clear()
-            self._turn.clear()
+            if jobs is None:
+                jobs = [j for group in self._jobs.values() for j in group]
+            jobs = [j for j in jobs if j in self._jobs.get(j.group, ())]
+            for job in jobs:
+                self._jobs[job.group].remove(job)
+            self._forget_empty()
         for job in jobs:
             job.status = RequestStatus.FAILED
             if not job.future.done():

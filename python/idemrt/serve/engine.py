@@ -292,7 +292,7 @@ class DecodeEngine:
             return
         self._ready.set()
         while not self._stop.is_set():
-            worked = self._take_requests()
+            worked, out = self._take_requests(), None
             try:
                 out = self.scheduler.schedule()
                 if out.run or out.left:
@@ -303,9 +303,9 @@ class DecodeEngine:
                         self.metrics.observe_step(self.scheduler.step_seconds, out.pixels, len(out.run),
                                                   len(out.preempted))
                     self.metrics.observe_deadline_misses(sum(1 for _, s in out.left if s.value == "deadline"))
-            except Exception as exc:  # noqa: BLE001 - fail the images in flight, keep serving
+            except Exception as exc:  # noqa: BLE001 - fail the images of this step, keep serving the others
                 log.exception("decode step failed")
-                self.scheduler.fail_all(exc)
+                self.scheduler.fail(None if out is None else out.run, exc)
                 worked = True
             worked |= self._finish_done()
             self.metrics.set_gauges(self.scheduler.stats(), self._inbox.qsize())
@@ -392,16 +392,22 @@ class DecodeEngine:
             done = job.state.steps_run
             request.on_event({"event": "progress", "step": done, "steps": steps})
             if job.state.running and done % every == 0:
-                request.on_event({"event": "preview", "step": done, "image": self._preview(decoder, job.state, bs)})
+                image = self._preview(decoder, job.state, bs)
+                if image is not None:
+                    request.on_event({"event": "preview", "step": done, "image": image})
 
         return report
 
-    def _preview(self, decoder: Decoder, state, bs) -> np.ndarray:
-        """The current x0 estimate of one image, small: one extra UNet forward, fp32, no guidance."""
+    def _preview(self, decoder: Decoder, state, bs) -> Optional[np.ndarray]:
+        """The current x0 estimate of one image, small: one extra UNet forward, fp32, no guidance.
+        None while the image is not finite: the sampler's check (every ``check_every`` steps)
+        decides what happens to it (a retry at a smaller scale, or a decode error)."""
         with torch.no_grad():
             i = state.position
             out = decoder.unet(state.x, decoder.sampler.model_timesteps(i, 1))
             x0 = decoder.sampler.predict(out, state.x, i).x0[..., : bs.height, : bs.width]
+            if not bool(torch.isfinite(x0).all()):
+                return None
             side = self.config.preview_size
             scale = min(1.0, side / max(x0.shape[-2:]))
             if scale < 1:
