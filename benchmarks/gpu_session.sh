@@ -9,11 +9,12 @@
 #     bash benchmarks/gpu_session.sh psc            # benchmarks/psc.py, eager and fast
 #     bash benchmarks/gpu_session.sh lease          # all of it, cut down to one call of a 15-minute lease
 #     bash benchmarks/gpu_session.sh lease2         # what the first lease left unmeasured, one call
+#     bash benchmarks/gpu_session.sh lease3         # what lease2 found or could not finish, one call
 #
 # Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
 # call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2}
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3}
 OUT=${OUT:-/tmp/idemrt_out}
 mkdir -p "$OUT" /tmp/site /tmp/pkg
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -74,5 +75,18 @@ case $part in
           timeout 60 $lat --preset imagenet256 --codec hyperprior --batch 8 --modes eager,fast-triton --max-decode-seconds 6 \
               --json "$OUT/latency_imagenet256_b8.json"
         } 2>&1 | tee "$OUT/lease2.log" ;;
+    lease3)
+        # About 9 minutes. lease2's -m gpu run printed two F and no names (-q, cut before its summary):
+        # -v names every result as it comes, and a per-test timeout keeps the summary inside the slice.
+        { timeout 60 python3 benchmarks/nonfinite_probe.py --device cuda
+          timeout 200 python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 --timeout 90 -rfE --tb=short \
+              -m gpu tests/test_backend_fast.py tests/test_guidance.py tests/test_psc_fast.py tests/test_backend_trt.py \
+              tests/test_kernels_gdn.py tests/test_kernels_groupnorm_silu.py tests/test_kernels_loss_seed.py \
+              tests/test_kernels_sampler_update.py
+          timeout 170 python3 benchmarks/serve_load.py --device cuda --rates 2,4,8 --requests 40 --max-slots 8 \
+              --json "$OUT/serve_load_cuda.json"
+          timeout 100 python3 benchmarks/latency.py --warmup 2 --repeats 5 --decode-steps 100 --preset ffhq256 \
+              --codec hyperprior --batch 1 --modes fast-compile --max-decode-seconds 6 --json "$OUT/latency_compile.json"
+        } 2>&1 | tee "$OUT/lease3.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -31,8 +31,9 @@ Policies (the same ``--max-slots`` and pixel budget, i.e. ``max_slots`` images o
   joining; no priorities;
 * ``none``: continuous with ``max_slots`` 1 (one image per step).
 
-For every policy one engine is built and warmed up (one decode of each speed and size), all
-before any timing; then for every rate, policy after policy (the order rotating from rate to rate,
+For every policy one engine is built and warmed up (one decode of each speed and size; with CUDA
+graphs a burst of every slot count too, so that no graph is captured inside a cell), all before
+any timing; then for every rate, policy after policy (the order rotating from rate to rate,
 so that the cells compared at one rate ran close together in time on a shared machine), the driver
 thread submits ``--requests`` requests at their arrival times, open loop (it never waits for a
 result before submitting the next one), and waits until all are resolved. ``loadavg_1m`` (the
@@ -249,10 +250,16 @@ def build_engine(policy: str, args, speeds):
 
 
 def warm_up(engine, data: dict, speeds) -> float:
-    """One decode of every speed and size (first allocations, thread pools); seconds taken."""
+    """One decode of every speed and size (first allocations, thread pools) — and, where the
+    backend pads batches to slot counts (CUDA graphs: one capture per count, shape and step
+    function), a burst of every slot count too, so that no capture happens inside a cell.
+    Seconds taken."""
     t0 = time.perf_counter()
-    futures = [engine.submit(data[size][0], seed=0, speed=speed) for speed in speeds for size in data]
-    [f.result() for f in futures]
+    counts = engine.scheduler.slot_counts or [1]
+    for n in counts:
+        futures = [engine.submit(data[size][k % len(data[size])], seed=k, speed=speed)
+                   for speed in speeds for size in data for k in range(n)]
+        [f.result() for f in futures]
     return time.perf_counter() - t0
 
 
