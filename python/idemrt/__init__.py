@@ -12,6 +12,7 @@ from .errors import (
     DecodeError,
     IdemrtError,
     ImageError,
+    ModelNotFoundError,
     TooLargeError,
 )
 
@@ -22,6 +23,7 @@ _LAZY = {  # module -> the names it provides
     ".models.codec_loading": ("load_codec",),
     ".models.codec": ("Codec",),
     ".api": ("Encoder", "Decoder"),
+    ".store": ("ModelStore",),
 }
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "DecodeError",
     "IdemrtError",
     "ImageError",
+    "ModelNotFoundError",
     "TooLargeError",
     *(name for names in _LAZY.values() for name in names),
 ]

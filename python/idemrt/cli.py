@@ -1,4 +1,4 @@
-"""The ``idemrt`` command line: compress, decompress, info, convert-checkpoint, demo, eval, export.
+"""The ``idemrt`` command line: compress, decompress, info, convert-checkpoint, demo, eval, export, serve, models.
 
 Exit codes: 0 success; 2 usage error; 3 bad input (bitstream, image, checkpoint, existing output);
 4 decoding failed; 1 anything else.
@@ -84,13 +84,20 @@ def cmd_decompress(args) -> int:
     t0 = time.perf_counter()
     check_output_path(args.output, force=args.force, inputs=[args.input])
     bs = bsfmt.unpack(_read_bitstream(args.input))
-    if bs.codec == "psc":
+    if args.models:
+        from .store_cli import models_for_decompress
+
+        codec, unet = models_for_decompress(args, bs)
+    elif args.prior:
+        raise CheckpointError("--prior ID names a prior of a model store: pass --models DIR too")
+    elif bs.codec == "psc":
         from .psc.cli import decompress_cli
 
         return decompress_cli(args, bs)
-    codec = _codec_from_args(bs.codec, bs.quality, args.codec_checkpoint, args.pretrained_codec, args.device)
-    unet = None
-    if not args.mse:
+    else:
+        codec = _codec_from_args(bs.codec, bs.quality, args.codec_checkpoint, args.pretrained_codec, args.device)
+        unet = None
+    if not args.mse and unet is None:
         if not args.unet:
             raise CheckpointError("a perceptual decode needs the diffusion model: pass --unet FILE (or --mse)")
         from .models.unet_loading import load_unet
@@ -138,6 +145,7 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .psc.cli import add_compress_arguments as add_psc_compress_arguments
     from .psc.cli import add_decompress_arguments as add_psc_decompress_arguments
+    from .store_cli import add_decompress_options as add_store_decompress_options
 
     p = argparse.ArgumentParser(prog="idemrt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -172,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     add_psc_decompress_arguments(d)
+    add_store_decompress_options(d)
     d.set_defaults(func=cmd_decompress)
 
     i = sub.add_parser("info", help="describe an .idm bitstream")
@@ -196,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.cli import add_serve_subparser
 
     add_serve_subparser(sub)
+    from .store_cli import add_models_subparser
+
+    add_models_subparser(sub)
     return p
 
 

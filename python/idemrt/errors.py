@@ -35,3 +35,12 @@ class DecodeError(IdemrtError):
 
 class BackendError(IdemrtError):
     """A requested backend is unavailable or cannot run this configuration."""
+
+
+class ModelNotFoundError(CheckpointError):
+    """The weights a request needs are not among the models given (a model store): names exactly what
+    is needed (``codec``, ``quality``, ``weights_digest`` of a stream; or ``model_id``)."""
+
+    def __init__(self, message: str, *, codec=None, quality=None, weights_digest=None, model_id=None):
+        super().__init__(message)
+        self.codec, self.quality, self.weights_digest, self.model_id = codec, quality, weights_digest, model_id
