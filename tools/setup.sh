@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c tools/constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q -c tools/constraints.txt -e ".[test,diffusers]"
 .venv/bin/python -c "import idemrt, idemrt._engine; print('idemrt', idemrt.__version__, 'installed in .venv')"

@@ -17,7 +17,8 @@ import torch
 from . import bitstream as bsfmt
 from .backends.base import StepSpec, create_backend
 from .defaults import default_backend, resolve_device
-from .diffusion import SAMPLERS, GuidedSampler, RetryPolicy, Schedule, StepScheduler, make_guidance, sample_jobs
+from .diffusion import (SAMPLERS, GuidedSampler, RetryPolicy, StepScheduler, diffusion_process, make_guidance,
+                        sample_jobs)
 from .diffusion.samplers import make_sampler
 from .errors import BitstreamError
 from .exact import exact_idempotence
@@ -89,11 +90,15 @@ class Decoder:
     reference; ``"y"``: ||round(g_a(x0)) - y_hat||). ``speed``: a preset of :data:`idemrt.speeds.SPEEDS`
     (default "paper": DPS, 1000 steps) that ``steps``, ``sampler``, ``guidance`` (:data:`SAMPLERS`,
     ``GUIDANCE`` or "none"), ``scale`` (DPS's), ``start`` (warm start from the MSE decode at t0 =
-    round(start·1000); 1: pure noise) and ``guidance_options`` (e.g. PIR's iters, lam, zeta) override;
-    ``interval``: DSG's, ``eta``: DDIM's. ``exact``: refine each image until it re-encodes to the
-    received latent (:mod:`idemrt.exact`; ``last.exact``). ``deterministic``: each image's step is
-    its own backend call, so its result does not depend on the other images of its batch (see
-    :class:`idemrt.diffusion.GuidedSampler`; slower)."""
+    round(start·T), T the prior's training steps, 1000 for ADM; 1: pure noise) and ``guidance_options``
+    (e.g. PIR's iters, lam, zeta) override; ``interval``: DSG's, ``eta``: DDIM's. ``exact``: refine
+    each image until it re-encodes to the received latent (:mod:`idemrt.exact`; ``last.exact``).
+    ``deterministic``: each image's step is its own backend call, so its result does not depend on
+    the other images of its batch (see :class:`idemrt.diffusion.GuidedSampler`; slower).
+
+    ``unet``: an ADM UNet or a diffusers prior (:func:`idemrt.load_unet` of a folder); the schedule,
+    prediction and variance types the samplers use are the prior's
+    (:func:`idemrt.diffusion.diffusion_process`), ``steps`` a respacing of its training steps."""
 
     def __init__(self, codec, unet=None, steps: int | str | None = None, sampler: Optional[str] = None,
                  guidance: Optional[str] = None, scale: Optional[float] = None, constraint: str = "x", device=None,
@@ -111,11 +116,14 @@ class Decoder:
         self.codec = codec.to(self.device)
         self.unet = unet.to(self.device) if unet is not None else None  # None: MSE decodes only
         self.operator = diffusion_operator(self.codec, constraint)  # A(x0) in the target's units
-        self.schedule = Schedule.create(steps=1000, respacing=cfg["steps"])
+        # The prior's diffusion (an ADM UNet's: 1000 linear steps; a diffusers folder's: its scheduler
+        # config), respaced by ``steps``.
+        self.process = diffusion_process(self.unet)
+        self.schedule = self.process.schedule(cfg["steps"])
         self.warm_start = self.schedule.warm_start(cfg["start"])
         # Network evaluations of one image (a warm start skips the steps above t0).
         self.steps_run = self.schedule.num_steps if self.warm_start is None else self.warm_start.position + 1
-        self.sampler = make_sampler(cfg["sampler"], self.schedule, eta=eta).to(self.device)
+        self.sampler = make_sampler(cfg["sampler"], self.schedule, eta=eta, process=self.process).to(self.device)
         self.guidance = make_guidance(cfg["guidance"], scale=cfg["scale"], interval=interval,
                                       options=cfg["guidance_options"])
         self.retry = RetryPolicy(threshold=retry_threshold, max_retries=max_retries, nan_retries=nan_retries)

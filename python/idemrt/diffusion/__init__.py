@@ -8,6 +8,7 @@ from .guidance import DPS, DSG, GUIDANCE, PIR, Guidance, RetryPolicy, distance, 
 from .guided_sampler import GuidedSampler, ImageState, Program
 from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, StackedSampler, make_sampler,
                        x0_from_eps)
+from .process import ADM_PROCESS, PREDICTIONS, VARIANCES, DiffusionProcess, diffusion_process
 from .schedule import Schedule, WarmStart, linear_betas, space_timesteps
 from .scheduler import (DeadlineExceeded, Job, JobResult, QueueFullError, RequestStatus, SchedulerOutput, StepScheduler,
                         sample_jobs)
@@ -16,6 +17,11 @@ from .step import (ProximalStep, StepGradient, finish_proximal, finish_step, gui
 
 
 __all__ = [
+    "ADM_PROCESS",
+    "DiffusionProcess",
+    "PREDICTIONS",
+    "VARIANCES",
+    "diffusion_process",
     "DDIMSampler",
     "DDPMSampler",
     "DPS",

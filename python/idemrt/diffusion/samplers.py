@@ -22,9 +22,12 @@ The table is computed in float64 from the schedule and cast once; the reference
 casts each float64 coefficient to float32 at use and computes the DDIM sigma in
 float32, so coefficients can differ from it by one float32 ulp.
 
-Only ``model_mean_type = epsilon`` with ``learned_range`` variance (a
-``2·C``-channel output: eps | v) is supported by DDPM, as in every shipped
-config; DDIM reads eps only and also accepts a ``C``-channel output.
+What the model output means is the sampler's :class:`~.process.DiffusionProcess` (default:
+guided-diffusion's, ``ADM_PROCESS``: epsilon prediction with ``learned_range`` variance, a
+``2·C``-channel output eps | v, x0 clipped to [-1, 1]); a diffusers prior brings its own
+(prediction ``epsilon`` / ``sample`` / ``v_prediction``, variance ``fixed_small`` / ``fixed_large``
+/ ``learned`` / ``learned_range``, ``clip_sample``), with the same table columns. DDPM needs the
+variance channels exactly when the variance is learned; DDIM reads the first C channels only.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .process import ADM_PROCESS, DiffusionProcess
 from .schedule import Schedule
 
 __all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "StackedSampler", "make_sampler",
@@ -144,6 +148,8 @@ class Sampler:
             raise ValueError(f"{i.shape[0]} step indices for a batch of {batch}")
         return t.expand(batch)
 
+    process: DiffusionProcess = ADM_PROCESS  # what the model output means (see the module doc)
+
     def _split(self, model_out: Tensor, x_t: Tensor, allow_eps_only: bool) -> tuple[Tensor, Tensor | None]:
         n, c = x_t.shape[:2]
         if model_out.ndim != x_t.ndim or model_out.shape[0] != n or model_out.shape[2:] != x_t.shape[2:]:
@@ -178,11 +184,14 @@ class Sampler:
 
 
 class DDPMSampler(Sampler):
-    """Ancestral sampling with the learned-range variance (guided-diffusion "ddpm")."""
+    """Ancestral sampling (guided-diffusion "ddpm", diffusers' ``DDPMScheduler.step``): the mean
+    of q(x_{t-1} | x_t, x0) and the std of the process's variance type (guided-diffusion's
+    learned range by default)."""
 
     columns = ("sqrt_recip_abar", "sqrt_recipm1_abar", "c1", "c2", "log_beta", "plv", "nonzero")
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, process: DiffusionProcess = ADM_PROCESS):
+        self.process = process
         s = schedule
         super().__init__(s, [
             s.sqrt_recip_alphas_cumprod,
@@ -193,14 +202,23 @@ class DDPMSampler(Sampler):
             s.posterior_log_variance_clipped,  # lower bound
         ])
 
+    def family(self) -> tuple:
+        return (type(self).__name__, self.process.kind())
+
     def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
         recip, recipm1, coef1, coef2, max_log, min_log, _ = self._columns(rows, x_t)
-        eps, v = self._split(model_out, x_t, allow_eps_only=False)
-        x0 = x0_from_eps(x_t, eps, recip, recipm1)
+        variance = self.process.variance
+        if variance.learned:
+            out, v = self._split(model_out, x_t, allow_eps_only=False)
+        else:
+            out, v = self._split_fixed(model_out, x_t), None
+        x0 = self.process.x0(out, x_t, recip, recipm1)
         mean = coef1 * x0 + coef2 * x_t
-        frac = (v + 1) / 2  # v is not clamped, as in the reference
-        log_var = frac * max_log + (1 - frac) * min_log
-        return Prediction(x0, mean, torch.exp(0.5 * log_var))
+        return Prediction(x0, mean, variance.sigma(v, max_log, min_log, x_t))
+
+    def _split_fixed(self, model_out: Tensor, x_t: Tensor) -> Tensor:
+        """The C-channel output of a fixed-variance process (diffusers also ignores a second half)."""
+        return self._split(model_out, x_t, allow_eps_only=True)[0]
 
 
 class DDIMSampler(Sampler):
@@ -213,7 +231,8 @@ class DDIMSampler(Sampler):
 
     columns = ("sqrt_recip_abar", "sqrt_recipm1_abar", "sqrt_abar_prev", "sigma", "eps_coef", "nonzero")
 
-    def __init__(self, schedule: Schedule, eta: float = 1.0):
+    def __init__(self, schedule: Schedule, eta: float = 1.0, process: DiffusionProcess = ADM_PROCESS):
+        self.process = process
         eta = float(eta)
         if not np.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
@@ -233,12 +252,13 @@ class DDIMSampler(Sampler):
         self.eta = eta
 
     def family(self) -> tuple:
-        return (type(self).__name__, self.eta)
+        return (type(self).__name__, self.eta, self.process.kind())
 
     def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
         recip, recipm1, sqrt_abar_prev, sigma, eps_coef, _ = self._columns(rows, x_t)
-        eps, _ = self._split(model_out, x_t, allow_eps_only=True)
-        x0 = x0_from_eps(x_t, eps, recip, recipm1)
+        out, _ = self._split(model_out, x_t, allow_eps_only=True)
+        x0 = self.process.x0(out, x_t, recip, recipm1)
+        # eps implied by the clipped x0 (diffusers' use_clipped_model_output=True)
         eps = (recip * x_t - x0) / recipm1
         mean = x0 * sqrt_abar_prev + eps_coef * eps
         return Prediction(x0, mean, sigma.expand_as(x_t))
@@ -272,6 +292,7 @@ class StackedSampler(Sampler):
             prev.append(s._sqrt_abar_prev)
             rows += s.num_steps
         self.schedule = None  # one per stacked sampler: ``samplers[k].schedule``
+        self.process = samplers[0].process
         self._table, self.timesteps, self._sqrt_abar_prev = torch.cat(tables), torch.cat(timesteps), torch.cat(prev)
 
     def family(self) -> tuple:
@@ -284,8 +305,12 @@ class StackedSampler(Sampler):
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}  # by name, as Decoder(sampler=...) and the CLI take it
 
 
-def make_sampler(name: str, schedule: Schedule, *, eta: float = 1.0) -> Sampler:
-    """The sampler ``name`` of :data:`SAMPLERS` on ``schedule`` (``eta``: DDIM's)."""
+def make_sampler(name: str, schedule: Schedule, *, eta: float = 1.0,
+                 process: DiffusionProcess = ADM_PROCESS) -> Sampler:
+    """The sampler ``name`` of :data:`SAMPLERS` on ``schedule`` (``eta``: DDIM's) for a prior of
+    diffusion ``process`` (whose respacing ``schedule`` is)."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
-    return DDIMSampler(schedule, eta=eta) if name == "ddim" else SAMPLERS[name](schedule)
+    if name == "ddim":
+        return DDIMSampler(schedule, eta=eta, process=process)
+    return SAMPLERS[name](schedule, process=process)

@@ -146,23 +146,29 @@ class Schedule:
 
     @classmethod
     def create(cls, steps: int = 1000, respacing: int | str | None = None) -> Schedule:
-        """The linear ``steps``-step process, respaced.
+        """The linear ``steps``-step process (guided-diffusion's), respaced (:meth:`respace`)."""
+        return cls.respace(cls.from_betas(linear_betas(steps)).alphas_cumprod, respacing)
+
+    @classmethod
+    def respace(cls, alphas_cumprod, respacing: int | str | None = None) -> Schedule:
+        """The process of cumulative alphas ``alphas_cumprod`` (one per original step), respaced.
 
         ``respacing`` None or "" keeps all steps; otherwise see
         :func:`space_timesteps`. The kept steps are rebuilt into a process of
         their own: walking the original cumulative alphas upwards,
         ``beta'_k = 1 - abar[t_k] / abar[t_{k-1}]`` (with ``abar[t_{-1}] = 1``),
         so the respaced ``alphas_cumprod`` are the original ones at the kept
-        steps.
+        steps (diffusers' schedulers compute a step between two kept timesteps the same way).
         """
-        base = cls.from_betas(linear_betas(steps))
+        alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+        steps = len(alphas_cumprod)
         if respacing is None or respacing == "":
             respacing = steps
         kept = space_timesteps(steps, respacing)
         new_betas = []
         timestep_map = []
         last = 1.0
-        for t, abar in enumerate(base.alphas_cumprod):
+        for t, abar in enumerate(alphas_cumprod):
             if t in kept:
                 new_betas.append(1 - abar / last)
                 last = abar

@@ -6,9 +6,11 @@ it, so a 550M-parameter model is never allocated twice. Any mismatch fails loudl
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError
 from .checkpoint_io import check_keys, load_state_dict
@@ -18,8 +20,14 @@ __all__ = ["load_unet"]
 
 
 def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, sha256: str | None = None,
-              **config) -> ADMUNet:
-    """Return an inference-ready ADM UNet (eval mode, fp32, parameters without gradients).
+              **config) -> nn.Module:
+    """Return an inference-ready ADM UNet (eval mode, fp32, parameters without gradients), or for a
+    directory, a diffusers prior.
+
+    A directory is a local diffusers ``UNet2DModel`` folder with its scheduler config
+    (:func:`idemrt.models.diffusers_unet.load_diffusers_unet`; needs ``idemrt[diffusers]``): its
+    config.json is the architecture, so ``preset`` is ignored (the command line always passes one)
+    and ``config`` keywords are refused; ``sha256`` pins its weights file.
 
     source: a checkpoint path or a state_dict, bare or wrapped as {"state_dict": ...},
         {"model": ...} or {"ema": ...}; fp16 or fp32 tensors. A path is a safetensors file (read
@@ -34,6 +42,13 @@ def load_unet(source, preset: str | UNetConfig | None = None, *, device=None, sh
     Raises CheckpointError if the file is unreadable or unsafe, or its keys, shapes,
     dtypes or values do not fit the architecture; ValueError/TypeError for a bad config.
     """
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        if config:
+            raise TypeError(f"a diffusers folder's config.json defines the architecture; "
+                            f"unexpected config keywords {sorted(config)}")
+        from .diffusers_unet import load_diffusers_unet
+
+        return load_diffusers_unet(source, device=device, sha256=sha256)
     cfg = unet_config(preset, **config)
     with torch.device("meta"):
         model = ADMUNet(cfg)
