@@ -179,8 +179,33 @@ def test_fast_backend_fp32(tmp_path, codec):
     target = eager.operator(torch.rand(1, 3, 32, 32) * 2 - 1).detach()
     a, b = eager.step(x_t, 7, target, noise), fast.step(x_t, 7, target, noise)
     torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-4)
+    assert idemrt.Decoder(codec, unet, backend="fast", device="cpu").dtype == torch.float32  # not bf16
     with pytest.raises(idemrt.BackendError, match="float32"):
         idemrt.Decoder(codec, unet, steps=10, backend="fast", dtype=torch.bfloat16, device="cpu").backend
+    with pytest.raises(idemrt.BackendError, match="ADM UNet"):  # the fused kernels are ADM's
+        idemrt.Decoder(codec, unet, steps=10, backend="fast", device="cpu",
+                       backend_options={"kernels": "triton"}).backend
+
+
+@pytest.mark.slow  # about a minute on a 2-core CPU: the ONNX export of the step graph
+def test_onnxruntime_step(tmp_path, codec):
+    """The exported step graph (UNet forward + operator + input gradient) of a diffusers prior runs
+    in onnxruntime and equals the eager step."""
+    pytest.importorskip("onnxruntime")
+    write_folder(tmp_path / "prior", dict(sample_size=32, block_out_channels=(32, 32), layers_per_block=1,
+                                          down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "AttnUpBlock2D")),
+                 "DDPMScheduler", dict(prediction_type="v_prediction"))
+    unet = idemrt.load_unet(tmp_path / "prior")
+    eager = idemrt.Decoder(codec, unet, steps=10, backend="eager", device="cpu")
+    ort = idemrt.Decoder(codec, unet, steps=10, backend="onnxruntime", device="cpu",
+                         backend_options={"cache_dir": str(tmp_path / "cache")})
+    torch.manual_seed(2)
+    x_t, noise = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
+    target = eager.operator(torch.rand(1, 3, 32, 32) * 2 - 1).detach()
+    (a, da), (b, db) = eager.step(x_t, 7, target, noise), ort.step(x_t, 7, target, noise)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db, da, rtol=1e-4, atol=1e-4)
 
 
 def test_cli_decompress_folder(tmp_path, codec, capsys):

@@ -131,6 +131,8 @@ class Decoder:
         self.deterministic = bool(deterministic)
         self.backend_name, self.backend_options = default_backend(self.device, backend), dict(backend_options or {})
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
+        # A prior may name the dtype it computes in (a diffusers prior: float32, not the fast backend's bf16).
+        dtype = getattr(self.unet, "compute_dtype", None) if dtype is None else dtype
         self.dtype, self._backend, self._lock, self._local = dtype, None, threading.Lock(), threading.local()
 
     @property

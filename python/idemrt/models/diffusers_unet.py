@@ -44,8 +44,12 @@ class DiffusersUNet(nn.Module):
     (N, out_channels, H, W), t the original timesteps (N,). ``diffusion_process``: the folder's
     process (see :func:`idemrt.diffusion.diffusion_process`).
 
-    It runs in float32 (the fast backend's bf16/fp16 layout is ADM's: pass ``dtype=torch.float32``
-    there); channels-last weights and CUDA graphs apply as for any module."""
+    It runs in float32: ``compute_dtype`` is what a Decoder without an explicit ``dtype`` gives its
+    backend (the fast backend's bf16/fp16 need ADM's mixed-precision layout and are refused with a
+    BackendError); the fast backend's channels-last inference copy and CUDA graphs apply as for any
+    module, its Triton kernels do not (they are wired through ADM's GroupNorm)."""
+
+    compute_dtype = torch.float32
 
     def __init__(self, model: nn.Module, process: DiffusionProcess, source: str = ""):
         super().__init__()
