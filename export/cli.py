@@ -82,7 +82,7 @@ def main_export(args) -> int:
 
     from idemrt.errors import BackendError
 
-    from idemrt.diffusion import SAMPLERS, Schedule
+    from idemrt.diffusion import diffusion_process, make_sampler
 
     from . import onnx_export as ox
     from .joint_graph import step_gradient_fn
@@ -98,7 +98,9 @@ def main_export(args) -> int:
     out_dir = Path(args.output_dir)
     H, W, dyn = args.height, args.width, args.dynamic_hw
     operator = ox.codec_operator(codec, args.constraint)
-    sampler = SAMPLERS[args.sampler](Schedule.create(1000))  # the rows' layout; not the schedule
+    # the rows' layout and the prior's prediction/variance types (a diffusers folder's own); not the respacing
+    process = diffusion_process(unet)
+    sampler = make_sampler(args.sampler, process.schedule(), process=process)
     with torch.no_grad():
         y_shape = tuple(codec.analysis(torch.zeros(1, 3, H, W)).shape[1:])
         target_shape = tuple(operator(torch.zeros(1, 3, H, W)).shape[1:])
