@@ -113,13 +113,16 @@ def decoder_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
-def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None) -> list[dict]:
+def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None, backend: str = "eager") -> list[dict]:
     """One configuration over the images; ``scores`` (an idemrt.fid.PatchScores) also collects the
-    8-bit decodes' patch features under the configuration's name."""
+    8-bit decodes' patch features under the configuration's name. ``backend="fast"``: the fast
+    backend (on this CPU bf16 where it has AVX-512 BF16, channels-last); it needs the bare ADM
+    UNet, so its evaluations are not counted (the same as eager's for the same configuration)."""
     from idemrt.api import Decoder
 
     pipe = Pipeline(codec, unet, steps=10, sampler="ddpm", guidance="dps", scale=1.0, device="cpu", progress=False)
-    pipe.decoder = Decoder(codec, unet, device="cpu", **decoder_options(cfg))
+    pipe.decoder = Decoder(codec, unet if backend == "eager" else unet.inner, device="cpu", backend=backend,
+                           **decoder_options(cfg))
     rows = []
     for name, x in images:
         unet.forwards = unet.backwards = 0
@@ -129,7 +132,7 @@ def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None) -> lis
                      "patch_swd": patch_swd(as_8bit(res["images"]["perceptual"]), x),
                      "mse_recompress_mse": res["mse"]["recompress_mse"],
                      "mse_patch_swd": patch_swd(as_8bit(res["images"]["mse"]), x),
-                     "unet_forwards": unet.forwards, "unet_backwards": unet.backwards})
+                     **({"unet_forwards": unet.forwards, "unet_backwards": unet.backwards} if backend == "eager" else {})})
         if scores is not None:
             scores.add(cfg["name"], as_8bit(res["images"]["perceptual"]))
         print(json.dumps(json_safe({"config": cfg["name"], **rows[-1]})), file=sys.stderr, flush=True)
@@ -222,9 +225,11 @@ def pareto_plot(table: list[dict], png) -> None:
 
 
 def environment() -> dict:
+    from idemrt.defaults import default_fast_dtype
+
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv)}
+            "fast_dtype": str(default_fast_dtype(torch.device("cpu"))), "command": " ".join(sys.argv)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -240,6 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--names", nargs="*", default=None, help="these images only (e.g. coffee-128)")
     p.add_argument("--json", default=None, help="write results here (rewritten after each config)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="eager", choices=("eager", "fast"),
+                   help="fast: the fast backend (bf16 on a CPU with AVX-512 BF16); its rows are named NAME@fast")
     p.add_argument("--inception", default=None,
                    help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the "
                         "paper's 64x64-patch FID and KID of each configuration against the originals")
@@ -271,11 +278,12 @@ def main(argv=None) -> dict:
         imgs = images[: args.reference_images] if cfg["name"] == "dps1000" and args.reference_images else images
         if args.grid_every and cfg["name"] != "dps1000" and not cfg["name"].startswith("speed-"):
             imgs = images[:: args.grid_every]
-        rows = run_config(cfg, imgs, codec, unet, scores)
-        result["configs"][cfg["name"]] = {"config": cfg, "mean": summarise(rows), "rows": rows}
+        name = cfg["name"] if args.backend == "eager" else f"{cfg['name']}@{args.backend}"
+        rows = run_config(dict(cfg, name=name), imgs, codec, unet, scores, args.backend)
+        result["configs"][name] = {"config": cfg, "backend": args.backend, "mean": summarise(rows), "rows": rows}
         if scores is not None:  # patches of every image the configuration decoded, against all originals
-            kid, kid_std = scores.kid("original", cfg["name"], subsets=10, subset_size=min(100, scores.count(cfg["name"])))
-            result["configs"][cfg["name"]].update(fid=scores.fid("original", cfg["name"]), kid=kid, kid_std=kid_std)
+            kid, kid_std = scores.kid("original", name, subsets=10, subset_size=min(100, scores.count(name)))
+            result["configs"][name].update(fid=scores.fid("original", name), kid=kid, kid_std=kid_std)
         if args.json:
             Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
     return result

@@ -1,0 +1,154 @@
+"""OpenVINO against the torch CPU paths (issue 19 item 2), FFHQ-256 configuration, random weights.
+
+Measured in one process, the variants interleaved call by call (so that a busy machine slows them
+alike): the UNet forward (what the codec-gradient ``fast`` preset needs per step) and the guided
+DPS step's gradient (UNet forward + VJP + operator, the exported step-gradient graph), each as
+
+* torch eager fp32 (the reference),
+* torch fast: bf16 where the CPU has AVX-512 BF16, channels-last (idemrt's fast backend),
+* OpenVINO on the exported ONNX graph, ``INFERENCE_PRECISION_HINT`` bf16 (and f32 for the error).
+
+The rule of the issue: keep ``backend="openvino"`` only if it beats the torch CPU path by >= 20 %.
+
+    .venv/bin/python benchmarks/openvino_cpu.py --json benchmarks/openvino_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import latency  # noqa: E402  (the benchmark models: build_unet, build_codec, make_spec)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def rel_err(got, want) -> float:
+    got, want = torch.as_tensor(got).float(), want.float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="ffhq256")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--parts", default="unet,step", help="unet (forward) and/or step (the gradient graph)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    import openvino as ov
+
+    from idemrt.backends.base import create_backend
+    from idemrt.defaults import cpu_flags, default_fast_dtype
+    from idemrt.export.onnx_export import export_step_gradient, export_unet, step_gradient_inputs
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    unet, codec = latency.build_unet(args.preset, cpu), latency.build_codec("hyperprior", cpu)
+    spec = latency.make_spec(unet, codec, "ddpm", "dps", cpu)
+    fast_dtype = default_fast_dtype(cpu)
+    eager = create_backend("eager", spec, device=cpu)
+    fast = create_backend("fast", spec, device=cpu, dtype=fast_dtype)
+    core = ov.Core()
+    threads = len(os.sched_getaffinity(0))
+    env = {"cpu": latency_cpu(), "threads": torch.get_num_threads(), "openvino": ov.__version__,
+           "torch": torch.__version__, "python": platform.python_version(), "fast_dtype": str(fast_dtype),
+           "avx512_bf16": "avx512_bf16" in cpu_flags(), "amx_bf16": "amx_bf16" in cpu_flags(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "preset": args.preset, "size": args.size, "batch": 1}
+    print(json.dumps(env), flush=True)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="idemrt_ov_"))
+    s = args.size
+    x, t, target, table_rows = step_gradient_inputs(1, s, s, tuple(spec.operator(torch.zeros(1, 3, s, s)).shape[1:]),
+                                                    spec.sampler)
+    i = int(spec.sampler.num_steps // 2)
+    noise = torch.randn_like(x)
+
+    def compiled(path, precision):
+        return core.compile_model(core.read_model(str(path)), "CPU", {
+            "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(threads)})
+
+    if "unet" in args.parts:
+        t0 = time.perf_counter()
+        graph = export_unet(unet, tmp / "unet.onnx", s, s)
+        export_s = time.perf_counter() - t0
+        ov_bf16, ov_f32 = compiled(graph.path, "bf16"), compiled(graph.path, "f32")
+        feed = {"x_t": x.numpy(), "t": t.numpy()}
+        with torch.no_grad():
+            want = unet(x, t)
+            variants = {
+                "torch eager fp32": lambda: unet(x, t),
+                f"torch fast {fast_dtype}".replace("torch.", ""): lambda: fast.model_output(x, t),
+                "openvino bf16": lambda: ov_bf16(feed),
+            }
+            errors = {name: rel_err(fn()[0] if name.startswith("openvino") else fn(), want)
+                      for name, fn in variants.items()}
+            errors["openvino f32"] = rel_err(ov_f32(feed)[0], want)
+            rows += measure("unet forward", variants, errors, args.repeats, {"export_s": round(export_s, 1)})
+    if "step" in args.parts:
+        t0 = time.perf_counter()
+        graph = export_step_gradient(unet, tmp / "step.onnx", s, s, codec=codec, sampler=spec.sampler)
+        export_s = time.perf_counter() - t0
+        ov_bf16, ov_f32 = compiled(graph.path, "bf16"), compiled(graph.path, "f32")
+        feed = {"x_t": x.numpy(), "t": t.numpy(), "target": target.numpy(), "rows": table_rows.numpy()}
+        want = eager.step(x, i, target, noise)[0]
+        # the step's gradient graph is all of the step but the elementwise sampler update (negligible)
+        variants = {
+            "torch eager fp32": lambda: eager.step(x, i, target, noise),
+            f"torch fast {fast_dtype}".replace("torch.", ""): lambda: fast.step(x, i, target, noise),
+            "openvino bf16": lambda: ov_bf16(feed),
+        }
+        errors = {"torch fast": rel_err(fast.step(x, i, target, noise)[0], want)}
+        g32, g16 = ov_f32(feed), ov_bf16(feed)
+        errors["openvino bf16 grad vs f32"] = rel_err(g16[2], torch.as_tensor(g32[2]))
+        rows += measure("DPS step (gradient graph for OpenVINO)", variants, errors, args.repeats,
+                        {"export_s": round(export_s, 1)})
+    result = {"environment": env, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def measure(what, variants, errors, repeats, extra) -> list:
+    for fn in variants.values():  # warm-up (OpenVINO's first inference, allocations)
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    base = statistics.median(times[next(iter(variants))])
+    out = []
+    for name, ts in times.items():
+        row = {"what": what, "variant": name, "median_s": round(statistics.median(ts), 3),
+               "min_s": round(min(ts), 3), "speedup_vs_eager": round(base / statistics.median(ts), 2), **extra}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"what": what, "relative_errors": errors}), flush=True)
+    out.append({"what": what, "relative_errors": errors})
+    return out
+
+
+def latency_cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
