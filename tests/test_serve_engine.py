@@ -202,8 +202,9 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
 
     engine.scheduler.execute = recording
     try:
-        assert engine.programs["paper", "5"][2] is engine.programs["balanced", "50"][2]  # one step function
-        assert engine.programs["fast", "50"][2] is not engine.programs["paper", "5"][2]  # PIR: its own
+        programs = {key[2:]: v for key, v in engine.programs.items()}  # (codec, prior, speed, steps) keys
+        assert programs["paper", "5"][2] is programs["balanced", "50"][2]  # one step function
+        assert programs["fast", "50"][2] is not programs["paper", "5"][2]  # PIR: its own
         engine.reconfigure(max_slots=8, pixel_budget=8 * 64 * 64)  # room for all three 64x64 (padded) images
         futures = {(speed, steps): engine.submit(data[0], seed=4, speed=speed, steps=steps)
                    for speed, steps in (("paper", "5"), ("paper", "3"), ("balanced", "50"))}

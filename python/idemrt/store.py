@@ -161,10 +161,10 @@ class StoreEntry:
             self._model = model
         return self._model
 
-    def verify(self) -> bool:
-        """Hash and load the model; True if it is available."""
+    def verify(self, device=None) -> bool:
+        """Hash and load the model (onto ``device``); True if it is available."""
         try:
-            self.get()
+            self.get(device)
         except CheckpointError:
             pass
         return self.available
@@ -371,7 +371,7 @@ class ModelStore:
     def verify(self) -> bool:
         """Hash and load every model; True if all are available and no manifest is invalid."""
         with self._lock:
-            results = [entry.verify() for entry in self.entries.values()]
+            results = [entry.verify(self.device) for entry in self.entries.values()]
         return all(results) and not self.invalid
 
     def rows(self) -> list[dict]:

@@ -108,7 +108,7 @@ class DecoderReplica:
     def _submit(self, bs, params: dict, on_event=None):
         return self.engine.submit(bs, mode=params["mode"], seed=params["seed"], speed=params["speed"],
                                   steps=params["steps"], priority=params["priority"], timeout=params["timeout"],
-                                  on_event=on_event)
+                                  on_event=on_event, prior=params.get("prior"))
 
     async def decode(self, bs: bsfmt.Bitstream, params: dict) -> dict:
         """``bs``: the bitstream the ingress parsed; ``params``: :func:`parse_decode_params`'s."""
@@ -146,8 +146,12 @@ class DecoderReplica:
         except Exception as exc:  # noqa: BLE001 - reported in the stream
             yield _error_event(exc)
 
-    async def encode(self, image: bytes) -> bytes:
-        return await _await(self.engine.encode(image))
+    async def encode(self, image: bytes, codec=None) -> bytes:
+        return await _await(self.engine.encode(image, codec))
+
+    def models(self) -> dict:
+        """A model store's codecs, priors and unavailable models (:meth:`DecodeEngine.models`)."""
+        return self.engine.models()
 
 
 async def _await(future):
@@ -197,9 +201,12 @@ class Ingress:
     async def encode(self, request: Request):
         t0 = time.monotonic()
         try:
-            if request.query_params:
-                raise Problem(422, "invalid-parameter", f"unknown parameters {sorted(request.query_params)}")
-            out = await self.decoder.encode.remote(await self._body(request))
+            allowed = {"codec"} if self.config.models else set()  # a model store: the codec by its id
+            unknown = sorted(k for k in request.query_params if k not in allowed)
+            if unknown or len(request.query_params.multi_items()) > len(request.query_params):
+                raise Problem(422, "invalid-parameter", f"unknown or repeated parameters {unknown or ['codec']}")
+            codec = request.query_params.get("codec")
+            out = await self.decoder.encode.remote(await self._body(request), codec)
         except Exception as exc:  # noqa: BLE001
             return self._problem(exc, "encode", t0)
         self.metrics.observe_request("encode", 200, time.monotonic() - t0)
@@ -244,6 +251,8 @@ class Ingress:
         """The parsed stream; rejects early what no replica could decode: a malformed, foreign or
         oversized stream (the replica checks the weights hash)."""
         bs = bsfmt.unpack(data, max_pixels=self.config.max_pixels)
+        if self.config.models:  # a model store: the replica routes it by its header (422 if it lacks the codec)
+            return bs
         if (bs.codec, bs.quality) != (self.config.codec, self.config.quality):
             raise Problem(400, "bitstream", f"this file was made with {bs.codec} q{bs.quality}; this server decodes "
                                             f"{self.config.codec} q{self.config.quality}")
@@ -261,12 +270,20 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self):
         c = self.config
+        store = {}
+        if c.models:  # every codec and prior of the model store, by id (what the replicas loaded)
+            try:
+                store = await asyncio.wait_for(self.decoder.models.remote(), timeout=30)
+            except Exception as exc:  # noqa: BLE001
+                return self._problem(exc, "invalid", time.monotonic())
+            store = {**store, "codec": None, "quality": None}
+        perceptual = bool(store["priors"]) if c.models else bool(c.unet)
         return {"codec": c.codec, "quality": c.quality, "unet_preset": (c.preset if not c.unet_overrides else "custom") if c.unet else None,
-                "modes": list(MODES) if c.unet else ["mse"], "steps_allowed": c.steps_allowed,
-                "speeds": {speed: c.steps_for(speed) for speed in c.speeds_allowed} if c.unet else {},
+                "modes": list(MODES) if perceptual else ["mse"], "steps_allowed": c.steps_allowed,
+                "speeds": {speed: c.steps_for(speed) for speed in c.speeds_allowed} if perceptual else {},
                 "priorities": [min(PRIORITIES), max(PRIORITIES)], "deterministic": c.deterministic,
                 "formats": list(FORMATS), "speed": c.speed, "sampler": c.sampler, "guidance": c.guidance,
-                "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s}
+                "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s, **store}
 
     # -- the web page (docs/serving.md, "Web page"): shipped files only, by a fixed allow-list ------------
     @api.get("/")

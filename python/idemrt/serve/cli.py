@@ -45,6 +45,10 @@ def add_serve_subparser(subparsers) -> None:
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one) instead of "
                                                    "starting an embedded instance")
     p.add_argument("--demo", action="store_true", help="serve the bundled demo models (no files needed)")
+    p.add_argument("--models", default=None, metavar="DIR",
+                   help="serve every codec and prior of this model store (docs/model_store.md); streams are "
+                        "routed by their header, a request picks a prior by id (prior=ID)")
+    p.add_argument("--prior", default=None, metavar="ID", help="with --models: the default prior's id")
     p.add_argument("--print-config", action="store_true", help="print the YAML for `serve deploy` and exit")
     p.set_defaults(func=cmd_serve)
 
@@ -62,6 +66,17 @@ def config_from_args(args):
                  proxy_location=args.proxy_location, pixel_budget=args.pixel_budget,
                  deterministic=args.deterministic,
                  speeds_allowed=None if args.speeds is None else [s.strip() for s in args.speeds.split(",") if s.strip()])
+    if args.models or args.prior:
+        from ..errors import CheckpointError
+
+        given = [f for f, on in (("--unet", args.unet), ("--codec-checkpoint", args.codec_checkpoint),
+                                 ("--pretrained-codec", args.pretrained_codec), ("--demo", args.demo)) if on]
+        if given or not args.models:
+            raise CheckpointError(f"--models DIR serves the store's models only; drop {', '.join(given)}" if given
+                                  else "--prior ID names a prior of a model store: pass --models DIR too")
+        return ServeConfig(models=os.path.abspath(args.models), prior=args.prior, steps_allowed=steps,
+                           speed=args.speed, gpus_per_replica=gpus, max_slots=args.max_slots, queue=args.queue,
+                           timeout_s=args.timeout, **scale)
     if args.demo:
         return ServeConfig.demo(gpus_per_replica=gpus, max_slots=args.max_slots, queue=args.queue,
                                 timeout_s=args.timeout, speed=args.speed, **scale,

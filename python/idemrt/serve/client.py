@@ -40,10 +40,11 @@ class Client:
 
     def decode(self, data: bytes, *, mode: str = "perceptual", seed: int = 0, steps: Optional[str] = None,
                format: str = "png", speed: Optional[str] = None, priority: Optional[int] = None,
-               timeout: Optional[float] = None) -> DecodeResult:
-        """One decode (the parameters of ``POST /v1/decode``; None: the server's default)."""
+               timeout: Optional[float] = None, prior: Optional[str] = None) -> DecodeResult:
+        """One decode (the parameters of ``POST /v1/decode``; None: the server's default; ``prior``:
+        a prior's id, on a server of a model store)."""
         query = _query(mode=mode, seed=seed, steps=steps, format=format, speed=speed, priority=priority,
-                       timeout=timeout)
+                       timeout=timeout, prior=prior)
         with self._post("/v1/decode", data, query) as r:
             h = r.headers
             return DecodeResult(r.read(), float(h["X-Idemrt-Decode-Seconds"]), int(h["X-Idemrt-Steps"]),

@@ -24,6 +24,8 @@ class ServeConfig:
     quality: Optional[int] = None
     codec_checkpoint: Optional[str] = None
     pretrained_codec: bool = False
+    models: Optional[str] = None  # a model store (docs/model_store.md): every codec and prior in it, instead of the above
+    prior: Optional[str] = None  # with models: the default prior's id (None: the store's only prior, if one)
     speed: Optional[str] = None  # the default preset of idemrt.speeds (None: "paper", DPS-1000); the fields below override it
     speeds_allowed: Optional[list] = None  # presets a request may ask for (None: all, the default first)
     steps_allowed: Optional[list] = None  # respacings of the default speed; first = default (None: the preset's)
@@ -60,6 +62,11 @@ class ServeConfig:
         if unknown or self.speed not in self.speeds_allowed:
             raise ValueError(f"speeds_allowed must be presets of {list(SPEEDS)} and hold the default speed "
                              f"{self.speed!r}, got {self.speeds_allowed}")
+        if self.models is not None and (self.unet or self.codec_checkpoint or self.pretrained_codec):
+            raise ValueError("models (a model store) replaces unet, codec_checkpoint and pretrained_codec: "
+                             "give either")
+        if self.prior is not None and self.models is None:
+            raise ValueError("prior names a prior of a model store: give models too")
         if self.steps_allowed is None:
             self.steps_allowed = [resolve_speed(self.speed)["steps"]]
         self.steps_allowed = [str(s) for s in self.steps_allowed]
@@ -87,6 +94,11 @@ class ServeConfig:
     def autoscaling(self) -> bool:
         """Whether the decoder replicas autoscale (``min_replicas``/``max_replicas``) instead of a fixed count."""
         return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def perceptual(self) -> bool:
+        """Whether the server may have a diffusion prior (a UNet file, or a model store's priors)."""
+        return bool(self.unet or self.models)
 
     def user_config(self) -> dict:
         """The tunables a running replica applies without a restart (Serve's ``user_config``)."""

@@ -33,6 +33,7 @@ import torch
 
 from .. import bitstream as bsfmt
 from ..api import Decoder, read_bitstream
+from ..errors import ModelNotFoundError
 from ..backends.base import StepSpec, create_backend
 from ..diffusion import GuidedSampler, Program, StackedSampler, StepScheduler
 from ..diffusion.guidance import stack_alignment, stack_guidance
@@ -68,6 +69,8 @@ class _Request:
     priority: int
     timeout: float
     on_event: Optional[Callable[[dict], None]]
+    codec: Optional[str] = None  # the id of the codec that decodes it (None: the one codec without a store)
+    prior: Optional[str] = None  # the id of its prior (a model store's; None without a store)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -102,6 +105,21 @@ def load_models(config: ServeConfig, device: str):
     return codec, unet
 
 
+def load_store(config: ServeConfig, device: str):
+    """``(codecs, priors, unavailable)`` of the model store ``config.models`` (docs/model_store.md):
+    every model that verifies, by id, and the rows of those that do not (with the reason)."""
+    from ..store import ModelStore
+
+    store = ModelStore(config.models, device=device)
+    store.verify()
+    loaded = {e.id: e.get(device) for e in store.entries.values() if e.available}
+    by_kind = {kind: {e.id: loaded[e.id] for e in store.of_kind(kind) if e.id in loaded}
+               for kind in ("codec", "prior")}
+    unavailable = [{**r, "reason": (r["reason"] or "").replace(store.root, "STORE")}  # no server paths
+                   for r in store.rows() if r["status"] != "available"]
+    return by_kind["codec"], by_kind["prior"], unavailable
+
+
 class DecodeEngine:
     """See the module doc. ``codec``/``unet``: models already loaded (tests); else the config's."""
 
@@ -125,30 +143,50 @@ class DecodeEngine:
     # -- built on the core thread -----------------------------------------------------------------
     def _build(self, codec, unet) -> None:
         config = self.config
-        if codec is None:
-            codec, unet = load_models(config, self.device)
-        self.programs: dict = {}  # (speed, steps) -> (Decoder, Program, GuidedSampler)
-        decoders = {}
-        for speed in config.speeds_allowed:
-            own = speed == config.speed
-            for steps in config.steps_for(speed):
-                decoders[(speed, steps)] = Decoder(
-                    codec, unet, steps=_respacing(steps), speed=speed, sampler=config.sampler if own else None,
-                    guidance=config.guidance if own else None, scale=config.scale if own else None,
-                    device=self.device, backend=config.backend, max_pixels=config.max_pixels,
-                    deterministic=config.deterministic)
-        first = next(iter(decoders.values()))
-        self.codec = first.codec
-        self.weights_hash = self.codec.weights_hash()  # cached by the codec: check() then does no torch work
+        self.unavailable: list = []  # a model store's models that did not verify
+        if config.models:
+            codecs, priors, self.unavailable = load_store(config, self.device)
+            if not codecs:
+                raise ModelNotFoundError(f"the model store {config.models} has no available codec")
+        else:
+            if codec is None:
+                codec, unet = load_models(config, self.device)
+            codecs, priors = {None: codec}, ({} if unet is None else {None: unet})
+        self.codecs, self.priors = codecs, priors
+        self.default_prior = config.prior if config.models else None
+        if config.models and self.default_prior is None and len(priors) == 1:
+            self.default_prior = next(iter(priors))
+        # (codec id, prior id, speed, steps) -> (Decoder, Program, GuidedSampler); ids are None without a store.
+        self.programs: dict = {}
+        self.mse_decoders: dict = {}  # codec id -> Decoder
+        self.weights_hashes: dict = {}  # codec id -> weights_hash (cached: check() then does no torch work)
         self.groups = []
-        if unet is not None:
-            by_group: dict = {}
+        for codec_id, codec in codecs.items():
+            decoders = {}
+            for prior_id, unet in (priors.items() or [(None, None)]):
+                for speed in config.speeds_allowed:
+                    own = speed == config.speed
+                    for steps in config.steps_for(speed):
+                        decoders[(codec_id, prior_id, speed, steps)] = Decoder(
+                            codec, unet, steps=_respacing(steps), speed=speed,
+                            sampler=config.sampler if own else None, guidance=config.guidance if own else None,
+                            scale=config.scale if own else None, device=self.device, backend=config.backend,
+                            max_pixels=config.max_pixels, deterministic=config.deterministic)
+            first = next(iter(decoders.values()))
+            self.mse_decoders[codec_id] = first
+            self.weights_hashes[codec_id] = first.codec.weights_hash()
+            by_group: dict = {}  # programs of one codec and one prior share a step function, never across
             for key, d in decoders.items():
-                by_group.setdefault(_group_key(d), []).append(key)
+                if d.unet is not None:
+                    by_group.setdefault((key[0], key[1], *_group_key(d)), []).append(key)
             for keys in by_group.values():
                 self._build_group([(k, decoders[k]) for k in keys])
-        self.mse_decoder = first
-        native = getattr(getattr(unet, "config", None), "image_size", None)
+        first_id = next(iter(codecs))
+        self.mse_decoder = self.mse_decoders[first_id]
+        self.codec = self.mse_decoder.codec  # the first codec: /v1/encode's without a store
+        self.weights_hash = self.weights_hashes[first_id]
+        sizes = [getattr(getattr(u, "config", None), "image_size", None) for u in priors.values()]
+        native = max((s for s in sizes if s), default=None)
         self.native_pixels = int(native) ** 2 if native else NATIVE_PIXELS
         self._memory_pixels = None  # on CUDA: what the free memory holds, measured once
         self.scheduler = StepScheduler(max_slots=config.max_slots, max_queue=config.queue,
@@ -173,7 +211,7 @@ class DecodeEngine:
         self.groups.append(sampler)
         for (key, d), offset, n in zip(members, stacked.offsets, lengths):
             scale = None if d.guidance is None else d.guidance.default_scale()
-            program = Program(n, scale, d.warm_start, offset=offset, name=f"{key[0]}/{key[1]}")
+            program = Program(n, scale, d.warm_start, offset=offset, name=f"{key[2]}/{key[3]}")
             self.programs[key] = (d, program, sampler)
 
     def _slot_counts(self):
@@ -212,45 +250,91 @@ class DecodeEngine:
 
     # -- any thread ------------------------------------------------------------------------------
     def check(self, data) -> bsfmt.Bitstream:
-        """The parsed bitstream, if this server's codec made it (BitstreamError / TooLargeError);
-        pure Python (the weights hash was computed on the core when the engine was built)."""
-        return read_bitstream(self.codec, data, self.config.max_pixels)
+        """The parsed bitstream, if this server's codec made it (BitstreamError / TooLargeError;
+        with a model store, ModelNotFoundError naming the codec it needs); pure Python (the weights
+        hashes were computed on the core when the engine was built)."""
+        return self._route(data)[0]
+
+    def _route(self, data) -> tuple:
+        """``(bitstream, codec id)``: the codec whose name, quality and weights digest the header names."""
+        if not self.config.models:
+            return read_bitstream(self.codec, data, self.config.max_pixels), None
+        bs = bsfmt.parse(data, max_pixels=self.config.max_pixels)
+        for codec_id, codec in self.codecs.items():
+            if (codec.name, codec.quality, self.weights_hashes[codec_id]) == (bs.codec, bs.quality, bs.weights_hash):
+                return read_bitstream(codec, bs, self.config.max_pixels), codec_id
+        label = bs.codec if bs.quality is None else f"{bs.codec} q{bs.quality}"
+        raise ModelNotFoundError(f"this server has no codec for this stream: it needs {label} with weights digest "
+                                 f"{bytes(bs.weights_hash).hex()} (GET /v1/models lists the codecs it has)",
+                                 codec=bs.codec, quality=bs.quality, weights_digest=bytes(bs.weights_hash).hex())
+
+    def _prior_id(self, prior: Optional[str]):
+        """The id of the prior a request chose (None: the server's default), if this server has it."""
+        prior_id = self.default_prior if prior is None else prior
+        if prior_id not in self.priors:
+            known = ", ".join(str(p) for p in self.priors if p is not None) or "none"
+            what = "choose one with prior=ID" if prior is None else f"no prior {str(prior)[:40]!r}"
+            raise ModelNotFoundError(f"{what}; this server's priors: {known}", model_id=prior)
+        return prior_id
+
+    def models(self) -> dict:
+        """What a model store gave this engine: ``{"codecs", "priors", "unavailable"}`` (ids and facts,
+        no file paths); empty lists without a store."""
+        if not self.config.models:
+            return {"codecs": [], "priors": [], "unavailable": []}
+        codecs = [{"id": cid, "codec": c.name, "quality": c.quality, "weights_digest": self.weights_hashes[cid].hex()}
+                  for cid, c in self.codecs.items()]
+        priors = [{"id": pid, "image_size": getattr(getattr(u, "config", None), "image_size", None),
+                   "default": pid == self.default_prior} for pid, u in self.priors.items()]
+        return {"codecs": codecs, "priors": priors, "unavailable": list(self.unavailable)}
 
     def submit(self, data, *, mode: str = "perceptual", seed: int = 0, speed: Optional[str] = None,
                steps: Optional[str] = None, priority: int = 0, timeout: Optional[float] = None,
-               on_event: Optional[Callable[[dict], None]] = None) -> Future:
+               on_event: Optional[Callable[[dict], None]] = None, prior: Optional[str] = None) -> Future:
         """Queue one decode (``data``: the .idm bytes or a parsed Bitstream); the Future resolves to
         :class:`Decoded`. Raises at once what can be known at once: a bad or foreign bitstream, an
         unknown program, a full queue. ``on_event`` receives ``{"event": "progress", "step",
-        "steps"}`` and ``{"event": "preview", "step", "image": (h, w, 3) uint8}`` on the core thread."""
-        bs = self.check(data)
+        "steps"}`` and ``{"event": "preview", "step", "image": (h, w, 3) uint8}`` on the core thread.
+        ``prior``: with a model store, the id of the prior (default: the server's ``prior``)."""
+        bs, codec_id = self._route(data)
+        prior_id = None
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         speed, steps = (self.config.speed if speed is None else speed), (None if steps is None else str(steps))
         if mode == "perceptual":
             if not self.groups:
                 raise ValueError("this server has no diffusion model: only mode=mse")
+            prior_id = self._prior_id(prior)
             if speed not in self.config.speeds_allowed:
                 raise ValueError(f"speed must be one of {self.config.speeds_allowed}, got {speed!r}")
             steps = self.config.steps_for(speed)[0] if steps is None else steps
-            if (speed, steps) not in self.programs:
+            if (codec_id, prior_id, speed, steps) not in self.programs:
                 raise ValueError(f"steps must be one of {self.config.steps_for(speed)} with speed={speed}, got {steps!r}")
         request = _Request(bs, mode, int(seed), speed if mode == "perceptual" else "mse", str(steps), int(priority),
-                           self.config.timeout_s if timeout is None else float(timeout), on_event)
+                           self.config.timeout_s if timeout is None else float(timeout), on_event, codec_id, prior_id)
         self.scheduler.admit()  # the one admission check, atomic; QueueFullError when full
         request.future.job = _Cancel(self, request)
         self._inbox.put(request)
         self._wake.set()
         return request.future
 
-    def encode(self, image) -> Future:
-        """Compress an image (bytes, path, PIL, ...) with this server's codec, on the core: a Future
-        of the .idm bytes. Admitted like a decode (it is device work too)."""
+    def encode(self, image, codec: Optional[str] = None) -> Future:
+        """Compress an image (bytes, path, PIL, ...) with this server's codec (with a model store:
+        the codec of id ``codec``, needed when the store has several), on the core: a Future of the
+        .idm bytes. Admitted like a decode (it is device work too)."""
         from ..api import Encoder
         from ..images import load_image
 
+        if codec is None and len(self.codecs) == 1:
+            codec = next(iter(self.codecs))
+        if codec not in self.codecs:
+            known = ", ".join(str(c) for c in self.codecs)
+            what = "choose the codec with codec=ID" if codec is None else f"no codec {str(codec)[:40]!r}"
+            raise ModelNotFoundError(f"{what}; this server's codecs: {known}", model_id=codec)
+        model = self.codecs[codec]
+
         def run():
-            return Encoder(self.codec).encode(load_image(image, max_pixels=self.config.max_pixels))
+            return Encoder(model).encode(load_image(image, max_pixels=self.config.max_pixels))
 
         self.scheduler.admit()
         call = _Call(run)
@@ -337,12 +421,12 @@ class DecodeEngine:
 
     def _start(self, request: _Request) -> None:
         if request.mode == "mse":
-            decoder = self.mse_decoder
+            decoder = self.mse_decoders[request.codec]
             prepared = decoder.prepare(request.bitstream, request.seed, "mse")
             self._resolve(request, decoder, prepared, None)
             self.scheduler.release()
             return
-        decoder, program, sampler = self.programs[(request.speed, request.steps)]
+        decoder, program, sampler = self.programs[_program_key(request)]
         prepared = decoder.prepare(request.bitstream, request.seed)
         job = self.scheduler.submit(prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
                                     timeout=request.timeout - (time.monotonic() - request.submitted),
@@ -372,19 +456,21 @@ class DecodeEngine:
         image, _ = decoder.finish(prepared, result)
         pixels = to_uint8(image)
         seconds = time.monotonic() - request.submitted
-        steps = 0 if result is None else self.programs[(request.speed, request.steps)][1].steps_run
+        steps = 0 if result is None else self.programs[_program_key(request)][1].steps_run
         self.metrics.observe_decode(request.speed, seconds)
         request.future.set_result(Decoded(image, pixels, 0.0 if result is None else result.distance, steps,
-                                          seconds, request.speed, self._recompressed(pixels, prepared.y_hat)))
+                                          seconds, request.speed,
+                                          self._recompressed(pixels, prepared.y_hat, decoder.codec)))
 
-    def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor) -> float:
+    def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor, codec=None) -> float:
         """The re-compression check of what the client receives: the fraction of latent symbols
-        that the 8-bit image, padded as an encoder pads it, quantizes to (one g_a)."""
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(self.codec.device, torch.float32).div_(255)
-        return symbols_equal(self.codec, self.codec.pad(x)[0], y_hat)
+        that the 8-bit image, padded as an encoder pads it, quantizes to (one g_a of its codec)."""
+        codec = self.codec if codec is None else codec
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(codec.device, torch.float32).div_(255)
+        return symbols_equal(codec, codec.pad(x)[0], y_hat)
 
     def _reporter(self, decoder: Decoder, request: _Request):
-        steps = self.programs[(request.speed, request.steps)][1].steps_run
+        steps = self.programs[_program_key(request)][1].steps_run
         every = self.config.preview_every or max(1, steps // 10)
         bs = request.bitstream
 
@@ -439,6 +525,10 @@ def _group_key(decoder: Decoder) -> tuple:
     kind = "none" if g is None else g.step_kind
     # A proximal guidance's data step is part of the step function: only equal ones share it.
     return (decoder.sampler.family(), kind, g if kind == "proximal" else None)
+
+
+def _program_key(request: _Request) -> tuple:
+    return (request.codec, request.prior, request.speed, request.steps)
 
 
 def _respacing(steps: str):

@@ -17,12 +17,13 @@ from .engine import MODES
 from .problems import Problem
 
 FORMATS = {"png": "image/png", "webp": "image/webp"}  # format -> media type of the answer
-DECODE_PARAMS = ("mode", "seed", "speed", "steps", "priority", "timeout", "format", "stream")
+DECODE_PARAMS = ("mode", "seed", "speed", "steps", "priority", "timeout", "format", "stream", "prior")
 STREAM = ("0", "1")
 
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")  # the timeout: no sign, exponent, space or "_"
 _MAX_DECIMAL_CHARS = 32
 _SHOW = 40  # characters of a client's value quoted back in a detail
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # idemrt.store's ids
 
 
 def _show(value: str) -> str:
@@ -79,7 +80,7 @@ def parse_decode_params(query_params, config: ServeConfig) -> dict:
     q = dict(query_params.multi_items())
 
     mode = _choice("mode", q.get("mode", "perceptual"), MODES)
-    if mode == "perceptual" and not config.unet:
+    if mode == "perceptual" and not config.perceptual:
         raise _invalid("this server has no diffusion model: only mode=mse")
     speed = _choice("speed", q.get("speed", config.speed), config.speeds_allowed)
     steps_allowed = config.steps_for(speed)
@@ -89,5 +90,13 @@ def parse_decode_params(query_params, config: ServeConfig) -> dict:
     timeout = _seconds("timeout", q["timeout"], config.timeout_s) if "timeout" in q else None
     fmt = _choice("format", q.get("format", "png"), tuple(FORMATS))
     stream = _choice("stream", q.get("stream", "0"), STREAM) == "1"
-    return {"mode": mode, "seed": seed, "speed": speed, "steps": steps, "priority": priority, "timeout": timeout,
-            "format": fmt, "stream": stream}
+    params = {"mode": mode, "seed": seed, "speed": speed, "steps": steps, "priority": priority, "timeout": timeout,
+              "format": fmt, "stream": stream}
+    if config.models:  # a model store: the prior by its id (the engine says whether it has it)
+        prior = q.get("prior")
+        if prior is not None and not _MODEL_ID.fullmatch(prior):
+            raise _invalid(f"prior={_show(prior)} is not a model id (letters, digits, . _ + -)")
+        params["prior"] = prior
+    elif "prior" in q:
+        raise _invalid("this server has no model store: prior= is not accepted (GET /v1/models)")
+    return params

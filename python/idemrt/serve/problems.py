@@ -4,6 +4,7 @@
 what                                        status  kind
 ==========================================  ======  ===================================
 malformed or foreign ``.idm``, bad image    400     bitstream / image
+no codec (model store) / prior of that id   422     model-not-found
 body or pixel count over the limits         413     too-large
 unknown parameter, value not allowed        422     invalid-parameter
 non-finite decode (retries spent)           500     decode
@@ -27,7 +28,7 @@ from http import HTTPStatus
 from typing import Optional
 
 from ..diffusion import DeadlineExceeded, QueueFullError
-from ..errors import BitstreamError, DecodeError, ImageError, TooLargeError
+from ..errors import BitstreamError, DecodeError, ImageError, ModelNotFoundError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ def problem_from(exc: BaseException) -> Problem:
 
 
 _KINDS = ((TooLargeError, 413, False), (BitstreamError, 400, False), (ImageError, 400, False),
-          (QueueFullError, 503, True), (DeadlineExceeded, 504, False), (DecodeError, 500, False))
+          (QueueFullError, 503, True), (DeadlineExceeded, 504, False), (DecodeError, 500, False),
+          (ModelNotFoundError, 422, False))
 _NAMES = {TooLargeError: "too-large", BitstreamError: "bitstream", ImageError: "image", QueueFullError: "overloaded",
-          DeadlineExceeded: "timeout", DecodeError: "decode"}
+          DeadlineExceeded: "timeout", DecodeError: "decode", ModelNotFoundError: "model-not-found"}
 
 
 _HTTP_KINDS = {404: "not-found", 405: "method-not-allowed"}
