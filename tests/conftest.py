@@ -2,6 +2,10 @@ import os
 
 # Triton kernels are tested on CPU through the interpreter; it must be chosen before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The reference backend unless a test chooses: on a bf16-capable CPU the default is the fast (bf16)
+# backend, and most tests compare with float64/fp32 references at fp32 tolerances. Subprocesses
+# (the CLI, Ray workers) inherit it. tests/test_defaults*.py check the default itself.
+os.environ.setdefault("IDEMRT_BACKEND", "eager")
 
 import torch  # noqa: E402
 

@@ -65,4 +65,4 @@ def add_backend_option(parser) -> None:
     from .backends.base import available_backends
 
     parser.add_argument("--backend", default=None, choices=available_backends(),
-                        help="how a step runs (default: fast on CUDA, eager otherwise)")
+                        help="how a step runs (default: fast on CUDA and on CPUs with native bf16, else eager; $IDEMRT_BACKEND overrides)")

@@ -24,7 +24,7 @@ def add_compress_arguments(parser) -> None:
     g.add_argument("--hash-bits", type=int, default=16, help="row-hash bits per checkpoint (0 = none)")
     g.add_argument("--hash-every", type=int, default=1, help="rounds between row hashes")
     g.add_argument("--backend", choices=["eager", "fast"],
-                   help="how the sampler's UNet runs (default: fast on CUDA, eager otherwise); decoders follow "
+                   help="how the sampler's UNet runs (default: fast on CUDA and on CPUs with native bf16, else eager); decoders follow "
                         "the file")
     add_dtype_option(g, "UNet dtype of --backend fast (default bf16)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

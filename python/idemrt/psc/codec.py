@@ -65,7 +65,7 @@ def _factor(unet) -> int:
 
 def _compute(backend, dtype, device: torch.device) -> Compute:
     """The compute mode of ``backend`` ("eager", "fast") and ``dtype`` (a torch dtype) on ``device``;
-    by default fast (bf16) on CUDA and eager (fp32) elsewhere, as :class:`idemrt.Decoder`."""
+    by default :func:`idemrt.defaults.default_backend`'s, as :class:`idemrt.Decoder`."""
     backend = default_backend(device, backend)
     if dtype is None:
         return Compute(backend, "bf16" if backend == "fast" else "fp32", device.type)
@@ -105,8 +105,8 @@ class Encoder:
 
     ``backend`` and ``dtype`` choose how the sampler's UNet runs: "eager" (the UNet as given,
     fp32) or "fast" (the fast backend's inference copy in ``dtype``: torch.bfloat16 by default,
-    torch.float16 or torch.float32; one CUDA graph per batch shape on CUDA). Default: fast on
-    CUDA, eager otherwise. The mode is written into the stream and decoders follow it; the fast
+    torch.float16 or torch.float32; one CUDA graph per batch shape on CUDA). Default:
+    :func:`idemrt.defaults.default_backend` (fast on CUDA and on bf16-capable CPUs). The mode is written into the stream and decoders follow it; the fast
     path snapshots the weights here.
     """
 
@@ -174,7 +174,7 @@ class Decoder:
 
     The rows are rebuilt in the compute mode the stream records (the encoder's backend and
     dtype), on this decoder's device, which must be of the encoder's device type. ``backend`` and
-    ``dtype`` (as for :class:`Encoder`; default fast bf16 on CUDA, eager elsewhere),
+    ``dtype`` (as for :class:`Encoder`; default as the Encoder's),
     ``restoration_steps`` (default: the stream's sampler steps), ``restoration_seed``,
     ``scale`` (the guided restoration's step; ``guidance_scale`` is its deprecated name) and ``eta``
     shape the final restoration only, which need not match the

@@ -32,7 +32,7 @@ class ServeConfig:
     sampler: Optional[str] = None
     guidance: Optional[str] = None
     scale: Optional[float] = None
-    backend: Optional[str] = None  # default: fast on CUDA, eager otherwise
+    backend: Optional[str] = None  # default: idemrt.defaults.default_backend
     replicas: int = 1  # fixed replica count (the initial one when autoscaling)
     min_replicas: Optional[int] = None  # either bound given: autoscale on ongoing requests instead
     max_replicas: Optional[int] = None
