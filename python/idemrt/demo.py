@@ -57,6 +57,7 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
     res = pipe.run(x, seed)
     ims = res["images"]
     png = Path(out_dir) / DEMO_PNG
+    png.parent.mkdir(parents=True, exist_ok=True)
     canvas = side_by_side(
         [ims["original"], ims["mse"], ims["perceptual"], ims["perc_redecoded"]],
         ["original", "MSE decode", "perceptual", "re-decoded"],
