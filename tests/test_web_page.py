@@ -5,6 +5,7 @@ decodes ("20" steps by default, "1000" for the cancel check), previews every 2 s
 Skipped when Playwright or a Chromium binary is missing (.ci/run installs both).
 """
 import io
+import json
 import os
 import re
 import shutil
@@ -244,3 +245,24 @@ def test_cancel_frees_the_decode(service, page, photo):
         time.sleep(0.5)
     assert _running(service) == 0
     assert page.is_hidden("#error") and page.is_enabled("#decode")
+
+
+def test_a_model_store_service_lists_its_codecs_and_priors(service, page):
+    """A store-mode service answers /v1/models with codec null and its codecs and priors (what
+    DecodeEngine.models gives): the page names those, not "Codec null". The answer is the real
+    service's with the store's fields added, served to a second tab through Playwright's routing."""
+    with urllib.request.urlopen(service + "/v1/models", timeout=30) as r:
+        models = json.load(r)
+    models.update(codec=None, quality=None, unavailable=[],
+                  codecs=[{"id": "hyper-q1", "codec": "bmshj2018-hyperprior", "quality": 1, "weights_digest": "ab"},
+                          {"id": "elic", "codec": "elic", "quality": None, "weights_digest": "cd"}],
+                  priors=[{"id": "ffhq", "image_size": 256, "default": True}])
+    tab = page.context.new_page()
+    try:
+        tab.route("**/v1/models", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                            body=json.dumps(models)))
+        tab.goto(service + "/")
+        expect(tab.locator("#service")).to_have_text(
+            "Codecs hyper-q1 (bmshj2018-hyperprior q1), elic (elic), priors ffhq; modes perceptual, mse")
+    finally:
+        tab.close()

@@ -102,9 +102,12 @@ async function loadModels() {
     return;
   }
   const m = state.models;
-  $("service").textContent = `Codec ${m.codec}` + (m.quality != null ? ` q${m.quality}` : "") +
-    (m.unet_preset ? `, UNet ${m.unet_preset}` : "") + `; modes ${m.modes.join(", ")}` +
-    (m.deterministic ? ", deterministic" : "");
+  // A model store serves several codecs (each stream goes to the one its header names) and priors.
+  const models = m.codecs && m.codecs.length
+    ? `Codecs ${m.codecs.map((c) => `${c.id} (${c.codec}` + (c.quality != null ? ` q${c.quality})` : ")")).join(", ")}` +
+      (m.priors && m.priors.length ? `, priors ${m.priors.map((p) => p.id).join(", ")}` : "")
+    : `Codec ${m.codec}` + (m.quality != null ? ` q${m.quality}` : "") + (m.unet_preset ? `, UNet ${m.unet_preset}` : "");
+  $("service").textContent = models + `; modes ${m.modes.join(", ")}` + (m.deterministic ? ", deterministic" : "");
   $("limits").textContent = `Limits: files up to ${formatBytes(m.max_body_bytes)}, images up to ` +
     `${m.max_pixels.toLocaleString("en")} pixels (e.g. ${Math.floor(Math.sqrt(m.max_pixels))}×` +
     `${Math.floor(Math.sqrt(m.max_pixels))}).`;
