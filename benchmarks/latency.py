@@ -445,7 +445,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="compute dtype of the fast modes")
     parser.add_argument("--operator-dtype", choices=DTYPE_CHOICES, help="the fast modes' operator dtype (default: --dtype)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    parser.add_argument("--guidance", choices=["dps", "dsg"], default="dps")
+    parser.add_argument("--guidance", choices=["dps", "dsg", "pir"], default="dps")
     parser.add_argument("--size", type=int, help="image side (default: the preset's image_size)")
     parser.add_argument("--decode-steps", type=csv, default=["100", "250", "1000"])
     parser.add_argument("--max-decode-seconds", type=float, default=60.0,

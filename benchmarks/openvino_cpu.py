@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="ffhq256")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--parts", default="unet,step", help="unet (forward) and/or step (the gradient graph)")
+    p.add_argument("--parts", default="unet,step,pir",
+                   help="unet (forward), step (DPS: the gradient graph), pir (the fast preset's codec-gradient step)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import openvino as ov
@@ -116,6 +117,29 @@ def main(argv=None) -> int:
         g32, g16 = ov_f32(feed), ov_bf16(feed)
         errors["openvino bf16 grad vs f32"] = rel_err(g16[2], torch.as_tensor(g32[2]))
         rows += measure("DPS step (gradient graph for OpenVINO)", variants, errors, args.repeats,
+                        {"export_s": round(export_s, 1)})
+    if "pir" in args.parts:
+        pir = latency.make_spec(unet, codec, "ddpm", "pir", cpu)
+        eager_pir = create_backend("eager", pir, device=cpu)
+        fast_pir = create_backend("fast", pir, device=cpu, dtype=fast_dtype)
+        t0 = time.perf_counter()
+        graph = export_step_gradient(unet, tmp / "pir.onnx", s, s, codec=codec, sampler=pir.sampler,
+                                     guidance=pir.guidance)
+        export_s = time.perf_counter() - t0
+        ov_bf16, ov_f32 = compiled(graph.path, "bf16"), compiled(graph.path, "f32")
+        feed = {"x_t": x.numpy(), "t": t.numpy(), "target": target.numpy(), "rows": table_rows.numpy()}
+        want = eager_pir.step(x, i, target, noise)[0]
+        # the proximal graph (UNet forward + the data steps through the codec) is all of the step
+        # but the re-noising update (elementwise)
+        variants = {
+            "torch eager fp32": lambda: eager_pir.step(x, i, target, noise),
+            f"torch fast {fast_dtype}".replace("torch.", ""): lambda: fast_pir.step(x, i, target, noise),
+            "openvino bf16": lambda: ov_bf16(feed),
+        }
+        errors = {"torch fast": rel_err(fast_pir.step(x, i, target, noise)[0], want)}
+        p32, p16 = ov_f32(feed), ov_bf16(feed)
+        errors["openvino bf16 x0' vs f32"] = rel_err(p16[1], torch.as_tensor(p32[1]))
+        rows += measure("PIR step (proximal graph for OpenVINO)", variants, errors, args.repeats,
                         {"export_s": round(export_s, 1)})
     result = {"environment": env, "rows": rows}
     if args.json:
