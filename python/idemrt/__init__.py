@@ -23,6 +23,7 @@ _LAZY = {  # module -> the names it provides
     ".models.codec_loading": ("load_codec",),
     ".models.codec": ("Codec",),
     ".api": ("Encoder", "Decoder"),
+    ".decode_config": ("DecodeConfig",),
     ".store": ("ModelStore",),
 }
 

@@ -24,7 +24,8 @@ from .errors import BitstreamError
 from .exact import exact_idempotence
 from .images import load_image, to_pil
 from .models.codec import diffusion_operator
-from .speeds import resolve_speed
+from .decode_config import DecodeConfig
+from .speeds import SPEEDS, speed_name
 
 __all__ = ["Decoder", "DecodeStats", "Encoder", "Prepared", "entropy_decode", "read_bitstream"]
 
@@ -96,43 +97,59 @@ class Decoder:
     ``deterministic``: each image's step is its own backend call, so its result does not depend on
     the other images of its batch (see :class:`idemrt.diffusion.GuidedSampler`; slower).
 
+    ``config``: a :class:`~idemrt.decode_config.DecodeConfig` holding all of these at once, instead of
+    a ``speed`` preset; keyword arguments given as well override it. ``decoder.config`` is the
+    resolved configuration (``Decoder(codec, unet, config=decoder.config)`` decodes the same).
+
     ``unet``: an ADM UNet or a diffusers prior (:func:`idemrt.load_unet` of a folder); the schedule,
     prediction and variance types the samplers use are the prior's
     (:func:`idemrt.diffusion.diffusion_process`), ``steps`` a respacing of its training steps."""
 
     def __init__(self, codec, unet=None, steps: int | str | None = None, sampler: Optional[str] = None,
-                 guidance: Optional[str] = None, scale: Optional[float] = None, constraint: str = "x", device=None,
-                 dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, *, speed: Optional[str] = None,
-                 start: Optional[float] = None, exact: Optional[bool] = None, guidance_options: Optional[dict] = None,
-                 backend_options: Optional[dict] = None, noise_device=None, eta: float = 1.0, interval: int = 1,
-                 max_retries: int = 0, retry_threshold: float = 20.0, nan_retries: int = 1, check_every: int = 10,
-                 progress: bool = False, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS, deterministic: bool = False):
-        cfg = resolve_speed(speed, steps=steps, sampler=sampler, guidance=guidance, scale=scale, start=start,
-                            guidance_options=guidance_options, exact=exact)
-        _check_choice("sampler", cfg["sampler"], SAMPLERS)
-        _check_choice("constraint", constraint, ("x", "y"))
-        self.speed, self.start, self.exact, self.constraint = cfg["speed"], cfg["start"], bool(cfg["exact"]), constraint
+                 guidance: Optional[str] = None, scale: Optional[float] = None, constraint: Optional[str] = None,
+                 device=None, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, *,
+                 config: Optional[DecodeConfig] = None, speed: Optional[str] = None, start: Optional[float] = None,
+                 exact: Optional[bool] = None, guidance_options: Optional[dict] = None,
+                 backend_options: Optional[dict] = None, noise_device=None, eta: Optional[float] = None,
+                 interval: Optional[int] = None, max_retries: Optional[int] = None,
+                 retry_threshold: Optional[float] = None, nan_retries: Optional[int] = None,
+                 check_every: Optional[int] = None, progress: bool = False,
+                 max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS, deterministic: Optional[bool] = None):
+        if config is not None and speed is not None:
+            raise ValueError("give a speed preset or a config, not both (a config is a whole decode configuration)")
+        if config is not None and not isinstance(config, DecodeConfig):
+            raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+        base = config if config is not None else SPEEDS[speed_name(speed)]
+        cfg = self.config = base.override(
+            steps=steps, sampler=sampler, guidance=guidance, scale=scale, start=start,
+            guidance_options=guidance_options, exact=None if exact is None else bool(exact), constraint=constraint,
+            dtype=dtype, backend=backend, backend_options=backend_options, eta=eta, interval=interval,
+            max_retries=max_retries, retry_threshold=retry_threshold, nan_retries=nan_retries,
+            check_every=check_every, deterministic=None if deterministic is None else bool(deterministic))
+        self.speed = speed_name(speed) if config is None else None  # the preset the config came from
+        self.start, self.exact, self.constraint = cfg.start, cfg.exact, cfg.constraint
         self.device = resolve_device(device)
         self.codec = codec.to(self.device)
         self.unet = unet.to(self.device) if unet is not None else None  # None: MSE decodes only
-        self.operator = diffusion_operator(self.codec, constraint)  # A(x0) in the target's units
+        self.operator = diffusion_operator(self.codec, cfg.constraint)  # A(x0) in the target's units
         # The prior's diffusion (an ADM UNet's: 1000 linear steps; a diffusers folder's: its scheduler
         # config), respaced by ``steps``.
         self.process = diffusion_process(self.unet)
-        self.schedule = self.process.schedule(cfg["steps"])
-        self.warm_start = self.schedule.warm_start(cfg["start"])
+        self.schedule = self.process.schedule(cfg.steps)
+        self.warm_start = self.schedule.warm_start(cfg.start)
         # Network evaluations of one image (a warm start skips the steps above t0).
         self.steps_run = self.schedule.num_steps if self.warm_start is None else self.warm_start.position + 1
-        self.sampler = make_sampler(cfg["sampler"], self.schedule, eta=eta, process=self.process).to(self.device)
-        self.guidance = make_guidance(cfg["guidance"], scale=cfg["scale"], interval=interval,
-                                      options=cfg["guidance_options"])
-        self.retry = RetryPolicy(threshold=retry_threshold, max_retries=max_retries, nan_retries=nan_retries)
-        self.check_every, self.progress, self.max_pixels = check_every, progress, max_pixels
-        self.deterministic = bool(deterministic)
-        self.backend_name, self.backend_options = default_backend(self.device, backend), dict(backend_options or {})
+        self.sampler = make_sampler(cfg.sampler, self.schedule, eta=cfg.eta, process=self.process).to(self.device)
+        self.guidance = make_guidance(cfg.guidance, scale=cfg.scale, interval=cfg.interval,
+                                      options=cfg.guidance_options)
+        self.retry = RetryPolicy(threshold=cfg.retry_threshold, max_retries=cfg.max_retries,
+                                 nan_retries=cfg.nan_retries)
+        self.check_every, self.progress, self.max_pixels = cfg.check_every, progress, max_pixels
+        self.deterministic = cfg.deterministic
+        self.backend_name, self.backend_options = default_backend(self.device, cfg.backend), dict(cfg.backend_options)
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
         # A prior may name the dtype it computes in (a diffusers prior: float32, not the fast backend's bf16).
-        dtype = getattr(self.unet, "compute_dtype", None) if dtype is None else dtype
+        dtype = getattr(self.unet, "compute_dtype", None) if cfg.dtype is None else cfg.dtype
         self.dtype, self._backend, self._lock, self._local = dtype, None, threading.Lock(), threading.local()
 
     @property

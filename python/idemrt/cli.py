@@ -10,7 +10,8 @@ import sys
 import time
 import warnings
 
-from .cli_options import add_backend_option, add_dtype_option, add_sampling_options, add_unet_options
+from .cli_options import (add_backend_option, add_dtype_option, add_sampling_options, add_unet_options,
+                          decode_config_from_args)
 from .errors import BackendError, BitstreamError, CheckpointError, DecodeError, IdemrtError, ImageError
 from .fileio import SameFileError
 
@@ -73,10 +74,18 @@ def cmd_decompress(args) -> int:
 
     from . import bitstream as bsfmt
     from .api import Decoder
-    from .defaults import dtype_from_name
     from .fileio import check_output_path
     from .images import mse255, psnr, save_image
 
+    try:
+        config = decode_config_from_args(args)
+    except (ValueError, TypeError, OSError) as exc:  # a bad --config file or option: a usage error
+        args.parser.error(str(exc))
+    if args.print_config:
+        print(config.to_json(indent=2))
+        return 0
+    if args.input is None or args.output is None:
+        args.parser.error("the following arguments are required: input, output")
     if args.server:
         from .serve.cli import decompress_from_server
 
@@ -103,10 +112,7 @@ def cmd_decompress(args) -> int:
         from .models.unet_loading import load_unet
 
         unet = load_unet(args.unet, preset=args.preset)
-    decoder = Decoder(codec, unet, steps=args.steps, sampler=args.sampler, guidance=args.guidance, scale=args.scale,
-                      interval=args.interval, constraint=args.constraint, device=args.device,
-                      dtype=dtype_from_name(args.dtype), backend=args.backend, max_retries=args.max_retries,
-                      progress=not args.quiet, speed=args.speed, start=args.start, exact=args.exact)
+    decoder = Decoder(codec, unet, config=config, device=args.device, progress=not args.quiet)
     img = decoder.decode(bs, seed=args.seed, mode="mse" if args.mse else "perceptual", output="tensor")
     stats = decoder.last
     save_image(img, args.output, force=args.force, inputs=[args.input])
@@ -163,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     d = sub.add_parser("decompress", help=".idm bitstream -> PNG (perceptual, or --mse)")
-    d.add_argument("input")
-    d.add_argument("output")
+    d.add_argument("input", nargs="?")  # required, except with --print-config
+    d.add_argument("output", nargs="?")
     d.add_argument("--mse", action="store_true", help="the MSE codec's own reconstruction")
     add_unet_options(d)
     d.add_argument("--codec-checkpoint", help="the codec checkpoint the file was made with")
@@ -172,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(d, steps=None, scale=None, speed=True)  # also --speed, --start, --exact
     d.add_argument("--server", default=None, metavar="URL",
                    help="decode on an idemrt service (idemrt serve) instead of locally: no models needed here")
-    d.add_argument("--constraint", default="x", choices=["x", "y"])
-    d.add_argument("--max-retries", type=int, default=0)
+    d.add_argument("--constraint", default=None, choices=["x", "y"], help="(default x)")
+    d.add_argument("--max-retries", type=int, default=None, help="(default 0)")
     d.add_argument("--device", default=None)
     add_dtype_option(d, "compute dtype of the UNet (default: the backend's)")
     add_backend_option(d)
@@ -181,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")
     add_psc_decompress_arguments(d)
     add_store_decompress_options(d)
-    d.set_defaults(func=cmd_decompress)
+    d.set_defaults(func=cmd_decompress, parser=d)
 
     i = sub.add_parser("info", help="describe an .idm bitstream")
     i.add_argument("input")

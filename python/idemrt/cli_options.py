@@ -48,7 +48,8 @@ def add_sampling_options(parser, *, steps: str | None, scale, guidance_none: boo
     parser.add_argument("--guidance", default=None if speed else "dps",
                         choices=[*GUIDANCE, *(["none"] if guidance_none else [])], help=preset or None)
     parser.add_argument("--scale", type=float, default=scale, help="DPS step size (default %(default)s)")
-    parser.add_argument("--interval", type=int, default=1, help="DSG: guide every k-th step (default 1)")
+    parser.add_argument("--interval", type=int, default=None if speed else 1,
+                        help="DSG: guide every k-th step (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     if speed:
         from .speeds import DEFAULT_SPEED, SPEEDS
@@ -59,6 +60,30 @@ def add_sampling_options(parser, *, steps: str | None, scale, guidance_none: boo
                             help="warm start from the MSE decode at t0 = start*1000, start in (0, 1]")
         parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                             help="refine the decode until it re-encodes to the received symbols")
+        parser.add_argument("--config", default=None, metavar="FILE",
+                            help="a DecodeConfig file (.json, or .yaml/.yml) instead of --speed; the options "
+                                 "given explicitly override it")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved DecodeConfig as JSON and exit (no input needed)")
+
+
+def decode_config_from_args(args):
+    """The :class:`~idemrt.decode_config.DecodeConfig` of ``add_sampling_options(speed=True)``'s options:
+    ``--config FILE`` or the ``--speed`` preset, overridden by the options given (those left at None)."""
+    from .defaults import dtype_from_name
+    from .speeds import resolve_speed
+
+    given = dict(steps=args.steps, sampler=args.sampler, guidance=args.guidance, scale=args.scale,
+                 interval=args.interval, start=args.start, exact=args.exact,
+                 constraint=getattr(args, "constraint", None), max_retries=getattr(args, "max_retries", None),
+                 backend=getattr(args, "backend", None), dtype=dtype_from_name(getattr(args, "dtype", None)))
+    if args.config is None:
+        return resolve_speed(args.speed, **given)
+    if args.speed is not None:
+        raise ValueError("--config FILE is a whole decode configuration: give it or --speed, not both")
+    from .decode_config import DecodeConfig
+
+    return DecodeConfig.load(args.config).override(**given)
 
 
 def add_backend_option(parser) -> None:

@@ -40,6 +40,32 @@ def _parse_count(text: str, spec: str) -> int:
         raise ValueError(f"bad timestep respacing {spec!r}: {text!r} is not an integer") from None
 
 
+def parse_respacing(section_counts: int | str | list[int]) -> tuple[str, list[int]]:
+    """A respacing's form, checked without the process it respaces: ``("ddim", [N])`` for
+    ``"ddimN"``, else ``("sections", counts)``. ValueError for anything :func:`space_timesteps`
+    cannot read (what ``DecodeConfig`` checks before a prior is known)."""
+    if isinstance(section_counts, bool):
+        raise ValueError(f"bad timestep respacing {section_counts!r}")
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            desired = _parse_count(spec[len("ddim"):], section_counts)
+            if desired < 1:
+                raise ValueError(f"bad timestep respacing {section_counts!r}: needs at least 1 step")
+            return "ddim", [desired]
+        counts = [_parse_count(part, section_counts) for part in spec.split(",")]
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    elif isinstance(section_counts, (list, tuple)) and section_counts and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in section_counts):
+        counts = list(section_counts)
+    else:
+        raise ValueError(f"timestep respacing must be an int, a list of ints or a string, got {section_counts!r}")
+    if any(c < 1 for c in counts):
+        raise ValueError(f"bad timestep respacing {section_counts!r}: every section needs at least 1 step")
+    return "sections", counts
+
+
 def space_timesteps(num_timesteps: int, section_counts: int | str | list[int]) -> set[int]:
     """The original steps kept by a respacing (guided-diffusion's rules).
 
@@ -56,27 +82,13 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | list[int]) -
     Unlike the reference, a count below 1 is an error (it would silently drop
     a section).
     """
-    if isinstance(section_counts, bool):
-        raise ValueError(f"bad timestep respacing {section_counts!r}")
-    if isinstance(section_counts, str):
-        spec = section_counts.strip()
-        if spec.startswith("ddim"):
-            desired = _parse_count(spec[len("ddim"):], section_counts)
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot create exactly {desired} steps out of {num_timesteps} with an integer stride")
-        counts = [_parse_count(part, section_counts) for part in spec.split(",")]
-    elif isinstance(section_counts, int):
-        counts = [section_counts]
-    elif isinstance(section_counts, (list, tuple)) and section_counts and all(
-            isinstance(c, int) and not isinstance(c, bool) for c in section_counts):
-        counts = list(section_counts)
-    else:
-        raise ValueError(f"timestep respacing must be an int, a list of ints or a string, got {section_counts!r}")
-
-    if any(c < 1 for c in counts):
-        raise ValueError(f"bad timestep respacing {section_counts!r}: every section needs at least 1 step")
+    kind, counts = parse_respacing(section_counts)
+    if kind == "ddim":
+        desired = counts[0]
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return set(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot create exactly {desired} steps out of {num_timesteps} with an integer stride")
     size_per, extra = divmod(num_timesteps, len(counts))
     start = 0
     kept: list[int] = []
@@ -183,8 +195,7 @@ class Schedule:
         (so the model's time input matches the noise level it sees). ``start == 1`` is the plain
         decode, pure noise: sqrt(abar_T) is about 0.006, and keeping that decode bit-for-bit
         matters more than a 0.6% trace of the MSE image."""
-        if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start <= 1:
-            raise ValueError(f"start must be a number in (0, 1], got {start!r}")
+        check_start(start)
         if start == 1:
             return None
         t0 = round(start * self.original_num_steps)
@@ -194,6 +205,13 @@ class Schedule:
         p = int(below[-1])
         abar = float(self.alphas_cumprod[p])
         return WarmStart(p, math.sqrt(abar), math.sqrt(1.0 - abar))
+
+
+def check_start(start) -> float:
+    """``start`` (a warm start's t0 / T) if it is a number in (0, 1], else ValueError."""
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start <= 1:
+        raise ValueError(f"start must be a number in (0, 1], got {start!r}")
+    return start
 
 
 class WarmStart(NamedTuple):

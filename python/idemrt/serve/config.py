@@ -52,9 +52,9 @@ class ServeConfig:
     preview_size: int = 64  # longest side of a preview, pixels
 
     def __post_init__(self):
-        from ..speeds import SPEEDS, resolve_speed
+        from ..speeds import SPEEDS, speed_name
 
-        self.speed = resolve_speed(self.speed)["speed"]
+        self.speed = speed_name(self.speed)
         if self.speeds_allowed is None:
             self.speeds_allowed = [self.speed] + [s for s in SPEEDS if s != self.speed]
         self.speeds_allowed = [str(s) for s in self.speeds_allowed]
@@ -68,7 +68,7 @@ class ServeConfig:
         if self.prior is not None and self.models is None:
             raise ValueError("prior names a prior of a model store: give models too")
         if self.steps_allowed is None:
-            self.steps_allowed = [resolve_speed(self.speed)["steps"]]
+            self.steps_allowed = [SPEEDS[self.speed].steps]
         self.steps_allowed = [str(s) for s in self.steps_allowed]
         if not self.steps_allowed:
             raise ValueError("steps_allowed needs at least one respacing")
@@ -121,7 +121,21 @@ class ServeConfig:
         for the server's default speed, the preset's own for the others."""
         from ..speeds import SPEEDS
 
-        return list(self.steps_allowed) if speed == self.speed else [str(SPEEDS[speed]["steps"])]
+        return list(self.steps_allowed) if speed == self.speed else [str(SPEEDS[speed].steps)]
+
+    def decode_config(self, speed: Optional[str] = None, steps=None):
+        """The :class:`~idemrt.decode_config.DecodeConfig` of a request of ``speed`` (None: the
+        default speed) at respacing ``steps`` (None: its default): the preset, with this server's
+        sampler, guidance and scale for its default speed, and its backend and determinism."""
+        from ..speeds import resolve_speed
+
+        speed = self.speed if speed is None else speed
+        own = speed == self.speed
+        steps = self.steps_for(speed)[0] if steps is None else steps
+        steps = int(steps) if isinstance(steps, str) and steps.isdigit() else steps
+        return resolve_speed(speed, steps=steps, sampler=self.sampler if own else None,
+                             guidance=self.guidance if own else None, scale=self.scale if own else None,
+                             backend=self.backend, deterministic=self.deterministic)
 
     def to_dict(self) -> dict:
         return asdict(self)

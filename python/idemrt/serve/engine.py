@@ -165,13 +165,10 @@ class DecodeEngine:
             decoders = {}
             for prior_id, unet in (priors.items() or [(None, None)]):
                 for speed in config.speeds_allowed:
-                    own = speed == config.speed
                     for steps in config.steps_for(speed):
                         decoders[(codec_id, prior_id, speed, steps)] = Decoder(
-                            codec, unet, steps=_respacing(steps), speed=speed,
-                            sampler=config.sampler if own else None, guidance=config.guidance if own else None,
-                            scale=config.scale if own else None, device=self.device, backend=config.backend,
-                            max_pixels=config.max_pixels, deterministic=config.deterministic)
+                            codec, unet, config=config.decode_config(speed, steps), device=self.device,
+                            max_pixels=config.max_pixels)
             first = next(iter(decoders.values()))
             self.mse_decoders[codec_id] = first
             self.weights_hashes[codec_id] = first.codec.weights_hash()
@@ -530,6 +527,3 @@ def _group_key(decoder: Decoder) -> tuple:
 def _program_key(request: _Request) -> tuple:
     return (request.codec, request.prior, request.speed, request.steps)
 
-
-def _respacing(steps: str):
-    return int(steps) if steps.isdigit() else steps

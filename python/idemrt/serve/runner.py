@@ -69,7 +69,12 @@ def deploy_config(config: ServeConfig, *, host: str = "0.0.0.0", port: int = 800
     import yaml
 
     deployments = [{"name": name, **options} for name, options in deployment_options(config).items()]
-    return yaml.safe_dump({
+    # What a request of the default speed decodes with (idemrt.DecodeConfig), derived from the
+    # application's args below: a comment, so that editing the args stays the one way to change it.
+    decode = config.decode_config().to_yaml() if config.perceptual else ""
+    header = "".join(f"#   {line}\n" for line in decode.splitlines())
+    header = f"# decode config of speed {config.speed!r} (idemrt.DecodeConfig, from args):\n{header}" if header else ""
+    return header + yaml.safe_dump({
         "proxy_location": config.proxy_location,
         "http_options": {"host": host, "port": port},
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "idemrt.serve.app:app_builder",
