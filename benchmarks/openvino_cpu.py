@@ -61,7 +61,6 @@ def main(argv=None) -> int:
     unet, codec = latency.build_unet(args.preset, cpu), latency.build_codec("hyperprior", cpu)
     spec = latency.make_spec(unet, codec, "ddpm", "dps", cpu)
     fast_dtype = default_fast_dtype(cpu)
-    eager = create_backend("eager", spec, device=cpu)
     fast = create_backend("fast", spec, device=cpu, dtype=fast_dtype)
     core = ov.Core()
     threads = len(os.sched_getaffinity(0))
@@ -100,47 +99,33 @@ def main(argv=None) -> int:
                       for name, fn in variants.items()}
             errors["openvino f32"] = rel_err(ov_f32(feed)[0], want)
             rows += measure("unet forward", variants, errors, args.repeats, {"export_s": round(export_s, 1)})
+    def guided(what, step_spec, path, compare, index):
+        """One guided step: torch eager and fast against OpenVINO on the exported graph, which is
+        all of the step but the elementwise update (negligible); ``compare`` names output ``index``,
+        compared between OpenVINO bf16 and f32."""
+        eager_b = create_backend("eager", step_spec, device=cpu)
+        fast_b = create_backend("fast", step_spec, device=cpu, dtype=fast_dtype)
+        t0 = time.perf_counter()
+        graph = export_step_gradient(unet, tmp / path, s, s, codec=codec, sampler=step_spec.sampler,
+                                     guidance=step_spec.guidance)
+        export_s = time.perf_counter() - t0
+        ov_bf16, ov_f32 = compiled(graph.path, "bf16"), compiled(graph.path, "f32")
+        feed = {"x_t": x.numpy(), "t": t.numpy(), "target": target.numpy(), "rows": table_rows.numpy()}
+        want = eager_b.step(x, i, target, noise)[0]
+        variants = {
+            "torch eager fp32": lambda: eager_b.step(x, i, target, noise),
+            f"torch fast {fast_dtype}".replace("torch.", ""): lambda: fast_b.step(x, i, target, noise),
+            "openvino bf16": lambda: ov_bf16(feed),
+        }
+        errors = {"torch fast": rel_err(fast_b.step(x, i, target, noise)[0], want),
+                  f"openvino bf16 {compare} vs f32": rel_err(ov_bf16(feed)[index], torch.as_tensor(ov_f32(feed)[index]))}
+        return measure(what, variants, errors, args.repeats, {"export_s": round(export_s, 1)})
+
     if "step" in args.parts:
-        t0 = time.perf_counter()
-        graph = export_step_gradient(unet, tmp / "step.onnx", s, s, codec=codec, sampler=spec.sampler)
-        export_s = time.perf_counter() - t0
-        ov_bf16, ov_f32 = compiled(graph.path, "bf16"), compiled(graph.path, "f32")
-        feed = {"x_t": x.numpy(), "t": t.numpy(), "target": target.numpy(), "rows": table_rows.numpy()}
-        want = eager.step(x, i, target, noise)[0]
-        # the step's gradient graph is all of the step but the elementwise sampler update (negligible)
-        variants = {
-            "torch eager fp32": lambda: eager.step(x, i, target, noise),
-            f"torch fast {fast_dtype}".replace("torch.", ""): lambda: fast.step(x, i, target, noise),
-            "openvino bf16": lambda: ov_bf16(feed),
-        }
-        errors = {"torch fast": rel_err(fast.step(x, i, target, noise)[0], want)}
-        g32, g16 = ov_f32(feed), ov_bf16(feed)
-        errors["openvino bf16 grad vs f32"] = rel_err(g16[2], torch.as_tensor(g32[2]))
-        rows += measure("DPS step (gradient graph for OpenVINO)", variants, errors, args.repeats,
-                        {"export_s": round(export_s, 1)})
+        rows += guided("DPS step (gradient graph for OpenVINO)", spec, "step.onnx", "grad", 2)
     if "pir" in args.parts:
-        pir = latency.make_spec(unet, codec, "ddpm", "pir", cpu)
-        eager_pir = create_backend("eager", pir, device=cpu)
-        fast_pir = create_backend("fast", pir, device=cpu, dtype=fast_dtype)
-        t0 = time.perf_counter()
-        graph = export_step_gradient(unet, tmp / "pir.onnx", s, s, codec=codec, sampler=pir.sampler,
-                                     guidance=pir.guidance)
-        export_s = time.perf_counter() - t0
-        ov_bf16, ov_f32 = compiled(graph.path, "bf16"), compiled(graph.path, "f32")
-        feed = {"x_t": x.numpy(), "t": t.numpy(), "target": target.numpy(), "rows": table_rows.numpy()}
-        want = eager_pir.step(x, i, target, noise)[0]
-        # the proximal graph (UNet forward + the data steps through the codec) is all of the step
-        # but the re-noising update (elementwise)
-        variants = {
-            "torch eager fp32": lambda: eager_pir.step(x, i, target, noise),
-            f"torch fast {fast_dtype}".replace("torch.", ""): lambda: fast_pir.step(x, i, target, noise),
-            "openvino bf16": lambda: ov_bf16(feed),
-        }
-        errors = {"torch fast": rel_err(fast_pir.step(x, i, target, noise)[0], want)}
-        p32, p16 = ov_f32(feed), ov_bf16(feed)
-        errors["openvino bf16 x0' vs f32"] = rel_err(p16[1], torch.as_tensor(p32[1]))
-        rows += measure("PIR step (proximal graph for OpenVINO)", variants, errors, args.repeats,
-                        {"export_s": round(export_s, 1)})
+        rows += guided("PIR step (proximal graph for OpenVINO)", latency.make_spec(unet, codec, "ddpm", "pir", cpu),
+                       "pir.onnx", "x0'", 1)
     result = {"environment": env, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
