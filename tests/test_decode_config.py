@@ -270,3 +270,16 @@ def test_serve_config_builds_decode_configs_and_prints_its_default():
     header = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#   "))
     assert DecodeConfig.from_yaml(header) == config.decode_config()
     assert yaml.safe_load(text)["applications"][0]["args"]["speed"] == "fast"  # the YAML itself is unchanged
+
+
+def test_evaluation_pipeline_takes_a_config(models, data):
+    from idemrt.evaluation import Pipeline
+
+    unet, codec = models
+    cfg = SPEEDS["fast"].replace(steps=4, start=0.6)
+    pipe = Pipeline(codec, unet, config=cfg, device="cpu")
+    assert pipe.decoder.config == cfg
+    old = Pipeline(codec, unet, steps=4, sampler="ddpm", guidance="dps", scale=1.0, device="cpu", progress=False)
+    assert old.decoder.config == SPEEDS["paper"].replace(steps=4, scale=1.0)
+    direct = idemrt.Decoder(codec, unet, config=cfg, device="cpu")
+    assert torch.equal(pipe.decoder.decode(data, seed=4, output="tensor"), direct.decode(data, seed=4, output="tensor"))

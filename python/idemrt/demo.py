@@ -36,11 +36,13 @@ def side_by_side(panels, labels, scale: int = 3):
 
 def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "ddpm", scale: float = DEMO_SCALE,
              image: str = "chelsea", size: int = DEMO_SIZE, device="cpu", progress: bool = True,
-             speed: str | None = None) -> dict:
+             speed: str | None = None, config=None) -> dict:
     """Compress a held-out photograph with the demo codec, decode it both ways, write a PNG.
 
     ``speed``: a preset of :data:`idemrt.speeds.SPEEDS` (it then sets the steps, sampler, guidance
-    and scale); None: the demo's own configuration (``steps``, ``sampler``, DPS ``scale``).
+    and scale); ``config``: a whole :class:`~idemrt.decode_config.DecodeConfig` (``steps``,
+    ``sampler`` and ``scale`` are then ignored); neither: the demo's own configuration (``steps``,
+    ``sampler``, DPS ``scale``).
 
     Writes ``out_dir/idemrt_demo.png`` (original | MSE decode | perceptual decode | MSE decode of the
     re-compressed perceptual image), atomically, replacing an older one. Prints and returns the facts.
@@ -49,11 +51,12 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
 
     t0 = time.perf_counter()
     x = demo_image(image, size)
-    if speed is not None:
-        steps = sampler = scale = None  # the preset's
+    if speed is not None or config is not None:
+        steps = sampler = scale = None  # the preset's, or the config's
     pipe = Pipeline(load_demo_codec(device), load_demo_unet(device), steps=steps, sampler=sampler,
-                    guidance=None if speed else "dps", scale=scale, device=device, progress=progress, speed=speed)
-    preset = describe_preset(pipe.decoder, speed)
+                    guidance=None if speed or config else "dps", scale=scale, device=device, progress=progress,
+                    speed=speed, config=config)
+    preset = describe_preset(pipe.decoder, speed, given_config=config is not None)
     res = pipe.run(x, seed)
     ims = res["images"]
     png = Path(out_dir) / DEMO_PNG
@@ -95,13 +98,14 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
     return facts
 
 
-def describe_preset(decoder, speed) -> str:
+def describe_preset(decoder, speed, given_config: bool = False) -> str:
     """What the demo decoded with: the speed preset's name (or "demo defaults") and its settings."""
     g = decoder.guidance
     guide = f"DPS scale {g.scale:g}" if getattr(g, "name", None) == "dps" else getattr(g, "name", "none")
     warm = f", warm start {decoder.start:g}" if decoder.warm_start is not None else ""
     exact = ", exact" if decoder.exact else ""
-    name = f"speed preset '{speed}'" if speed else "demo defaults, no speed preset"
+    name = ("the DecodeConfig given" if given_config else
+            f"speed preset '{speed}'" if speed else "demo defaults, no speed preset")
     return (f"{name}: {type(decoder.sampler).__name__[:4].lower()} {decoder.schedule.num_steps} steps, {guide}{warm}{exact}, "
             f"{decoder.steps_run} UNet evaluations")
 

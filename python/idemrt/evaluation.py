@@ -46,13 +46,15 @@ def as_8bit(x: torch.Tensor) -> torch.Tensor:
 class Pipeline:
     """An Encoder and a Decoder, plus the re-compression measurements of one decode."""
 
-    def __init__(self, codec, unet, *, steps, sampler, guidance, scale, device, progress, interval: int = 1,
-                 speed=None):
+    def __init__(self, codec, unet, *, steps=None, sampler=None, guidance=None, scale=None, device=None,
+                 progress=False, interval=None, speed=None, config=None):
+        """``config``: a :class:`~idemrt.decode_config.DecodeConfig` (instead of ``speed``), which the
+        other decode arguments override like :class:`~idemrt.api.Decoder`'s."""
         from .api import Decoder, Encoder
 
         self.encoder = Encoder(codec)
         self.decoder = Decoder(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale,
-                               interval=interval, device=device, progress=progress, speed=speed)
+                               interval=interval, device=device, progress=progress, speed=speed, config=config)
 
     def latent(self, data: bytes) -> torch.Tensor:
         from . import bitstream as bsfmt
