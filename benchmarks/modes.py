@@ -109,7 +109,7 @@ def crops(full128: bool) -> list[tuple[str, torch.Tensor]]:
 
 
 def decoder_options(cfg: dict) -> dict:
-    keys = ("steps", "guidance", "scale", "start", "sampler", "speed", "guidance_options", "exact")
+    keys = ("steps", "guidance", "scale", "start", "sampler", "guidance_options", "exact")
     return {k: cfg[k] for k in keys if k in cfg}
 
 
@@ -119,10 +119,13 @@ def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None, backen
     backend (on this CPU bf16 where it has AVX-512 BF16, channels-last); it needs the bare ADM
     UNet, so its evaluations are not counted (the same as eager's for the same configuration)."""
     from idemrt.api import Decoder
+    from idemrt.speeds import SPEEDS
 
-    pipe = Pipeline(codec, unet, steps=10, sampler="ddpm", guidance="dps", scale=1.0, device="cpu", progress=False)
-    pipe.decoder = Decoder(codec, unet if backend == "eager" else unet.inner, device="cpu", backend=backend,
-                           **decoder_options(cfg))
+    # as Decoder(**options) resolved them: the paper preset, the row's options over it
+    config = SPEEDS[cfg["speed"]] if "speed" in cfg else SPEEDS["paper"].override(**decoder_options(cfg))
+    pipe = Pipeline(codec, unet, config.replace(backend=backend), device="cpu", progress=False)
+    if backend != "eager":  # the fast backend needs the bare ADM UNet
+        pipe.decoder = Decoder(codec, unet.inner, config=pipe.decoder.config, device="cpu")
     rows = []
     for name, x in images:
         unet.forwards = unet.backwards = 0

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--paper-steps", type=int, default=20)
     args = p.parse_args(argv)
     from idemrt import Decoder
+    from idemrt.speeds import SPEEDS
     from idemrt.demo_assets import DEMO_SCALE, load_demo_codec, load_demo_unet
 
     requests = serve_load.workload(40, 2.0, 0)
@@ -46,15 +47,13 @@ def main(argv=None) -> int:
     for k in args.request or [29]:
         r = requests[k]
         bitstream = data[r["size"]][k % len(data[r["size"]])]
-        steps = args.paper_steps if r["speed"] == "paper" else None
         for name in args.variants.split(","):
-            options = dict(VARIANTS[name])
+            config = SPEEDS[r["speed"]].replace(check_every=1, nan_retries=0, **VARIANTS[name])
             if r["speed"] == "paper":
-                options["scale"] = DEMO_SCALE
+                config = config.replace(steps=args.paper_steps, scale=DEMO_SCALE)
             t0 = time.perf_counter()
             try:
-                decoder = Decoder(codec, unet, speed=r["speed"], steps=steps, device=args.device, check_every=1,
-                                  nan_retries=0, **options)
+                decoder = Decoder(codec, unet, config=config, device=args.device)
                 image = decoder.decode(bitstream, seed=r["seed"], output="tensor")
                 line = f"finite (mean {float(image.mean()):.4f})"
             except Exception as exc:  # noqa: BLE001 - the message names the step

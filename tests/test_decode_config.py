@@ -283,3 +283,54 @@ def test_evaluation_pipeline_takes_a_config(models, data):
     assert old.decoder.config == SPEEDS["paper"].replace(steps=4, scale=1.0)
     direct = idemrt.Decoder(codec, unet, config=cfg, device="cpu")
     assert torch.equal(pipe.decoder.decode(data, seed=4, output="tensor"), direct.decode(data, seed=4, output="tensor"))
+
+
+def test_loose_decode_options_are_deprecated_aliases(models, tmp_path):
+    """Decoder, Pipeline, run_demo and evaluate take ``config=`` (a DecodeConfig or a preset name);
+    their loose decode options still work, with one DeprecationWarning naming them, and idemrt's own
+    callers (the CLI paths) never use them."""
+    import warnings
+
+    from idemrt.evaluation import Pipeline
+
+    unet, codec = models
+    with pytest.warns(DeprecationWarning, match=r"Decoder\(scale=, speed=, steps=\)"):
+        old = idemrt.Decoder(codec, unet, speed="fast", steps=20, scale=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new = idemrt.Decoder(codec, unet, config=SPEEDS["fast"].replace(steps=20, scale=0.5))
+        named = idemrt.Decoder(codec, unet, config="fast")
+        pipe = Pipeline(codec, unet, "balanced")
+    assert old.config == new.config and named.config == SPEEDS["fast"] and named.speed == "fast"
+    assert pipe.decoder.config == SPEEDS["balanced"]
+    with pytest.warns(DeprecationWarning, match=r"Pipeline\(steps=\)"):
+        assert Pipeline(codec, unet, steps=7).decoder.config == SPEEDS["paper"].replace(steps=7)
+    with pytest.raises(TypeError, match="DecodeConfig or a preset name"):
+        idemrt.Decoder(codec, unet, config={"steps": 3})
+    with pytest.raises(ValueError, match="speed must be one of"):
+        idemrt.Decoder(codec, unet, config="quick")
+
+
+def test_the_demo_and_eval_commands_pass_a_config(tmp_path, monkeypatch):
+    """`idemrt demo` and `idemrt eval` build a DecodeConfig from their options (no deprecated
+    path), the demo's own by default and a preset with --speed, options given over either."""
+    import argparse
+    import warnings
+
+    from idemrt import demo, evaluation
+    from idemrt.demo_assets import demo_decode_config
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out_dir, **kw: seen.setdefault("demo", []).append(kw["config"]))
+    monkeypatch.setattr(evaluation, "evaluate", lambda d, o, **kw: seen.setdefault("eval", []).append(kw["config"]))
+    p = argparse.ArgumentParser()
+    demo.add_subparsers(p.add_subparsers(dest="command", required=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for argv in (["demo"], ["demo", "--steps", "20"], ["demo", "--speed", "fast", "--steps", "30"],
+                     ["eval", str(tmp_path), "--scale", "2"]):
+            args = p.parse_args(argv)
+            args.func(args)
+    assert seen["demo"] == [demo_decode_config(), demo_decode_config().replace(steps=20),
+                            SPEEDS["fast"].replace(steps=30)]
+    assert seen["eval"] == [demo_decode_config().replace(scale=2.0)]

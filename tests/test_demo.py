@@ -237,9 +237,9 @@ def test_subcommands_parse_and_check_their_arguments(tmp_path):
     p = argparse.ArgumentParser()
     demo.add_subparsers(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["demo", "--steps", "ddim5", "--out-dir", str(tmp_path)])
-    assert (args.func, args.steps, args.sampler) == (demo.cmd_demo, "ddim5", "ddpm")
-    # Strings, as cli.main expects of every --steps (it turns digits into an int).
-    assert p.parse_args(["demo"]).steps == demo_assets.DEMO_STEPS  # parsed to an int, as the Decoder takes it
+    assert (args.func, args.steps, args.sampler) == (demo.cmd_demo, "ddim5", None)  # None: the demo config's
+    assert p.parse_args(["demo"]).steps is None and demo_assets.demo_decode_config().steps == demo_assets.DEMO_STEPS
+    assert p.parse_args(["demo", "--steps", "100"]).steps == 100  # parsed to an int, as the Decoder takes it
     assert p.parse_args(["demo", "--steps", "ddim50"]).steps == "ddim50"
     from idemrt.cli_options import steps_value
 

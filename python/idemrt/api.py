@@ -25,7 +25,7 @@ from .exact import exact_idempotence
 from .images import load_image, to_pil
 from .models.codec import diffusion_operator
 from .decode_config import DecodeConfig
-from .speeds import SPEEDS, speed_name
+from .speeds import decode_config, speed_name
 
 __all__ = ["Decoder", "DecodeStats", "Encoder", "Prepared", "entropy_decode", "read_bitstream"]
 
@@ -97,9 +97,10 @@ class Decoder:
     ``deterministic``: each image's step is its own backend call, so its result does not depend on
     the other images of its batch (see :class:`idemrt.diffusion.GuidedSampler`; slower).
 
-    ``config``: a :class:`~idemrt.decode_config.DecodeConfig` holding all of these at once, instead of
-    a ``speed`` preset; keyword arguments given as well override it. ``decoder.config`` is the
-    resolved configuration (``Decoder(codec, unet, config=decoder.config)`` decodes the same).
+    ``config``: a :class:`~idemrt.decode_config.DecodeConfig` holding all of these at once, or a preset
+    name (default: "paper"). The loose keyword arguments (``speed``, ``steps``, ``sampler``, ...) are
+    deprecated aliases (a DeprecationWarning) that override it. ``decoder.config`` is the resolved
+    configuration (``Decoder(codec, unet, config=decoder.config)`` decodes the same).
 
     ``unet``: an ADM UNet or a diffusers prior (:func:`idemrt.load_unet` of a folder); the schedule,
     prediction and variance types the samplers use are the prior's
@@ -108,25 +109,21 @@ class Decoder:
     def __init__(self, codec, unet=None, steps: int | str | None = None, sampler: Optional[str] = None,
                  guidance: Optional[str] = None, scale: Optional[float] = None, constraint: Optional[str] = None,
                  device=None, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, *,
-                 config: Optional[DecodeConfig] = None, speed: Optional[str] = None, start: Optional[float] = None,
+                 config: DecodeConfig | str | None = None, speed: Optional[str] = None, start: Optional[float] = None,
                  exact: Optional[bool] = None, guidance_options: Optional[dict] = None,
                  backend_options: Optional[dict] = None, noise_device=None, eta: Optional[float] = None,
                  interval: Optional[int] = None, max_retries: Optional[int] = None,
                  retry_threshold: Optional[float] = None, nan_retries: Optional[int] = None,
                  check_every: Optional[int] = None, progress: bool = False,
                  max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS, deterministic: Optional[bool] = None):
-        if config is not None and speed is not None:
-            raise ValueError("give a speed preset or a config, not both (a config is a whole decode configuration)")
-        if config is not None and not isinstance(config, DecodeConfig):
-            raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
-        base = config if config is not None else SPEEDS[speed_name(speed)]
-        cfg = self.config = base.override(
-            steps=steps, sampler=sampler, guidance=guidance, scale=scale, start=start,
-            guidance_options=guidance_options, exact=None if exact is None else bool(exact), constraint=constraint,
-            dtype=dtype, backend=backend, backend_options=backend_options, eta=eta, interval=interval,
-            max_retries=max_retries, retry_threshold=retry_threshold, nan_retries=nan_retries,
+        cfg = self.config = decode_config(
+            config, owner="Decoder", speed=speed, steps=steps, sampler=sampler, guidance=guidance, scale=scale,
+            start=start, guidance_options=guidance_options, exact=None if exact is None else bool(exact),
+            constraint=constraint, dtype=dtype, backend=backend, backend_options=backend_options, eta=eta,
+            interval=interval, max_retries=max_retries, retry_threshold=retry_threshold, nan_retries=nan_retries,
             check_every=check_every, deterministic=None if deterministic is None else bool(deterministic))
-        self.speed = speed_name(speed) if config is None else None  # the preset the config came from
+        # the preset the config came from, if any
+        self.speed = config if isinstance(config, str) else None if config is not None else speed_name(speed)
         self.start, self.exact, self.constraint = cfg.start, cfg.exact, cfg.constraint
         self.device = resolve_device(device)
         self.codec = codec.to(self.device)

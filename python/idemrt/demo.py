@@ -10,7 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .demo_assets import DEMO_IMAGES, DEMO_SCALE, DEMO_SIZE, DEMO_STEPS, demo_image, load_demo_codec, load_demo_unet
+from .demo_assets import (DEMO_IMAGES, DEMO_SCALE, DEMO_SIZE, DEMO_STEPS, demo_decode_config, demo_image,
+                          load_demo_codec, load_demo_unet)
 from .evaluation import Pipeline, add_eval_subparser
 
 DEMO_PNG = "idemrt_demo.png"
@@ -34,29 +35,29 @@ def side_by_side(panels, labels, scale: int = 3):
     return canvas
 
 
-def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "ddpm", scale: float = DEMO_SCALE,
-             image: str = "chelsea", size: int = DEMO_SIZE, device="cpu", progress: bool = True,
-             speed: str | None = None, config=None) -> dict:
+def run_demo(out_dir=".", seed: int = 0, steps=None, *, config=None, image: str = "chelsea", size: int = DEMO_SIZE,
+             device="cpu", progress: bool = True, sampler: str | None = None, scale: float | None = None,
+             speed: str | None = None) -> dict:
     """Compress a held-out photograph with the demo codec, decode it both ways, write a PNG.
 
-    ``speed``: a preset of :data:`idemrt.speeds.SPEEDS` (it then sets the steps, sampler, guidance
-    and scale); ``config``: a whole :class:`~idemrt.decode_config.DecodeConfig` (``steps``,
-    ``sampler`` and ``scale`` are then ignored); neither: the demo's own configuration (``steps``,
-    ``sampler``, DPS ``scale``).
+    ``config``: the decode's :class:`~idemrt.decode_config.DecodeConfig` or a preset name of
+    :data:`idemrt.speeds.SPEEDS` (default: the demo's own, :func:`~idemrt.demo_assets.demo_decode_config`:
+    DDPM, 100 steps, DPS scale 1.0); ``steps``, ``sampler``, ``scale`` and ``speed`` are its
+    deprecated aliases.
 
     Writes ``out_dir/idemrt_demo.png`` (original | MSE decode | perceptual decode | MSE decode of the
     re-compressed perceptual image), atomically, replacing an older one. Prints and returns the facts.
     """
     from .fileio import atomic_writer
+    from .speeds import decode_config
 
     t0 = time.perf_counter()
     x = demo_image(image, size)
-    if speed is not None or config is not None:
-        steps = sampler = scale = None  # the preset's, or the config's
-    pipe = Pipeline(load_demo_codec(device), load_demo_unet(device), steps=steps, sampler=sampler,
-                    guidance=None if speed or config else "dps", scale=scale, device=device, progress=progress,
-                    speed=speed, config=config)
-    preset = describe_preset(pipe.decoder, speed, given_config=config is not None)
+    named = config if isinstance(config, str) else speed
+    config = decode_config(config, owner="run_demo", default=demo_decode_config(), speed=speed, steps=steps,
+                           sampler=sampler, scale=scale)
+    pipe = Pipeline(load_demo_codec(device), load_demo_unet(device), config, device=device, progress=progress)
+    preset = describe_preset(pipe.decoder, named)
     res = pipe.run(x, seed)
     ims = res["images"]
     png = Path(out_dir) / DEMO_PNG
@@ -79,8 +80,8 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
         "recompress_mse": res["perc"]["recompress_mse"],
         "recompress_psnr": res["perc"]["recompress_psnr"],
         "symbols_equal": res["perc"]["symbols_equal"],
-        "steps": steps,
-        "sampler": sampler,
+        "steps": config.steps,
+        "sampler": config.sampler,
         "preset": preset,
         "seconds": time.perf_counter() - t0,
         "png": str(png),
@@ -98,22 +99,26 @@ def run_demo(out_dir=".", seed: int = 0, steps=DEMO_STEPS, *, sampler: str = "dd
     return facts
 
 
-def describe_preset(decoder, speed, given_config: bool = False) -> str:
+def describe_preset(decoder, speed) -> str:
     """What the demo decoded with: the speed preset's name (or "demo defaults") and its settings."""
     g = decoder.guidance
     guide = f"DPS scale {g.scale:g}" if getattr(g, "name", None) == "dps" else getattr(g, "name", "none")
     warm = f", warm start {decoder.start:g}" if decoder.warm_start is not None else ""
     exact = ", exact" if decoder.exact else ""
-    name = ("the DecodeConfig given" if given_config else
-            f"speed preset '{speed}'" if speed else "demo defaults, no speed preset")
+    name = f"speed preset '{speed}'" if speed else "demo defaults, no speed preset"
     return (f"{name}: {type(decoder.sampler).__name__[:4].lower()} {decoder.schedule.num_steps} steps, {guide}{warm}{exact}, "
             f"{decoder.steps_run} UNet evaluations")
 
 
-
 def cmd_demo(args) -> int:
-    run_demo(args.out_dir, seed=args.seed, steps=args.steps, sampler=args.sampler, scale=args.scale,
-             image=args.image, size=args.size, device=args.device, progress=not args.quiet, speed=args.speed)
+    from .speeds import SPEEDS
+
+    if args.speed:  # a preset, with the options given on the command line over it
+        config = SPEEDS[args.speed].override(steps=args.steps, sampler=args.sampler, scale=args.scale)
+    else:
+        config = demo_decode_config().override(steps=args.steps, sampler=args.sampler, scale=args.scale)
+    run_demo(args.out_dir, seed=args.seed, config=config, image=args.image, size=args.size, device=args.device,
+             progress=not args.quiet)
     return 0
 
 
@@ -127,9 +132,10 @@ def add_subparsers(subparsers) -> None:
     d.add_argument("--out-dir", default=".", help=f"where {DEMO_PNG} is written (replaced if present)")
     d.add_argument("--image", default="chelsea", choices=DEMO_IMAGES)
     d.add_argument("--size", type=int, default=DEMO_SIZE, help="image side in pixels (the shipped files are 128)")
-    d.add_argument("--steps", type=steps_value, default=DEMO_STEPS, help="respaced steps, e.g. 100 or 'ddim50'")
-    d.add_argument("--sampler", default="ddpm", choices=sorted(SAMPLERS))
-    d.add_argument("--scale", type=float, default=DEMO_SCALE, help="DPS step size")
+    d.add_argument("--steps", type=steps_value, default=None,
+                   help=f"respaced steps, e.g. 100 or 'ddim50' (default: {DEMO_STEPS}, or the --speed preset's)")
+    d.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: ddpm, or the preset's")
+    d.add_argument("--scale", type=float, default=None, help=f"DPS step size (default: {DEMO_SCALE}, or the preset's)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--speed", default=None, choices=sorted(SPEEDS),
                    help="decode with a speed preset instead (docs/fast_modes.md)")

@@ -26,6 +26,14 @@ DEMO_SIZE = 64
 DEMO_SCALE = 1.0
 
 
+def demo_decode_config():
+    """The demo's own decode (``idemrt demo``, ``idemrt eval``): DDPM, DEMO_STEPS respaced steps, DPS
+    at DEMO_SCALE (docs/demo.md)."""
+    from .decode_config import DecodeConfig
+
+    return DecodeConfig(steps=DEMO_STEPS, sampler="ddpm", guidance="dps", scale=DEMO_SCALE)
+
+
 def demo_file(name: str):
     """A file of ``idemrt/demo_models`` (an importlib.resources Traversable)."""
     return resources.files("idemrt").joinpath("demo_models", name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .demo_assets import DEMO_SCALE, DEMO_STEPS, load_demo_codec, load_demo_unet
+from .demo_assets import DEMO_SCALE, DEMO_STEPS, demo_decode_config, load_demo_codec, load_demo_unet
 from .errors import CheckpointError, ImageError
 from .images import mse255, psnr
 
@@ -46,15 +46,18 @@ def as_8bit(x: torch.Tensor) -> torch.Tensor:
 class Pipeline:
     """An Encoder and a Decoder, plus the re-compression measurements of one decode."""
 
-    def __init__(self, codec, unet, *, steps=None, sampler=None, guidance=None, scale=None, device=None,
-                 progress=False, interval=None, speed=None, config=None):
-        """``config``: a :class:`~idemrt.decode_config.DecodeConfig` (instead of ``speed``), which the
-        other decode arguments override like :class:`~idemrt.api.Decoder`'s."""
+    def __init__(self, codec, unet, config=None, *, device=None, progress=False, steps=None, sampler=None,
+                 guidance=None, scale=None, interval=None, speed=None):
+        """``config``: a :class:`~idemrt.decode_config.DecodeConfig` or a preset name (default "paper");
+        ``steps``, ``sampler``, ``guidance``, ``scale``, ``interval`` and ``speed`` are its deprecated
+        aliases, as :class:`~idemrt.api.Decoder`'s."""
         from .api import Decoder, Encoder
+        from .speeds import decode_config
 
+        config = decode_config(config, owner="Pipeline", speed=speed, steps=steps, sampler=sampler,
+                               guidance=guidance, scale=scale, interval=interval)
         self.encoder = Encoder(codec)
-        self.decoder = Decoder(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale,
-                               interval=interval, device=device, progress=progress, speed=speed, config=config)
+        self.decoder = Decoder(codec, unet, config=config, device=device, progress=progress)
 
     def latent(self, data: bytes) -> torch.Tensor:
         from . import bitstream as bsfmt
@@ -116,12 +119,15 @@ def list_images(image_dir) -> list[Path]:
     return files
 
 
-def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sampler: str = "ddpm",
-             guidance: str = "dps", scale: float = DEMO_SCALE, interval: int = 1, seed: int = 0, device="cpu",
-             inception=None, inception_sha256=None, force: bool = False, progress: bool = True) -> dict:
+def evaluate(image_dir, out_dir, *, codec=None, unet=None, config=None, seed: int = 0, device="cpu",
+             inception=None, inception_sha256=None, force: bool = False, progress: bool = True, steps=None,
+             sampler=None, guidance=None, scale=None, interval=None) -> dict:
     """Per-image and mean metrics of the MSE and perceptual decodes of every image in ``image_dir``.
 
-    ``codec``/``unet``: models (default: the demo models). Writes into ``out_dir``: ``metrics.csv``
+    ``codec``/``unet``: models (default: the demo models). ``config``: the decode's
+    :class:`~idemrt.decode_config.DecodeConfig` or a preset name (default: the demo's,
+    :func:`idemrt.demo_assets.demo_decode_config`); ``steps``, ``sampler``, ``guidance``, ``scale`` and
+    ``interval`` are its deprecated aliases. Writes into ``out_dir``: ``metrics.csv``
     (one row per image, then the mean), ``metrics.json``, ``rd.png`` and the decodes as PNGs
     (``mse/``, ``perceptual/``). Returns the JSON content.
 
@@ -144,9 +150,11 @@ def evaluate(image_dir, out_dir, *, codec=None, unet=None, steps=DEMO_STEPS, sam
         scores = PatchScores(load_inception(inception, device, inception_sha256))
     codec = load_demo_codec(device) if codec is None else codec
     unet = load_demo_unet(device) if unet is None else unet
-    pipe = Pipeline(codec, unet, steps=steps, sampler=sampler, guidance=guidance, scale=scale, interval=interval,
-                    device=device,
-                    progress=progress)
+    from .speeds import decode_config
+
+    config = decode_config(config, owner="evaluate", default=demo_decode_config(), steps=steps, sampler=sampler,
+                           guidance=guidance, scale=scale, interval=interval)
+    pipe = Pipeline(codec, unet, config, device=device, progress=progress)
     (out / "mse").mkdir(parents=True, exist_ok=True)
     (out / "perceptual").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -274,8 +282,9 @@ def cmd_eval(args) -> int:
         from .models.unet_loading import load_unet
 
         unet = load_unet(args.unet, preset=args.preset)
-    evaluate(args.dir, args.out, codec=codec, unet=unet, steps=args.steps, sampler=args.sampler,
-             guidance=args.guidance, scale=args.scale, interval=args.interval, seed=args.seed, device=args.device,
+    config = demo_decode_config().override(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                                           scale=args.scale, interval=args.interval)
+    evaluate(args.dir, args.out, codec=codec, unet=unet, config=config, seed=args.seed, device=args.device,
              inception=args.inception, inception_sha256=args.inception_sha256, force=args.force,
              progress=not args.quiet)
     return 0

@@ -1,4 +1,4 @@
-"""Speed presets: ``Decoder(speed=...)``, ``idemrt decompress --speed``, the demo and the service.
+"""Speed presets: ``Decoder(config="fast")``, ``idemrt decompress --speed``, the demo and the service.
 
 Each preset is a measured configuration of the perceptual decode (benchmarks/modes.py on the demo
 models, docs/fast_modes.md): a :class:`~idemrt.decode_config.DecodeConfig`. Arguments given
@@ -12,7 +12,7 @@ from typing import Optional
 
 from .decode_config import DecodeConfig
 
-__all__ = ["DEFAULT_SPEED", "SPEEDS", "resolve_speed", "speed_name"]
+__all__ = ["DEFAULT_SPEED", "SPEEDS", "decode_config", "resolve_speed", "speed_name"]
 
 SPEEDS: dict[str, DecodeConfig] = {
     # The paper: DDPM, 1000 steps, DPS scale 0.6 (2,000 UNet evaluations: 1000 forwards + backwards).
@@ -41,3 +41,26 @@ def resolve_speed(speed: Optional[str], **given) -> DecodeConfig:
     ``given`` fields taking precedence (:meth:`DecodeConfig.override`). ValueError for an unknown
     preset or field."""
     return SPEEDS[speed_name(speed)].override(**given)
+
+
+def decode_config(config=None, *, owner: str, default: Optional[DecodeConfig] = None, speed: Optional[str] = None,
+                  **loose) -> DecodeConfig:
+    """The DecodeConfig a function of idemrt was given: ``config`` (a DecodeConfig or a preset name),
+    else ``default``, else the preset ``speed`` (None: :data:`DEFAULT_SPEED`), overridden by the
+    non-None ``loose`` fields. ``speed`` and the loose fields are deprecated aliases of ``config``: one
+    DeprecationWarning names those ``owner`` was given."""
+    import warnings
+
+    given = sorted(k for k, v in {"speed": speed, **loose}.items() if v is not None)
+    if given:
+        warnings.warn(f"{owner}({'=, '.join(given)}=): loose decode options are deprecated; pass config= (an "
+                      f"idemrt.DecodeConfig, e.g. SPEEDS['fast'].replace(steps=20), or a preset name)",
+                      DeprecationWarning, stacklevel=3)
+    if config is not None and speed is not None:
+        raise ValueError("give a speed preset or a config, not both (a config is a whole decode configuration)")
+    if isinstance(config, str):
+        config = SPEEDS[speed_name(config)]
+    elif config is not None and not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig or a preset name, got {type(config).__name__}")
+    base = config if config is not None else default if default is not None and speed is None else SPEEDS[speed_name(speed)]
+    return base.override(**loose)
