@@ -295,3 +295,29 @@ def test_bad_folders(tmp_path):
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(state, folder / "diffusion_pytorch_model.bin")
     assert isinstance(idemrt.load_unet(folder), DiffusersUNet)
+
+
+def test_service_engine_decodes_with_a_folder(tmp_path, codec):
+    """`idemrt serve --unet FOLDER`'s engine (ServeConfig.unet a diffusers folder, loaded by the
+    engine's core thread as the service does) decodes as the Decoder does with the same folder."""
+    from idemrt.models.checkpoint_io import save_state_dict
+    from idemrt.serve import ServeConfig
+    from idemrt.serve.engine import DecodeEngine
+
+    folder = tmp_path / "prior"
+    write_folder(folder, CIFAR10, "DDPMScheduler", {})
+    ckpt = tmp_path / "codec.safetensors"
+    save_state_dict(codec.model.state_dict(), ckpt)
+    torch.manual_seed(0)
+    data = idemrt.Encoder(codec).encode(torch.rand(1, 3, 32, 32))
+    config = ServeConfig(unet=str(folder), codec_checkpoint=str(ckpt), quality=codec.quality, steps_allowed=["3"],
+                         backend="eager")
+    engine = DecodeEngine(config, device="cpu")
+    try:
+        got = engine.submit(data, seed=5).result(timeout=120)
+    finally:
+        engine.close()
+    decoder = idemrt.Decoder(codec, idemrt.load_unet(folder), config=idemrt.DecodeConfig(steps=3, backend="eager"))
+    want = decoder.decode(data, seed=5, output="tensor")
+    assert got.image.shape == want.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
