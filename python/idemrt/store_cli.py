@@ -32,14 +32,13 @@ def add_decompress_options(parser) -> None:
     parser.add_argument("--prior", default=None, metavar="ID", help="with --models: the prior's id in the store")
 
 
-def _print_rows(rows, out=sys.stdout) -> None:
+def _print_rows(rows) -> None:
     widths = [max([len(h)] + [len(str(r[k])) for r in rows]) for h, k in
               (("ID", "id"), ("KIND", "kind"), ("ARCHITECTURE", "architecture"))]
-    print(f"{'ID':<{widths[0]}}  {'KIND':<{widths[1]}}  {'ARCHITECTURE':<{widths[2]}}  STATUS", file=out)
+    print(f"{'ID':<{widths[0]}}  {'KIND':<{widths[1]}}  {'ARCHITECTURE':<{widths[2]}}  STATUS")
     for r in rows:
         status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
-        print(f"{r['id']:<{widths[0]}}  {r['kind']:<{widths[1]}}  {r['architecture']:<{widths[2]}}  {status}",
-              file=out)
+        print(f"{r['id']:<{widths[0]}}  {r['kind']:<{widths[1]}}  {r['architecture']:<{widths[2]}}  {status}")
 
 
 def cmd_models_list(args) -> int:
