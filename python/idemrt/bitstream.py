@@ -158,7 +158,7 @@ def parse(data, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Bitstream:
 
 def check_codec(bs: Bitstream, name: str, quality: int | None, weights_hash: bytes) -> None:
     """Raise BitstreamError unless ``bs`` was made by this codec, quality and weights."""
-    made, given = _label(bs.codec, bs.quality), _label(name, quality)
+    made, given = codec_label(bs.codec, bs.quality), codec_label(name, quality)
     if (bs.codec, bs.quality) != (name, quality):
         raise BitstreamError(
             f"this file was made with {made}, but the decoder was given {given}; "
@@ -212,7 +212,8 @@ def weights_digest(state_dict: Mapping) -> bytes:
     return h.digest()[:WEIGHTS_HASH_BYTES]
 
 
-def _label(name, quality) -> str:
+def codec_label(name, quality) -> str:
+    """"name qN", or the name alone for a codec without a quality."""
     return f"{name}" if quality is None else f"{name} q{quality}"
 
 

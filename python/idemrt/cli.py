@@ -63,15 +63,13 @@ def cmd_compress(args) -> int:
     info = bsfmt.describe(bs)
     print(
         f"{args.output}: {len(data)} bytes, {info['bpp']:.4f} bpp, {bs.width}x{bs.height}, "
-        f"{bs.codec} q{bs.quality}; MSE decode PSNR {psnr(mse255(x, x_mse)):.2f} dB; "
+        f"{bsfmt.codec_label(bs.codec, bs.quality)}; MSE decode PSNR {psnr(mse255(x, x_mse)):.2f} dB; "
         f"{time.perf_counter() - t0:.2f} s"
     )
     return 0
 
 
 def cmd_decompress(args) -> int:
-    import torch
-
     from . import bitstream as bsfmt
     from .api import Decoder
     from .fileio import check_output_path

@@ -208,7 +208,9 @@ class CodecEntry(StoreEntry):
         return {"codec": name, "quality": quality, "weights_digest": digest and digest.lower()}
 
     def architecture(self) -> str:
-        return self.codec if self.quality is None else f"{self.codec} q{self.quality}"
+        from .bitstream import codec_label
+
+        return codec_label(self.codec, self.quality)
 
     def load(self, device=None):
         from .models.codec_loading import load_codec
@@ -421,7 +423,7 @@ class ModelStore:
                         continue
                     if codec.weights_hash() == digest:
                         return codec
-        label = bs.codec if bs.quality is None else f"{bs.codec} q{bs.quality}"
+        label = bsfmt.codec_label(bs.codec, bs.quality)
         raise ModelNotFoundError(
             f"the store {self.root} has no available codec for this stream: it needs {label} with "
             f"weights digest {digest.hex()} (`idemrt info FILE` shows the header; `idemrt models list "

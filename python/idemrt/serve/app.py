@@ -254,8 +254,8 @@ class Ingress:
         if self.config.models:  # a model store: the replica routes it by its header (422 if it lacks the codec)
             return bs
         if (bs.codec, bs.quality) != (self.config.codec, self.config.quality):
-            raise Problem(400, "bitstream", f"this file was made with {bs.codec} q{bs.quality}; this server decodes "
-                                            f"{self.config.codec} q{self.config.quality}")
+            made, served = bsfmt.codec_label(bs.codec, bs.quality), bsfmt.codec_label(self.config.codec, self.config.quality)
+            raise Problem(400, "bitstream", f"this file was made with {made}; this server decodes {served}")
         return bs
 
     def _problem(self, exc, mode: str, t0: float) -> Response:

@@ -260,7 +260,7 @@ class DecodeEngine:
         for codec_id, codec in self.codecs.items():
             if (codec.name, codec.quality, self.weights_hashes[codec_id]) == (bs.codec, bs.quality, bs.weights_hash):
                 return read_bitstream(codec, bs, self.config.max_pixels), codec_id
-        label = bs.codec if bs.quality is None else f"{bs.codec} q{bs.quality}"
+        label = bsfmt.codec_label(bs.codec, bs.quality)
         raise ModelNotFoundError(f"this server has no codec for this stream: it needs {label} with weights digest "
                                  f"{bytes(bs.weights_hash).hex()} (GET /v1/models lists the codecs it has)",
                                  codec=bs.codec, quality=bs.quality, weights_digest=bytes(bs.weights_hash).hex())
