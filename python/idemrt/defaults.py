@@ -82,8 +82,9 @@ def default_backend(device, backend: Optional[str] = None) -> str:
     natively (:func:`cpu_supports_bf16`), "eager" elsewhere.
 
     On such a CPU the fast backend (bf16, channels-last) decodes with the realism and idempotence
-    of eager fp32 (the demo models, ``paper`` at 100 steps, ``balanced`` and ``fast``: every
-    metric within 4 %, benchmarks/RESULTS.md) at 1.9x the FFHQ-256 step's speed; on a CPU
+    of eager fp32 (the demo models, ``paper`` at 100 steps, ``balanced`` and ``fast``: PSNR,
+    sharpness and patch SWD within 5 %, the same share of equal latent symbols, re-compression
+    MSE +4 % on ``paper``; benchmarks/RESULTS.md) at 1.9x the FFHQ-256 step's speed; on a CPU
     without native bf16 it would emulate bf16, slower than fp32, so eager stays the default there.
     """
     import os
