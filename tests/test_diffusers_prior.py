@@ -208,8 +208,8 @@ def test_onnxruntime_step(tmp_path, codec):
     torch.testing.assert_close(db, da, rtol=1e-4, atol=1e-4)
 
 
-def test_cli_decompress_folder(tmp_path, codec, capsys):
-    from idemrt.cli import main
+def _folder_codec_stream(tmp_path, codec):
+    """A CIFAR-10-shaped diffusers folder, the codec saved as a checkpoint, and a 32x32 .idm."""
     from idemrt.models.checkpoint_io import save_state_dict
 
     folder = tmp_path / "prior"
@@ -217,12 +217,29 @@ def test_cli_decompress_folder(tmp_path, codec, capsys):
     ckpt = tmp_path / "codec.safetensors"
     save_state_dict(codec.model.state_dict(), ckpt)
     torch.manual_seed(0)
-    data = idemrt.Encoder(codec).encode(torch.rand(1, 3, 32, 32))
+    return folder, ckpt, idemrt.Encoder(codec).encode(torch.rand(1, 3, 32, 32))
+
+
+def _decoded(codec, folder, data, seed):
+    decoder = idemrt.Decoder(codec, idemrt.load_unet(folder), config=idemrt.DecodeConfig(steps=3, backend="eager"))
+    return decoder.decode(data, seed=seed, output="tensor")
+
+
+def test_cli_decompress_folder(tmp_path, codec, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from idemrt.cli import main
+
+    folder, ckpt, data = _folder_codec_stream(tmp_path, codec)
     (tmp_path / "a.idm").write_bytes(data)
     out = tmp_path / "a.png"
-    main(["decompress", str(tmp_path / "a.idm"), str(out), "--unet", str(folder), "--steps", "3",
+    main(["decompress", str(tmp_path / "a.idm"), str(out), "--unet", str(folder), "--steps", "3", "--seed", "2",
           "--codec-checkpoint", str(ckpt), "--backend", "eager", "--device", "cpu", "--quiet"])
-    assert out.is_file()
+    got = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    want = (_decoded(codec, folder, data, 2)[0].permute(1, 2, 0).clamp(0, 1) * 255).numpy()
+    # the same computation; 1 level allows a value that lands on an 8-bit rounding boundary
+    assert got.shape == (32, 32, 3) and np.abs(got - want).max() <= 1.0
 
 
 # -- bad folders ----------------------------------------------------------------------------------
@@ -300,16 +317,10 @@ def test_bad_folders(tmp_path):
 def test_service_engine_decodes_with_a_folder(tmp_path, codec):
     """`idemrt serve --unet FOLDER`'s engine (ServeConfig.unet a diffusers folder, loaded by the
     engine's core thread as the service does) decodes as the Decoder does with the same folder."""
-    from idemrt.models.checkpoint_io import save_state_dict
     from idemrt.serve import ServeConfig
     from idemrt.serve.engine import DecodeEngine
 
-    folder = tmp_path / "prior"
-    write_folder(folder, CIFAR10, "DDPMScheduler", {})
-    ckpt = tmp_path / "codec.safetensors"
-    save_state_dict(codec.model.state_dict(), ckpt)
-    torch.manual_seed(0)
-    data = idemrt.Encoder(codec).encode(torch.rand(1, 3, 32, 32))
+    folder, ckpt, data = _folder_codec_stream(tmp_path, codec)
     config = ServeConfig(unet=str(folder), codec_checkpoint=str(ckpt), quality=codec.quality, steps_allowed=["3"],
                          backend="eager")
     engine = DecodeEngine(config, device="cpu")
@@ -317,7 +328,6 @@ def test_service_engine_decodes_with_a_folder(tmp_path, codec):
         got = engine.submit(data, seed=5).result(timeout=120)
     finally:
         engine.close()
-    decoder = idemrt.Decoder(codec, idemrt.load_unet(folder), config=idemrt.DecodeConfig(steps=3, backend="eager"))
-    want = decoder.decode(data, seed=5, output="tensor")
+    want = _decoded(codec, folder, data, 5)
     assert got.image.shape == want.shape == (1, 3, 32, 32)
     torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
