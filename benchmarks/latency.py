@@ -27,7 +27,10 @@ replayed from CUDA graphs, as in their step), and seconds of whole decodes of N 
 N steps of the mode's step function driven by idemrt's own sampling loop — StepScheduler over
 GuidedSampler, as Decoder runs it: per-image generators on the device, a finiteness check every 10
 steps; if N x step would exceed --max-decode-seconds the decode is not run and the value is the step time x
-N, marked "extrapolated"). FLOPs per step are counted with torch.utils.flop_counter's formulas on one
+N, marked "extrapolated"); with ``--speeds``, seconds of one whole decode per speed preset through
+``idemrt.Decoder`` with the mode's backend (entropy decode, warm start, the preset's steps, exact
+refinement; batch 1, a random image encoded by the codec; the first call of the backend, so
+per-shape setup such as graph captures is included). FLOPs per step are counted with torch.utils.flop_counter's formulas on one
 uncaptured step: "useful" = the eager step's (the algorithm), "executed" = the mode's own (the
 reference also recomputes attention and computes parameter gradients). TFLOP/s = useful FLOPs / step
 time, against the bf16 matmul peak measured here (an 8192^3 matmul on CUDA).
@@ -53,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from idemrt.backends.base import StepSpec, create_backend
 from idemrt.backends.cuda_graphs import capture, cudnn_autotune
-from idemrt.defaults import DTYPE_CHOICES, dtype_from_name
+from idemrt.defaults import DTYPE_CHOICES, cpu_flags, dtype_from_name, physical_cores
 from idemrt.diffusion import (GUIDANCE, SAMPLERS, GuidedSampler, Schedule, StepScheduler, distance, guided_step,
                               sample_jobs)
 from idemrt.errors import BackendError
@@ -64,6 +67,8 @@ TINY_UNET = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel
                        attention_resolutions="16", num_head_channels=16, use_scale_shift_norm=True,
                        resblock_updown=True)
 UNETS = {**PRESETS, "tiny": TINY_UNET}
+# The CPU features that decide the CPU fast path's arithmetic (printed and recorded with the results).
+CPU_FLAGS = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile"}
 CODECS = {
     "hyperprior": ("bmshj2018-hyperprior", 1),  # quality 1 widths: N=128, M=192
     "elic": ("elic2022-chandelier", None),  # compressai's defaults: N=192, M=320
@@ -350,6 +355,41 @@ def decode(mode: Mode, n: int, target, shape, device) -> None:
                 [(target[k : k + 1], k, (1, *shape[1:]), None, None) for k in range(batch)])
 
 
+def decoder_backend(name: str):
+    """(backend, backend_options) of ``idemrt.Decoder`` for a mode, or None (the reference has none)."""
+    if name == "reference":
+        return None
+    if name.startswith("fast"):
+        return "fast", {"kernels": name.partition("-")[2] or "torch"}
+    return name, {}
+
+
+def speed_decodes(name, unet, codec, size, args, device) -> dict:
+    """speed -> seconds of one whole ``Decoder.decode`` (batch 1) with this mode's backend."""
+    import numpy as np
+
+    from idemrt import Decoder, Encoder
+    from idemrt.speeds import SPEEDS
+
+    chosen = decoder_backend(name)
+    if chosen is None or not args.speeds:
+        return {}
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    bitstream = Encoder(codec).encode(image)
+    dtype = {"dtype": args.dtype} if name.startswith("fast") else {}
+    out = {}
+    for speed in args.speeds:
+        config = SPEEDS[speed].replace(backend=chosen[0], backend_options=chosen[1], **dtype)
+        decoder = Decoder(codec, unet, config=config, device=device)
+        t0 = time.perf_counter()
+        decoder.decode(bitstream, seed=0, output="tensor")
+        sync(device)
+        out[speed] = {"seconds": time.perf_counter() - t0, "steps": decoder.last.steps}
+        del decoder
+        gc.collect()
+    return out
+
+
 def run_case(preset, codec_name, batch, args, device, peak, rows, save):
     print(f"[{preset} / {codec_name} / batch {batch}] building models", file=sys.stderr, flush=True)
     unet = build_unet(preset, device)
@@ -374,6 +414,8 @@ def run_case(preset, codec_name, batch, args, device, peak, rows, save):
         print(f"  {name}", file=sys.stderr, flush=True)
         row = run_mode(name, spec, unet, inputs, args, device, useful, peak)
         row.update(preset=preset, codec=codec_name, batch=batch, size=size)
+        if row["status"] == "ok" and batch == 1:
+            row["speed_decode_s"] = speed_decodes(name, unet, codec, size, args, device)
         rows.append(row)
         save()
         print_row(row)
@@ -396,6 +438,8 @@ def environment(device, command) -> dict:
         "tf32": {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_physical_cores": physical_cores(),
+        "cpu_flags": sorted(cpu_flags() & CPU_FLAGS),
     }
     try:
         import triton
@@ -428,6 +472,8 @@ def print_row(row):
     ms = row["ms"]
     decode = "  ".join(
         f"N={n}: {d['seconds']:.2f}s{'*' if d['extrapolated'] else ''}" for n, d in row["decode_s"].items())
+    decode += "".join(f"  {speed}: {d['seconds']:.2f}s ({d['steps']} steps)"
+                      for speed, d in row.get("speed_decode_s", {}).items())
     print(f"{head} unet_fwd {_fmt(ms.get('unet_fwd'))}  unet_fwd+vjp {_fmt(ms.get('unet_fwd_vjp'))}  "
           f"op_fwd+vjp {_fmt(ms.get('operator_fwd_vjp'))}  step {_fmt(ms['step'])} ms | "
           f"GFLOP/step useful {row['gflop_useful']:.1f} executed {_fmt(row.get('gflop_executed'), '.1f')} | "
@@ -450,13 +496,17 @@ def main(argv=None):
     parser.add_argument("--decode-steps", type=csv, default=["100", "250", "1000"])
     parser.add_argument("--max-decode-seconds", type=float, default=60.0,
                         help="longer decodes are extrapolated from the step time (and marked so)")
+    parser.add_argument("--speeds", type=csv, default=[],
+                        help="also time one whole Decoder decode per speed preset (batch 1), e.g. balanced,fast")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
+    from idemrt.speeds import SPEEDS
+
     for name, values, known in (("preset", args.preset, UNETS), ("codec", args.codec, CODECS),
-                                ("mode", args.modes, TORCH_MODES + EXPORT_MODES)):
+                                ("mode", args.modes, TORCH_MODES + EXPORT_MODES), ("speed", args.speeds, SPEEDS)):
         unknown = [v for v in values if v not in known]
         if unknown:
             parser.error(f"unknown {name} {unknown}; known: {sorted(known)}")
@@ -476,6 +526,9 @@ def main(argv=None):
     peak = measure_peak_tflops(device)
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"bf16 matmul peak (measured) {peak:.3g} TFLOP/s", flush=True)
+    if device.type == "cpu":
+        print(f"cpu {env['cpu']}  {env['cpu_threads']} threads  {env['cpu_physical_cores']} physical cores  "
+              f"flags {' '.join(env['cpu_flags']) or '-'}", flush=True)
     rows = []
 
     def save():  # after every mode, so that a run stopped at a time limit keeps what it measured

@@ -11,3 +11,13 @@ import torch  # noqa: E402
 
 # Tiny convolutions are far faster single-threaded on a shared 2-core machine.
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_again():
+    """The command line sets torch's threads to the physical cores (defaults.configure_cpu_threads):
+    a test that runs it in-process must not change the next test's thread count."""
+    yield
+    torch.set_num_threads(1)

@@ -523,3 +523,44 @@ def test_backends_of_one_unet_share_its_inference_copy():
     a, b = make(0.6), make(0.9)
     assert a.unet is b.unet and a.unet is not unet
     assert make(0.6, kernels="compile").unet is not a.unet
+
+
+def test_cpu_bf16_copy_normalises_without_cast_copies(unet):
+    """On the CPU in bf16 the inference copy's GroupNorm+SiLU is the mixed-type kernel
+    (norm_act_mixed); against float64 it is as accurate as ADM's cast-to-fp32 path, forward and
+    input gradient (both round the normalised activation to bf16)."""
+    from idemrt.backends.inference import inference_unet
+    from idemrt.models.unet import GroupNorm32, ResBlock, norm_act, norm_act_mixed
+
+    blocks = [m for m in inference_unet(unet, torch.bfloat16, CPU).modules() if isinstance(m, ResBlock)]
+    assert blocks and all(m.norm_act is norm_act_mixed for m in blocks)
+    assert all(m.norm_act is norm_act for m in inference_unet(unet, torch.float32, CPU).modules()
+               if isinstance(m, ResBlock))
+
+    gen = torch.Generator().manual_seed(7)
+    c = blocks[0].out_layers[0].num_channels
+    norm = GroupNorm32(c)  # a fresh one: the inference copy is shared with other tests
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(c, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(c, generator=gen))
+    x = (3 * torch.randn(2, c, 8, 8, generator=gen) + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    scale, shift = (0.1 * torch.randn(2, c, 1, 1, generator=gen)).bfloat16(), (0.1 * torch.randn(2, c, 1, 1, generator=gen)).bfloat16()
+    cotangent = torch.randn(2, c, 8, 8, generator=gen)
+
+    def run(fn, dtype=None):
+        xi = (x if dtype is None else x.to(dtype)).detach().requires_grad_(True)
+        ss = (scale, shift) if dtype is None else (scale.to(dtype), shift.to(dtype))
+        w, b = (norm.weight, norm.bias) if dtype is None else (norm.weight.to(dtype), norm.bias.to(dtype))
+        gn = torch.nn.GroupNorm(norm.num_groups, c, eps=norm.eps).to(dtype or torch.float32)
+        with torch.no_grad():
+            gn.weight.copy_(w)
+            gn.bias.copy_(b)
+        out = fn(xi, gn if dtype is not None else norm, ss)
+        (grad,) = torch.autograd.grad(out, xi, cotangent.to(out.dtype))
+        return out.double(), grad.double()
+
+    want_out, want_grad = run(norm_act, torch.float64)
+    for fn in (norm_act, norm_act_mixed):
+        out, grad = run(fn)
+        assert out.dtype == torch.float64 and rel_err(out, want_out) <= 1e-2
+        assert rel_err(grad, want_grad) <= 2e-2

@@ -34,12 +34,16 @@ def _attention_flops(tokens: int, channels: int) -> tuple[int, int]:
     return qkv + 2 * 2 * tokens * tokens * channels + proj, qkv + proj
 
 
+def latency_flags():
+    return _load_script().CPU_FLAGS
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("latency") / "latency.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "tiny", "--codec", "tiny", "--batch", "1",
            "--modes", "reference,eager,fast,tensorrt", "--decode-steps", "1,1000", "--max-decode-seconds", str(BUDGET),
-           "--repeats", "1", "--warmup", "0", "--json", str(out)]
+           "--speeds", "fast", "--repeats", "1", "--warmup", "0", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -69,6 +73,15 @@ def test_writes_the_documented_json(smoke):
             else:
                 assert decode["seconds"] > 0
         assert f"{name:<12}" in stdout
+    # --speeds: one whole Decoder decode of the preset per mode that is a Decoder backend (warm start
+    # at 0.4 of 50 steps: 20 steps run), none for the reference, which is not one.
+    for name in ("eager", "fast"):
+        assert set(rows[name]["speed_decode_s"]) == {"fast"}
+        assert rows[name]["speed_decode_s"]["fast"]["steps"] == 20 and rows[name]["speed_decode_s"]["fast"]["seconds"] > 0
+    assert rows["reference"]["speed_decode_s"] == {}
+    assert f"fast: {rows['eager']['speed_decode_s']['fast']['seconds']:.2f}s (20 steps)" in stdout
+    assert env["cpu_physical_cores"] >= 1 and set(env["cpu_flags"]) <= latency_flags()
+    assert f"{env['cpu_threads']} threads" in stdout
     assert rows["tensorrt"]["status"].startswith("unavailable: ")
     assert "unavailable: " in stdout
 

@@ -122,7 +122,8 @@ def test_perceptual_decompress_end_to_end(files, monkeypatch, capsys):
                         "--codec-checkpoint", d / "codec.pth", "--steps", "3", "--quiet")
     assert code == 0
     assert Image.open(d / "p.png").size == (48, 40)
-    for fact in ("bpp", "3 steps", "final constraint distance", "PSNR vs MSE decode", "total"):
+    for fact in ("bpp", "3 steps", "final constraint distance", "PSNR vs MSE decode", "backend eager on cpu (",
+                 "threads)", "total"):
         assert fact in out
 
 

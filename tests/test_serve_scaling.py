@@ -185,10 +185,13 @@ def test_cli_print_config_carries_the_scaling_options(capsys):
     decoder = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "DecoderReplica")
     assert decoder["autoscaling_config"]["min_replicas"] == 2 and decoder["autoscaling_config"]["max_replicas"] == 5
     assert decoder["user_config"] == {"max_slots": 4, "queue": 40, "pixel_budget": 12345}
-    assert main(["serve", "--demo", "--gpus-per-replica", "0", "--replicas", "3", "--print-config"]) == 0
+    assert decoder["ray_actor_options"]["num_cpus"] == 1.0
+    assert main(["serve", "--demo", "--gpus-per-replica", "0", "--replicas", "3", "--cpus-per-replica", "2",
+                 "--print-config"]) == 0
     doc = yaml.safe_load(capsys.readouterr().out)
     decoder = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "DecoderReplica")
     assert doc["proxy_location"] == "HeadOnly" and decoder["num_replicas"] == 3
+    assert decoder["ray_actor_options"]["num_cpus"] == 2.0
     assert decoder["user_config"]["pixel_budget"] == 0
 
 

@@ -12,6 +12,7 @@ import warnings
 
 from .cli_options import (add_backend_option, add_dtype_option, add_sampling_options, add_unet_options,
                           decode_config_from_args)
+from .defaults import configure_cpu_threads
 from .errors import BackendError, BitstreamError, CheckpointError, DecodeError, IdemrtError, ImageError
 from .fileio import SameFileError
 
@@ -70,6 +71,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_decompress(args) -> int:
+    import torch
+
     from . import bitstream as bsfmt
     from .api import Decoder
     from .fileio import check_output_path
@@ -122,6 +125,8 @@ def cmd_decompress(args) -> int:
             f"final constraint distance {stats.distance[0]:.4f}",
             f"PSNR vs MSE decode {psnr(mse255(img, x_mse)):.2f} dB",
             f"sampling {stats.timings['sample']:.2f} s",
+            f"backend {decoder.backend_name} on {decoder.device}"
+            + (f" ({torch.get_num_threads()} threads)" if decoder.device.type == "cpu" else ""),
         ]
     facts.append(f"total {time.perf_counter() - t0:.2f} s")
     print(", ".join(facts))
@@ -220,6 +225,7 @@ def main(argv=None) -> int:
     # noise about a dependency's internals that a command-line user can do nothing about.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    configure_cpu_threads()
     try:
         return args.func(args)
     except (BitstreamError, ImageError, CheckpointError, FileExistsError, SameFileError, BackendError) as exc:

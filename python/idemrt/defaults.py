@@ -6,6 +6,7 @@ imported inside the functions, so the command line can read the names without it
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
@@ -46,6 +47,45 @@ def cpu_flags() -> set:
     return set()
 
 
+THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a user's thread count, which idemrt keeps
+
+
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Physical cores among the CPUs this process may run on (its affinity mask, which containers'
+    cpusets narrow): distinct (package, core) pairs from Linux's sysfs topology; the number of
+    those CPUs where the topology cannot be read."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = os.path.join(sysfs, f"cpu{cpu}", "topology")
+        try:
+            with open(os.path.join(topology, "physical_package_id")) as f, open(os.path.join(topology, "core_id")) as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        except OSError:
+            return len(cpus)
+    return max(len(cores), 1)
+
+
+def configure_cpu_threads() -> Optional[int]:
+    """Set torch's intra-op threads to :func:`physical_cores` unless ``$OMP_NUM_THREADS`` or
+    ``$MKL_NUM_THREADS`` chose a number (then torch already follows it); returns the number set,
+    or None. Called by the command line, which owns its process; a library user sets
+    ``torch.set_num_threads`` as they see fit.
+
+    Why physical cores: the guided step is mostly convolutions running near the CPU's bf16 matmul
+    peak (benchmarks/RESULTS.md), and the two hardware threads of one core share its vector units,
+    so a second thread per core adds no arithmetic (the usual advice for compute-bound oneDNN work;
+    not measured here: the machine idemrt is developed on has one thread per core); a count taken
+    from ``os.cpu_count()`` would also ignore a container's CPU set."""
+    if any(os.environ.get(name) for name in THREAD_ENVS):
+        return None
+    import torch
+
+    n = physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
 def cpu_supports_bf16() -> bool:
     """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 matmuls and
     convolutions run about twice as fast as fp32; without them oneDNN emulates bf16, slower than fp32."""
@@ -84,7 +124,7 @@ def default_backend(device, backend: Optional[str] = None) -> str:
     On such a CPU the fast backend (bf16, channels-last) decodes with the realism and idempotence
     of eager fp32 (the demo models, ``paper`` at 100 steps, ``balanced`` and ``fast``: PSNR,
     sharpness and patch SWD within 5 %, the same share of equal latent symbols, re-compression
-    MSE +4 % on ``paper``; benchmarks/RESULTS.md) at 1.9x the FFHQ-256 step's speed; on a CPU
+    MSE +4 % on ``paper``; benchmarks/RESULTS.md) at 1.9-2.2x the FFHQ-256 step's speed; on a CPU
     without native bf16 it would emulate bf16, slower than fp32, so eager stays the default there.
     """
     import os

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import BackendError
 from ..models.codec import Codec, diffusion_operator
-from ..models.unet import ADMUNet
+from ..models.unet import ADMUNet, norm_act_mixed
 
 __all__ = ["DTYPES", "fused_gdn_operator", "inference_unet"]
 
@@ -45,8 +45,9 @@ def _inference_copy(module: nn.Module, dtype: torch.dtype, device: torch.device)
     """A private copy of the UNet on ``device``: parameters frozen, 4-D weights channels_last and,
     following ADM's fp16 convention (guided-diffusion's ``convert_to_fp16``), the convolutions of
     ``input_blocks``, ``middle_block`` and ``output_blocks`` in ``dtype``. The time embedding,
-    GroupNorm (computed in fp32 by GroupNorm32) and the output head stay fp32; ADMUNet casts
-    activations at those boundaries itself."""
+    GroupNorm (computed in fp32 by GroupNorm32; in bf16 on the CPU, by the mixed-type kernel of
+    :func:`~idemrt.models.unet.norm_act_mixed`: fp32 statistics too) and the output head stay fp32;
+    ADMUNet casts activations at those boundaries itself."""
     low = set()
     if dtype != torch.float32:
         for name in ("input_blocks", "middle_block", "output_blocks"):
@@ -58,7 +59,12 @@ def _inference_copy(module: nn.Module, dtype: torch.dtype, device: torch.device)
             if t.ndim == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             memo[id(p)] = nn.Parameter(t, requires_grad=False)
-    return copy.deepcopy(module, memo).eval()
+    unet = copy.deepcopy(module, memo).eval()
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16:
+        # The same numbers as GroupNorm32 (fp32 statistics, a low-precision output) without its
+        # bf16->fp32->bf16 copies: 5 % of the FFHQ-256 bf16 step on the CPU (benchmarks/RESULTS.md).
+        unet.set_norm_act(norm_act_mixed)
+    return unet
 
 
 def fused_gdn_operator(codec, constraint: str):

@@ -25,7 +25,7 @@ from torch import nn
 
 from .unet_config import GROUPS, PRESETS, UNetConfig, unet_config
 
-__all__ = ["ADMUNet", "PRESETS", "UNetConfig", "norm_act", "timestep_embedding", "unet_config"]
+__all__ = ["ADMUNet", "PRESETS", "UNetConfig", "norm_act", "norm_act_mixed", "timestep_embedding", "unet_config"]
 
 def _num_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
     if num_head_channels != -1:
@@ -62,6 +62,19 @@ def norm_act(x: torch.Tensor, norm: nn.GroupNorm,
     if scale_shift is not None:
         scale, shift = scale_shift
         h = h * (1 + scale) + shift
+    return F.silu(h)
+
+
+def norm_act_mixed(x: torch.Tensor, norm: nn.GroupNorm,
+                   scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`norm_act` with the GroupNorm computed by one mixed-type kernel: a bf16/fp16 ``x`` and
+    fp32 affine parameters, statistics in fp32, the output in ``x``'s dtype — GroupNorm32's result
+    (which casts to fp32 and back) without its two cast copies. PyTorch has this kernel on the CPU,
+    where the fast backend's inference copies use it."""
+    h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    if scale_shift is not None:
+        scale, shift = scale_shift
+        h = torch.addcmul(shift, h, 1 + scale)
     return F.silu(h)
 
 

@@ -32,6 +32,9 @@ def add_serve_subparser(subparsers) -> None:
                    help="Serve's HTTP proxies: on the head node only (default) or on every node")
     p.add_argument("--gpus-per-replica", type=float, default=None,
                    help="GPUs per decoder replica (default: 1 if CUDA is available, else 0: CPU)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="CPU cores each decoder replica reserves (default 1); Ray sets a replica's threads "
+                        "($OMP_NUM_THREADS) from it: give a CPU-only replica the cores of its node")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-slots", type=int, default=16, help="images per batched step")
@@ -64,7 +67,7 @@ def config_from_args(args):
     steps = None if args.steps is None else [s.strip() for s in args.steps.split(",") if s.strip()]  # two: "100,ddim50"
     scale = dict(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                  proxy_location=args.proxy_location, pixel_budget=args.pixel_budget,
-                 deterministic=args.deterministic,
+                 deterministic=args.deterministic, cpus_per_replica=args.cpus_per_replica,
                  speeds_allowed=None if args.speeds is None else [s.strip() for s in args.speeds.split(",") if s.strip()])
     if args.models or args.prior:
         from ..errors import CheckpointError
