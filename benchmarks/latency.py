@@ -30,7 +30,9 @@ steps; if N x step would exceed --max-decode-seconds the decode is not run and t
 N, marked "extrapolated"); with ``--speeds``, seconds of one whole decode per speed preset through
 ``idemrt.Decoder`` with the mode's backend (entropy decode, warm start, the preset's steps, exact
 refinement; batch 1, a random image encoded by the codec; the first call of the backend, so
-per-shape setup such as graph captures is included). FLOPs per step are counted with torch.utils.flop_counter's formulas on one
+per-shape setup such as graph captures is included — except the exporting backends' export or
+load of their graphs, done by ``prepare`` first and recorded apart as ``setup_seconds``). FLOPs
+per step are counted with torch.utils.flop_counter's formulas on one
 uncaptured step: "useful" = the eager step's (the algorithm), "executed" = the mode's own (the
 reference also recomputes attention and computes parameter gradients). TFLOP/s = useful FLOPs / step
 time, against the bf16 matmul peak measured here (an 8192^3 matmul on CUDA).
@@ -76,6 +78,7 @@ CODECS = {
 }
 TORCH_MODES = ("reference", "eager", "fast", "fast-triton", "fast-compile")
 EXPORT_MODES = ("onnxruntime", "tensorrt")
+COMPONENTS = ("unet_fwd", "unet_fwd_vjp", "operator_fwd_vjp")
 STEP_INDEX = 500  # the timed single step: mid-schedule of 1000 steps (any i costs the same)
 
 
@@ -316,6 +319,8 @@ def measure(mode: Mode, inputs, args, device, useful_flops, peak) -> dict:
     x, t, x0, target, noise, cotangent = inputs
     ms = {}
     for key, fn in mode.components(x, t, x0, target, cotangent).items():
+        if key not in args.components:
+            continue
         replay = graphed(fn, device) if mode.graphs else fn
         ms[key] = time_ms(replay, device, args.warmup, args.repeats)
         del replay  # frees a captured graph's memory pool
@@ -381,10 +386,18 @@ def speed_decodes(name, unet, codec, size, args, device) -> dict:
     for speed in args.speeds:
         config = SPEEDS[speed].replace(backend=chosen[0], backend_options=chosen[1], **dtype)
         decoder = Decoder(codec, unet, config=config, device=device)
+        setup = 0.0
+        if hasattr(decoder.backend, "prepare"):
+            # Exporting backends export (or load) their graphs once per shape: minutes for the
+            # full-size UNets. Timed apart, so that the decode is comparable to the torch backends'.
+            t0 = time.perf_counter()
+            prepared = decoder.prepare(bitstream, seed=0)
+            decoder.backend.prepare(prepared.shape, None if prepared.target is None else tuple(prepared.target.shape[1:]))
+            setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         decoder.decode(bitstream, seed=0, output="tensor")
         sync(device)
-        out[speed] = {"seconds": time.perf_counter() - t0, "steps": decoder.last.steps}
+        out[speed] = {"seconds": time.perf_counter() - t0, "steps": decoder.last.steps, "setup_seconds": setup}
         del decoder
         gc.collect()
     return out
@@ -472,7 +485,8 @@ def print_row(row):
     ms = row["ms"]
     decode = "  ".join(
         f"N={n}: {d['seconds']:.2f}s{'*' if d['extrapolated'] else ''}" for n, d in row["decode_s"].items())
-    decode += "".join(f"  {speed}: {d['seconds']:.2f}s ({d['steps']} steps)"
+    decode += "".join(f"  {speed}: {d['seconds']:.2f}s ({d['steps']} steps"
+                      + (f", setup {d['setup_seconds']:.1f}s)" if d.get("setup_seconds") else ")")
                       for speed, d in row.get("speed_decode_s", {}).items())
     print(f"{head} unet_fwd {_fmt(ms.get('unet_fwd'))}  unet_fwd+vjp {_fmt(ms.get('unet_fwd_vjp'))}  "
           f"op_fwd+vjp {_fmt(ms.get('operator_fwd_vjp'))}  step {_fmt(ms['step'])} ms | "
@@ -498,6 +512,9 @@ def main(argv=None):
                         help="longer decodes are extrapolated from the step time (and marked so)")
     parser.add_argument("--speeds", type=csv, default=[],
                         help="also time one whole Decoder decode per speed preset (batch 1), e.g. balanced,fast")
+    parser.add_argument("--components", type=csv, default=list(COMPONENTS),
+                        help=f"which step components to time besides the step, of {list(COMPONENTS)} "
+                             "(none: '')")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", help="write the results here")
@@ -506,7 +523,8 @@ def main(argv=None):
     from idemrt.speeds import SPEEDS
 
     for name, values, known in (("preset", args.preset, UNETS), ("codec", args.codec, CODECS),
-                                ("mode", args.modes, TORCH_MODES + EXPORT_MODES), ("speed", args.speeds, SPEEDS)):
+                                ("mode", args.modes, TORCH_MODES + EXPORT_MODES), ("speed", args.speeds, SPEEDS),
+                                ("component", args.components, COMPONENTS)):
         unknown = [v for v in values if v not in known]
         if unknown:
             parser.error(f"unknown {name} {unknown}; known: {sorted(known)}")

@@ -125,3 +125,16 @@ def test_reference_emulation_changes_cost_not_results(latency):
         grads.append((out.detach(), torch.autograd.grad(out, xg, v)[0]))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_components_choose_what_is_timed_besides_the_step(tmp_path):
+    out = tmp_path / "latency.json"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--preset", "tiny", "--codec", "tiny", "--batch", "1",
+           "--modes", "eager", "--components", "unet_fwd", "--decode-steps", "1", "--max-decode-seconds", "0",
+           "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["ms"]) == {"unet_fwd", "step"}
+    bad = subprocess.run(cmd[:-2] + ["--components", "unet_bwd"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown component ['unet_bwd']" in bad.stderr
