@@ -2,7 +2,8 @@
 # The CPU table of benchmarks/RESULTS.md (issue 19) in one run, back to back: FFHQ-256 and
 # ImageNet-256 configurations, batch 1 and 4, the UNet forward and the DPS / codec-gradient (PIR)
 # steps, then whole `balanced` / `fast` decodes (batch 1), for eager fp32, the CPU fast path and
-# ONNX Runtime; then where the ImageNet-256 forward's time goes. About 1.5 h on a 2-core VM.
+# ONNX Runtime; then where the ImageNet-256 forward's time goes; then the Markdown tables
+# (benchmarks/cpu_table.py). About 1.6 h on a 2-core VM.
 # Run it alone: anything else on the machine shows up in the numbers.
 #
 #   bash benchmarks/cpu_table.sh [OUT_DIR]      # default benchmarks/cpu_table
@@ -26,3 +27,4 @@ done
 run benchmarks/cpu_profile.py --preset imagenet256 --modes eager,fast --guidance pir --warmup 1 --repeats 1 \
     --json "$OUT/profile_imagenet256_pir.json"
 echo "== $(date -u +%H:%M:%S) done"
+"$PY" benchmarks/cpu_table.py "$OUT"

@@ -108,6 +108,19 @@ def crops(full128: bool) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def int8_unet(unet: nn.Module) -> nn.Module:
+    """``unet``'s forward on OpenVINO with 8-bit weights and activations (issue 19's stretch),
+    calibrated on noised crops of the two demo photographs — the held-out images themselves: the
+    calibration only sets activation ranges, but it has seen them."""
+    from idemrt.diffusion import DDPMSampler, Schedule
+
+    sys.path.insert(0, str(ROOT))
+    from openvino_cpu import QuantizedUNet  # noqa: E402  (a sibling script)
+
+    photographs = [x for name, x in crops(True) if name.endswith("-128")]
+    return QuantizedUNet(unet, DDPMSampler(Schedule.create(1000)), photographs)
+
+
 def decoder_options(cfg: dict) -> dict:
     keys = ("steps", "guidance", "scale", "start", "sampler", "guidance_options", "exact")
     return {k: cfg[k] for k in keys if k in cfg}
@@ -248,8 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--names", nargs="*", default=None, help="these images only (e.g. coffee-128)")
     p.add_argument("--json", default=None, help="write results here (rewritten after each config)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", default="eager", choices=("eager", "fast"),
-                   help="fast: the fast backend (bf16 on a CPU with AVX-512 BF16); its rows are named NAME@fast")
+    p.add_argument("--backend", default="eager", choices=("eager", "fast", "openvino-int8"),
+                   help="fast: the fast backend (bf16 on a CPU with AVX-512 BF16); openvino-int8: eager with the "
+                        "UNet forward on OpenVINO in 8 bits (benchmarks/openvino_cpu.py; forward-only, codec-gradient "
+                        "configurations only; needs openvino and nncf); rows are named NAME@BACKEND")
     p.add_argument("--inception", default=None,
                    help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the "
                         "paper's 64x64-patch FID and KID of each configuration against the originals")
@@ -264,9 +279,13 @@ def main(argv=None) -> dict:
     if args.merge is not None:
         return report(args.merge, args.plot, args.json)
     torch.set_num_threads(args.threads)
-    codec, unet = load_demo_codec("cpu"), CountingUNet(load_demo_unet("cpu"))
+    codec, unet = load_demo_codec("cpu"), load_demo_unet("cpu")
     images = [(n, x) for n, x in crops(args.full128)[: args.images : args.every]
               if args.names is None or n in args.names]
+    backend = args.backend
+    if backend == "openvino-int8":
+        unet, backend = int8_unet(unet), "eager"
+    unet = CountingUNet(unet)
     chosen = [c for c in configs() if (args.configs is None or c["name"] in args.configs)
               and c["name"] not in args.skip]
     result = {"environment": environment(), "configs": {}}
@@ -282,7 +301,7 @@ def main(argv=None) -> dict:
         if args.grid_every and cfg["name"] != "dps1000" and not cfg["name"].startswith("speed-"):
             imgs = images[:: args.grid_every]
         name = cfg["name"] if args.backend == "eager" else f"{cfg['name']}@{args.backend}"
-        rows = run_config(dict(cfg, name=name), imgs, codec, unet, scores, args.backend)
+        rows = run_config(dict(cfg, name=name), imgs, codec, unet, scores, backend)
         result["configs"][name] = {"config": cfg, "backend": args.backend, "mean": summarise(rows), "rows": rows}
         if scores is not None:  # patches of every image the configuration decoded, against all originals
             kid, kid_std = scores.kid("original", name, subsets=10, subset_size=min(100, scores.count(name)))
