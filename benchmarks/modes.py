@@ -114,11 +114,11 @@ def int8_unet(unet: nn.Module) -> nn.Module:
     calibration only sets activation ranges, but it has seen them."""
     from idemrt.diffusion import DDPMSampler, Schedule
 
-    sys.path.insert(0, str(ROOT))
-    from openvino_cpu import QuantizedUNet  # noqa: E402  (a sibling script)
-
+    spec = importlib.util.spec_from_file_location("openvino_cpu", ROOT / "openvino_cpu.py")
+    openvino_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(openvino_cpu)
     photographs = [x for name, x in crops(True) if name.endswith("-128")]
-    return QuantizedUNet(unet, DDPMSampler(Schedule.create(1000)), photographs)
+    return openvino_cpu.QuantizedUNet(unet, DDPMSampler(Schedule.create(1000)), photographs)
 
 
 def decoder_options(cfg: dict) -> dict:

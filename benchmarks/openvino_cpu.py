@@ -8,7 +8,7 @@ DPS step's gradient (UNet forward + VJP + operator, the exported step-gradient g
 * torch fast: bf16 where the CPU has AVX-512 BF16, channels-last (idemrt's fast backend),
 * OpenVINO on the exported ONNX graph, ``INFERENCE_PRECISION_HINT`` bf16 (and f32 for the error),
 * with ``--int8``, the UNet forward with 8-bit weights and activations (NNCF post-training
-  quantization of the same graph; issue 19's stretch: forward-only presets).
+  quantization of OpenVINO's own conversion of the UNet; issue 19's stretch: forward-only presets).
 
 The rule of the issue: keep ``backend="openvino"`` only if it beats the torch CPU path by >= 20 %.
 
@@ -147,15 +147,6 @@ def compile_model(core, model, precision: str):
         "INFERENCE_NUM_THREADS": str(torch.get_num_threads())})
 
 
-class _Forward(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x_t, t):
-        return self.unet(x_t, t)
-
-
 def quantized_unet(core, unet, sampler, shape, n, x0=None):
     """``unet``'s forward at ``shape`` with 8-bit weights and activations, compiled like the others
     (bf16 where an op stays unquantized): OpenVINO's PyTorch frontend converts it (NNCF fails on
@@ -177,13 +168,13 @@ def quantized_unet(core, unet, sampler, shape, n, x0=None):
         x_t = abar ** 0.5 * clean + (1 - abar) ** 0.5 * torch.randn(shape, generator=gen)
         samples.append((x_t.numpy(), t.numpy()))
     with torch.no_grad():
-        model = ov.convert_model(_Forward(unet), example_input=(torch.zeros(shape), torch.tensor([500.0])))
+        model = ov.convert_model(unet, example_input=(torch.zeros(shape), torch.tensor([500.0])))
     model = nncf.quantize(model, nncf.Dataset(samples), subset_size=n, preset=nncf.QuantizationPreset.MIXED)
     return compile_model(core, model, "bf16")
 
 
 class QuantizedUNet(torch.nn.Module):
-    """``unet(x_t, t)`` on OpenVINO with 8-bit weights and activations, exported and quantized on
+    """``unet(x_t, t)`` on OpenVINO with 8-bit weights and activations, converted and quantized on
     the first call of each (H, W) (:func:`quantized_unet`, x0 cut at random from ``images``: (1, 3,
     H', W') in [0, 1], at least as large). Forward-only: what the codec-gradient (PIR) step needs;
     ``benchmarks/modes.py --backend openvino-int8`` decodes with it."""

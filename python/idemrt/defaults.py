@@ -123,10 +123,11 @@ def default_backend(device, backend: Optional[str] = None) -> str:
 
     On such a CPU the fast backend (bf16, channels-last) decodes with the realism and idempotence
     of eager fp32 (the demo models, ``paper`` at 100 steps, ``balanced`` and ``fast``: PSNR,
-    sharpness and patch SWD within 5 %, the same share of equal latent symbols, re-compression
-    MSE +4 % on ``paper``; benchmarks/RESULTS.md) at 2.0-2.4x eager's step speed and 2.0-2.2x its
-    whole-decode speed (FFHQ-256 and ImageNet-256 on a 2-core AVX-512-BF16 CPU); on a CPU without
-    native bf16 it would emulate bf16, slower than fp32, so eager stays the default there.
+    sharpness and patch SWD within 5.5 %, the same share of equal latent symbols, re-compression
+    MSE +4 % on ``paper``; benchmarks/RESULTS.md) at about twice eager's speed (per step 1.7-2.6x
+    across runs, 2.0-2.4x in one run; whole decodes 2.0-2.2x; FFHQ-256 and ImageNet-256 on a
+    2-core AVX-512-BF16 CPU); on a CPU without native bf16 it would emulate bf16, slower than
+    fp32, so eager stays the default there.
     """
     import os
 
