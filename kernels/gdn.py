@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ._launch import check_launchable, nchw_as_3d, next_pow2
 
-__all__ = ["gdn", "gdn_backward", "gdn_reference", "gdn_parameters", "GDNFunction", "PRECISIONS"]
+__all__ = ["gdn", "gdn_backward", "gdn_backward_torch", "gdn_reference", "gdn_parameters", "GDNFunction", "BACKWARDS",
+           "PRECISIONS"]
 
 _BLOCK_P = 64
 _BLOCK_CI = 32
@@ -200,34 +201,60 @@ def gdn_backward(x, dy, gamma, beta, inverse: bool, precision: str = "tf32x3"):
     return dx
 
 
+def gdn_backward_torch(x, dy, gamma, beta, inverse: bool):
+    """:func:`gdn_backward`'s closed form (module docstring) in PyTorch ops, float32: two 1x1
+    convolutions (Gamma, then Gammaᵀ) and elementwise terms. For a GPU where the hand-written
+    backward loses to PyTorch's (benchmarks/RESULTS.md: IGDN fwd+bwd 0.21-0.58 vs 0.19-0.40 ms)."""
+    c = x.shape[1]
+    xf, g = x.float(), dy.float()
+    s = F.conv2d(xf * xf, gamma.reshape(c, c, 1, 1), beta)
+    root = torch.sqrt(s) if inverse else torch.rsqrt(s)  # s^p
+    # u = g·x·s^(p-1): IGDN g·x/sqrt(s), GDN g·x·s^(-3/2)
+    u = g * xf / root if inverse else g * xf * root * root * root
+    mix = F.conv2d(u, gamma.t().reshape(c, c, 1, 1))  # Gammaᵀ u
+    dx = g * root + xf * mix if inverse else g * root - xf * mix
+    return dx.to(x.dtype)
+
+
+BACKWARDS = ("triton", "torch")  # who computes the backward pass: this module's kernels or PyTorch's
+
+
 class GDNFunction(torch.autograd.Function):
-    """Autograd wiring: gradient for x only (Gamma and beta are frozen codec weights)."""
+    """Autograd wiring: gradient for x only (Gamma and beta are frozen codec weights); by the
+    Triton kernels or, ``backward="torch"``, by :func:`gdn_backward_torch`."""
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, inverse, precision):
+    def forward(ctx, x, gamma, beta, inverse, precision, backward="triton"):
         ctx.save_for_backward(x, gamma, beta)
-        ctx.inverse, ctx.precision = inverse, precision
+        ctx.inverse, ctx.precision, ctx.torch_backward = inverse, precision, backward == "torch"
         return _forward(x, gamma, beta, inverse, precision)
 
     @staticmethod
     def backward(ctx, dy):
         x, gamma, beta = ctx.saved_tensors
-        return gdn_backward(x, dy, gamma, beta, ctx.inverse, ctx.precision), None, None, None, None
+        if ctx.torch_backward:
+            dx = gdn_backward_torch(x, dy, gamma, beta, ctx.inverse)
+        else:
+            dx = gdn_backward(x, dy, gamma, beta, ctx.inverse, ctx.precision)
+        return dx, None, None, None, None, None
 
 
-def gdn(x, gamma, beta, inverse: bool = False, precision: str = "tf32x3"):
+def gdn(x, gamma, beta, inverse: bool = False, precision: str = "tf32x3", backward: str = "triton"):
     """GDN (``x * rsqrt(beta + Gamma x²)``) or IGDN (``x * sqrt(...)``) with Triton kernels.
 
     x: [N, C, H, W] float32/float16/bfloat16, contiguous or channels_last (kept in the output);
     gamma [C, C] and beta [C]: the effective (reparametrised) parameters, see ``gdn_parameters``,
     read as float32; they must not require grad. precision: of the channel mix on GPU, one of
-    PRECISIONS (module docstring). Differentiable w.r.t. x.
+    PRECISIONS (module docstring). Differentiable w.r.t. x; backward: one of :data:`BACKWARDS`, who
+    computes that gradient (the forward is always Triton's).
     """
     _check(x, gamma, beta, precision)
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if torch.is_grad_enabled() and (gamma.requires_grad or beta.requires_grad):
         raise ValueError("gdn: gamma and beta are frozen here (no gradient); pass detached tensors")
     gamma, beta = _as_params(gamma, beta)
-    return GDNFunction.apply(x, gamma, beta, bool(inverse), precision)
+    return GDNFunction.apply(x, gamma, beta, bool(inverse), precision, backward)
 
 
 def gdn_reference(x, gamma, beta, inverse: bool = False):
