@@ -1,0 +1,155 @@
+"""Tiled model function (idemrt.diffusion.tiling) against independent references: the blend weights in
+closed form, the windows run one by one, and autograd through a naive float64 per-window loop."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idemrt.diffusion.tiling import BLEND_WEIGHTS, TiledModel, Tiling, native_size, tile_layout
+from tiny_models import tiny_unet
+
+WINDOW = 32  # the tiny UNet's native size
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet().eval()
+
+
+def _x_t(n, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, h, w, generator=g), torch.tensor([700, 300][:n])
+
+
+def test_ramp_weights_are_the_linear_cross_fade_in_closed_form():
+    # Two windows of 8 at offsets 0 and 6 (stride 6, overlap 2): in the overlap the second window's
+    # weight rises (d + 1/2)/2 = 1/4, 3/4 and the first's falls 3/4, 1/4; alone, a window weighs 1.
+    lay = tile_layout(8, 14, window=8, stride=6, weights="ramp")
+    assert lay.offsets == ((0, 0), (0, 6)) and lay.size == (8, 8)
+    row0, row1 = lay.weights[0, 0, 3], lay.weights[1, 0, 3]
+    torch.testing.assert_close(row0, torch.tensor([1, 1, 1, 1, 1, 1, 0.75, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(row1, torch.tensor([0.25, 0.75, 1, 1, 1, 1, 1, 1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("weights", BLEND_WEIGHTS)
+@pytest.mark.parametrize("size,stride", [((100, 77), 24), ((64, 200), 32), ((33, 65), 5)])
+def test_blend_weights_sum_to_one_at_every_pixel(weights, size, stride):
+    lay = tile_layout(*size, window=32, stride=stride, weights=weights)
+    total = torch.zeros(size, dtype=torch.float64)
+    for (y, x), w in zip(lay.offsets, lay.weights):
+        total[y:y + lay.size[0], x:x + lay.size[1]] += w[0]
+    assert (lay.weights > 0).all()
+    torch.testing.assert_close(total, torch.ones(size, dtype=torch.float64), rtol=0, atol=1e-12)
+    # the windows reach both edges of each axis
+    assert max(y for y, _ in lay.offsets) + lay.size[0] == size[0]
+    assert max(x for _, x in lay.offsets) + lay.size[1] == size[1]
+
+
+def test_native_size_image_calls_the_model_itself(unet):
+    calls = []
+    tiled = TiledModel(lambda x, t: calls.append(x.shape) or unet(x, t), WINDOW, 24)
+    x, t = _x_t(2, WINDOW, WINDOW)
+    assert torch.equal(tiled(x, t), unet(x, t)) and calls == [x.shape]
+
+
+def test_non_overlapping_windows_equal_the_windows_run_one_by_one(unet):
+    x, t = _x_t(2, 2 * WINDOW, 3 * WINDOW)
+    with torch.no_grad():
+        got = TiledModel(unet, WINDOW, WINDOW, "ramp", chunk=1)(x, t)
+        want = torch.zeros(2, 6, 2 * WINDOW, 3 * WINDOW)
+        for b in range(2):
+            for y in range(0, 2 * WINDOW, WINDOW):
+                for xx in range(0, 3 * WINDOW, WINDOW):
+                    want[b:b + 1, :, y:y + WINDOW, xx:xx + WINDOW] = unet(
+                        x[b:b + 1, :, y:y + WINDOW, xx:xx + WINDOW], t[b:b + 1])
+    assert torch.equal(got, want)
+
+
+def _naive_blend(model, x, t, lay):
+    """The blend written as the definition: Σ_k pad(W_k · model(window_k)), autograd all the way."""
+    (h, w), H, W = lay.size, x.shape[-2], x.shape[-1]
+    out = 0
+    for (y, xx), wk in zip(lay.offsets, lay.weights.to(x.dtype)):
+        o = model(x[:, :, y:y + h, xx:xx + w], t) * wk
+        out = out + F.pad(o, (xx, W - xx - w, y, H - y - h))
+    return out
+
+
+class _ConvNet(torch.nn.Module):
+    """A small nonlinear, time-dependent model that also runs in float64 (the ADM UNet's time
+    embedding is float32 by construction): the tiling treats the model as a black box."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 6, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.b(torch.tanh(self.a(x) * (1 + t[:, None, None, None].to(x.dtype) / 1000)))
+
+
+@pytest.mark.parametrize("weights", ["ramp", "gaussian"])
+def test_output_and_gradient_equal_autograd_through_a_float64_reference(weights):
+    x, t = _x_t(2, 48, 72, seed=1)
+    lay = tile_layout(48, 72, WINDOW, 20, weights)
+    unet = _ConvNet()
+    unet64 = _ConvNet().double()
+    g = torch.randn(2, 6, 48, 72, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    x64 = x.double().requires_grad_(True)
+    ref = _naive_blend(unet64, x64, t, lay)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), x64)
+
+    for model, xin, tol in ((unet64, x.double(), 1e-10), (unet, x, 1e-5)):
+        xin = xin.clone().requires_grad_(True)
+        out = TiledModel(model, WINDOW, 20, weights, chunk=4)(xin, t)
+        (grad,) = torch.autograd.grad((out * g.to(out.dtype)).sum(), xin)
+        scale = ref.abs().max().item(), ref_grad.abs().max().item()
+        assert (out.double() - ref).abs().max().item() <= tol * scale[0]
+        assert (grad.double() - ref_grad).abs().max().item() <= tol * scale[1]
+
+
+def test_chunked_equals_unchunked(unet):
+    x, t = _x_t(2, 40, 56, seed=3)
+    results = []
+    for chunk in (1, 3, 100):
+        xin = x.clone().requires_grad_(True)
+        out = TiledModel(unet, WINDOW, 16, "ramp", chunk=chunk)(xin, t)
+        (grad,) = torch.autograd.grad(out.square().sum(), xin)
+        results.append((out.detach(), grad))
+    for out, grad in results[1:]:
+        # batch composition changes the CPU kernels' summation order only
+        torch.testing.assert_close(out, results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_backward_holds_one_chunk_of_windows_at_a_time():
+    seen = []
+
+    def model(x, t):
+        seen.append((x.shape[0], torch.is_grad_enabled()))
+        return x * 2
+
+    x = torch.randn(1, 3, 40, 40, requires_grad=True)
+    out = TiledModel(model, 16, 12, chunk=2)(x, torch.tensor([5]))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    # 3x3 windows: forwards without autograd, then recomputed in chunks of at most 2 with autograd
+    assert seen == [(2, False)] * 4 + [(1, False)] + [(2, True)] * 4 + [(1, True)]
+    torch.testing.assert_close(grad, torch.full_like(x, 2.0))
+
+
+def test_tiling_config_checks_and_round_trip(unet):
+    assert Tiling.from_value(True) == Tiling() and Tiling.from_value(None) is None and Tiling.from_value(False) is None
+    tiling = Tiling(window=32, stride=16, weights="gaussian", chunk=2)
+    assert Tiling.from_value(tiling.to_dict()) == tiling
+    for bad in (dict(window=0), dict(stride=-1), dict(chunk=True), dict(weights="box"), dict(window=16, stride=17)):
+        with pytest.raises(ValueError):
+            Tiling(**bad)
+    with pytest.raises(ValueError, match="unknown tile options"):
+        Tiling.from_value({"size": 3})
+    with pytest.raises(TypeError):
+        Tiling.from_value("on")
+    assert native_size(unet) == WINDOW
+    assert Tiling().resolve(native_size(unet)) == (32, 24)
+    tiled = TiledModel.for_prior(unet, Tiling(), unet)
+    assert (tiled.window, tiled.stride) == (32, 24)
+    assert "6 windows" in tiled.describe(40, 72) and "tiling off" in tiled.describe(32, 32)
