@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from idemrt.speeds import SPEEDS
 from idemrt.diffusion.tiling import BLEND_WEIGHTS, TiledModel, Tiling, native_size, tile_layout
 from tiny_models import tiny_unet
 
@@ -153,3 +154,91 @@ def test_tiling_config_checks_and_round_trip(unet):
     tiled = TiledModel.for_prior(unet, Tiling(), unet)
     assert (tiled.window, tiled.stride) == (32, 24)
     assert "6 windows" in tiled.describe(40, 72) and "tiling off" in tiled.describe(32, 32)
+
+
+# --- through the Decoder and the backends ----------------------------------------------------------
+
+def _encoded(codec, h, w, seed=3):
+    import idemrt
+
+    torch.manual_seed(seed)
+    image = F.interpolate(torch.rand(1, 3, 8, 8), size=(h, w), mode="bilinear", align_corners=False)
+    return idemrt.Encoder(codec).encode(image)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    from tiny_models import tiny_codec
+
+    return tiny_codec()
+
+
+def test_decode_config_tile_round_trips_and_is_checked():
+    from idemrt import DecodeConfig
+
+    cfg = DecodeConfig(steps=4, tile={"window": 32, "weights": "gaussian"})
+    assert cfg.tile == Tiling(window=32, weights="gaussian")
+    assert DecodeConfig.from_json(cfg.to_json()) == cfg and DecodeConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert DecodeConfig(tile=True).tile == Tiling() and DecodeConfig(tile=False).tile is None
+    assert DecodeConfig().tile is None  # the default: the whole image, as before tiling existed
+    assert cfg.override(tile=False).tile is None
+    with pytest.raises(ValueError, match="tile stride"):
+        DecodeConfig(tile={"window": 32, "stride": 40})
+
+
+def test_image_within_the_window_decodes_bit_for_bit_as_without_tiling(unet, codec):
+    import idemrt
+
+    data = _encoded(codec, 40, 48)  # padded to 64x64: within a 64 window
+    base = SPEEDS["balanced"].replace(steps=10, backend="eager")
+    images = [idemrt.Decoder(codec, unet, config=base.replace(tile=tile)).decode(data, seed=5, output="tensor")
+              for tile in (None, Tiling(window=64, stride=32, chunk=1))]
+    assert torch.equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("speed,options", [("paper", dict(steps=6)), ("balanced", dict(steps=10)),
+                                           ("fast", dict(steps=10)), ("paper", dict(steps="ddim6", sampler="ddim",
+                                                                                     guidance="dsg"))])
+def test_tiled_decoder_step_is_the_step_with_the_tiled_model(unet, codec, speed, options):
+    """Every guidance (DPS, DSG, PIR) with warm start and exact refinement decodes a 64x96 image in
+    32-pixel windows, and the Decoder's step equals the step math given the tiled model by hand."""
+    import idemrt
+    from idemrt.diffusion.step import guided_step
+
+    cfg = SPEEDS[speed].replace(backend="eager", tile=Tiling(window=WINDOW, stride=24, chunk=4), **options)
+    dec = idemrt.Decoder(codec, unet, config=cfg)
+    img = dec.decode(_encoded(codec, 64, 96), seed=1, output="tensor")
+    assert img.shape == (1, 3, 64, 96) and torch.isfinite(img).all()
+    assert all(torch.isfinite(torch.tensor(dec.last.distance)))
+
+    g = torch.Generator().manual_seed(4)
+    x, noise = torch.randn(2, 3, 64, 96, generator=g), torch.randn(2, 3, 64, 96, generator=g)
+    target = dec.target_from_latent(torch.round(codec.model.g_a(torch.rand(2, 3, 64, 96, generator=g))))
+    i = dec.schedule.num_steps - 2
+    got = dec.step(x, i, target, noise)
+    tiled = TiledModel(unet, WINDOW, 24, chunk=4)
+    want = guided_step(tiled, dec.operator, dec.sampler, dec.guidance, x, i, target, noise)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    whole = guided_step(unet, dec.operator, dec.sampler, dec.guidance, x, i, target, noise)
+    assert not torch.allclose(got[0], whole[0], atol=1e-3)  # the tiling did change the model output
+
+
+def test_fast_backend_tiles_like_eager_and_exporting_backends_refuse(unet, codec):
+    from idemrt.backends.base import StepSpec, create_backend
+    from idemrt.backends.graph import GraphStepBackend
+    from idemrt.diffusion import DDPMSampler, DPS, Schedule
+    from idemrt.errors import BackendError
+    from idemrt.models.codec import diffusion_operator
+
+    sampler = DDPMSampler(Schedule.create(1000, 10))
+    spec = StepSpec(unet=unet, operator=diffusion_operator(codec, "x"), codec=codec, constraint="x",
+                    sampler=sampler, guidance=DPS(0.6), tile=Tiling(window=WINDOW, stride=16, chunk=3))
+    g = torch.Generator().manual_seed(6)
+    x, noise = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    target = 2 * codec.synthesis(torch.round(codec.model.g_a(torch.rand(2, 3, 64, 64, generator=g)))) - 1
+    eager = create_backend("eager", spec, device=torch.device("cpu")).step(x, 7, target.detach(), noise)
+    fast = create_backend("fast", spec, device=torch.device("cpu"), dtype=torch.float32).step(x, 7, target.detach(), noise)
+    torch.testing.assert_close(fast[0], eager[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast[1], eager[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(BackendError, match="tiled decoding"):
+        GraphStepBackend(spec, device="cpu")

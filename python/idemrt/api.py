@@ -260,7 +260,7 @@ class Decoder:
 def _create_backend(decoder: Decoder):
     spec = StepSpec(unet=decoder.unet, operator=decoder.operator if decoder.guidance is not None else None,
                     codec=decoder.codec, constraint=decoder.constraint, sampler=decoder.sampler,
-                    guidance=decoder.guidance)
+                    guidance=decoder.guidance, tile=decoder.config.tile)
     return create_backend(decoder.backend_name, spec, device=decoder.device, dtype=decoder.dtype,
                           **decoder.backend_options)
 

@@ -1,7 +1,7 @@
 """How a perceptual decode runs, as data: :class:`DecodeConfig`.
 
 One frozen value holds every choice of the decode — the respacing, sampler, guidance and its
-options, warm start, exact refinement, constraint, backend and dtype, retries — and nothing about
+options, warm start, exact refinement, constraint, backend and dtype, retries, tiling — and nothing about
 the models, the device or the inputs. ``Decoder(codec, unet, config=cfg)``, the speed presets
 (:data:`idemrt.speeds.SPEEDS` maps names to DecodeConfigs), ``idemrt decompress --config FILE``
 and the service all take it; ``cfg.replace(steps=20)`` (:func:`dataclasses.replace`) derives
@@ -41,7 +41,9 @@ class DecodeConfig:
     name of :func:`idemrt.backends.base.available_backends` (None: the device's default; checked when
     the backend is made) with its
     ``backend_options``; ``dtype``: the UNet's compute dtype (a torch dtype, or its name in
-    :data:`idemrt.defaults.DTYPE_CHOICES`; None: the backend's or the prior's)."""
+    :data:`idemrt.defaults.DTYPE_CHOICES`; None: the backend's or the prior's); ``tile``: run the prior
+    on overlapping windows of images larger than its native size (:class:`idemrt.diffusion.tiling.Tiling`,
+    or a mapping of its fields, or True for its defaults; None or False: the whole image, the default)."""
 
     steps: Union[int, str, tuple] = 1000
     sampler: str = "ddpm"
@@ -61,6 +63,7 @@ class DecodeConfig:
     backend: Optional[str] = None
     backend_options: dict = field(default_factory=dict)
     dtype: Any = None
+    tile: Any = None
 
     def __post_init__(self):
         from .diffusion.guidance import RetryPolicy, _check_finite, make_guidance
@@ -94,6 +97,9 @@ class DecodeConfig:
         if self.backend is not None and not isinstance(self.backend, str):
             # The name is checked where the backend is made (a BackendError naming the choices).
             raise TypeError(f"backend must be a backend's name (str) or None, got {self.backend!r}")
+        from .diffusion.tiling import Tiling
+
+        _set(self, "tile", Tiling.from_value(self.tile))
         if isinstance(self.dtype, str):
             from .defaults import dtype_from_name
 
@@ -138,6 +144,8 @@ class DecodeConfig:
             from .defaults import dtype_name
 
             out["dtype"] = dtype_name(self.dtype)
+        if self.tile is not None:
+            out["tile"] = self.tile.to_dict()
         return out
 
     @classmethod

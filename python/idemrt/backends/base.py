@@ -35,6 +35,9 @@ class StepSpec:
     constraint: "x" or "y": which idempotence operator ``operator`` is.
     sampler:    an ``idemrt.diffusion`` sampler (its table, predict/step).
     guidance:   an ``idemrt.diffusion`` guidance object (update), or None.
+    tile:       a :class:`idemrt.diffusion.tiling.Tiling`: the backend runs its model function on
+                overlapping windows of images larger than the window (:class:`~idemrt.diffusion.
+                tiling.TiledModel`); None: on the whole image.
     """
 
     unet: torch.nn.Module
@@ -43,6 +46,7 @@ class StepSpec:
     constraint: str
     sampler: object
     guidance: object
+    tile: Optional[object] = None
 
 
 def check_step_inputs(device: torch.device, num_steps: int, x_t, i, target, noise, *, guided: bool) -> list[int]:

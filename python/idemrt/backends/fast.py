@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..diffusion.step import finish_step, plain_step, proximal_step, step_gradient
+from ..diffusion.tiling import TiledModel
 from ..defaults import default_fast_dtype
 from ..errors import BackendError
 from ..models.codec import Codec
@@ -126,6 +127,8 @@ class FastBackend:
         if kernels == "compile":
             mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
             self._unet_fn = torch.compile(self.unet, mode=mode, fullgraph=True, dynamic=False)
+        if spec.tile is not None:  # windows of a large image (idemrt.diffusion.tiling), compiled or not
+            self._unet_fn = TiledModel.for_prior(self._unet_fn, spec.tile, spec.unet)
         self._graphs = GraphSet("fast backend", lambda: cudnn_autotune(device))
         self._lock = threading.Lock()
 

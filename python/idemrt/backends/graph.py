@@ -40,6 +40,9 @@ class GraphStepBackend:
 
         if spec.guidance is not None and spec.codec is None:
             raise BackendError("guided sampling on an exporting backend needs StepSpec.codec")
+        if spec.tile is not None:
+            raise BackendError("the exported step graph runs the UNet on the whole image: tiled decoding "
+                               "(DecodeConfig.tile) runs on the eager or fast backend")
         self.spec = spec
         self.device = torch.device(device)
         self.sampler = spec.sampler.to(self.device)

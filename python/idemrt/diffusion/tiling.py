@@ -226,7 +226,8 @@ class TiledModel:
     def _windows(x: Tensor, t: Tensor, layout: TileLayout, pairs) -> tuple[Tensor, Tensor]:
         (h, w), off = layout.size, layout.offsets
         win = torch.stack([x[b, :, off[k][0]:off[k][0] + h, off[k][1]:off[k][1] + w] for b, k in pairs])
-        return win, t[[b for b, _ in pairs]]
+        # int indexing and stack only: no host-built index tensor, so a CUDA graph can capture it
+        return win, torch.stack([t[b] for b, _ in pairs])
 
     @staticmethod
     def _scatter(full: Tensor, out: Tensor, layout: TileLayout, pairs) -> None:
@@ -265,7 +266,8 @@ class _TiledForward(torch.autograd.Function):
             win, tw = TiledModel._windows(x, t, layout, pairs)
             # The blend's adjoint: each window's share of the output gradient.
             g_out, _ = TiledModel._windows(grad_full, t, layout, pairs)
-            g_out = g_out * layout.weights.to(g_out.dtype)[[k for _, k in pairs]]
+            weights = layout.weights.to(g_out.dtype)
+            g_out = g_out * torch.stack([weights[k] for _, k in pairs])
             with torch.enable_grad():
                 win = win.detach().requires_grad_(True)
                 out = tiled.model(win, tw)
