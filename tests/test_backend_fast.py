@@ -289,7 +289,7 @@ def test_triton_kernels_are_wired(unet, codec, monkeypatch, constraint):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(gn_module, "groupnorm_silu", counted("gn", gn_module.groupnorm_silu_reference))
+    monkeypatch.setattr(gn_module, "groupnorm_silu", counted("gn", _reference_norm_act))
     monkeypatch.setattr(gdn_module, "gdn", counted("gdn", gdn_module.gdn))
     monkeypatch.setattr(su_module, "sampler_update", counted("update", su_module.sampler_update))
 
@@ -315,6 +315,14 @@ def test_triton_kernels_are_wired(unet, codec, monkeypatch, constraint):
     # 3 GDN in g_a, and 3 IGDN in g_s for the "x" operator; three steps.
     assert calls["gdn"] == 3 * (6 if constraint == "x" else 3)
     assert calls["update"] == 3
+
+
+def _reference_norm_act(x, weight, bias, scale=None, shift=None, backward="triton"):
+    """groupnorm_silu's torch reference with its signature (the interpreted kernel takes seconds)."""
+    from idemrt.kernels.groupnorm_silu import groupnorm_silu_reference
+
+    assert backward == "triton"  # the default passes: the kernel's own backward
+    return groupnorm_silu_reference(x, weight, bias, scale, shift)
 
 
 class _RecordingGraphs:

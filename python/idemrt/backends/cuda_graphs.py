@@ -5,7 +5,7 @@
   bookkeeping must all happen outside the capture).
 * :class:`GraphSet` — one graph per key (a batch shape), captured on first use, with static
   input buffers; a key whose capture fails runs uncaptured from then on, after a warning.
-* :func:`cudnn_autotune` — cuDNN benchmark mode for static shapes, unless determinism was asked.
+* :func:`cudnn_autotune` — cuDNN benchmark mode (on or off) for static shapes, unless determinism was asked.
 * :func:`on_device` — the CUDA device context (a no-op on the CPU).
 """
 from __future__ import annotations
@@ -97,13 +97,14 @@ class _Graph:
 
 
 @contextlib.contextmanager
-def cudnn_autotune(device: torch.device):
-    """cuDNN benchmark mode for static shapes, unless determinism was asked for; restored after."""
+def cudnn_autotune(device: torch.device, enabled: bool = True):
+    """cuDNN benchmark mode ``enabled`` (on: autotuned algorithms for static shapes) on a CUDA
+    device, except that determinism, when asked for, keeps it as it is; restored after."""
     if device.type != "cuda" or torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled():
         yield
         return
     previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = bool(enabled)
     try:
         yield
     finally:

@@ -19,9 +19,13 @@ with its own model and operator functions):
   every retry scale. Steps that the guidance skips for every sample (DSG off-interval) replay
   a second, unguided graph: the host knows the indices, so it picks the graph and the VJP is
   not wasted on them.
-* cuDNN autotuning is on while a shape is warmed up and captured, unless determinism was asked.
+* cuDNN autotuning is on while a shape is warmed up and captured (``cudnn_benchmark``), unless
+  determinism was asked.
 
-Options (``FastBackend(spec, device=..., dtype=None, operator_dtype=None, graphs=None, kernels=None)``):
+Options (``FastBackend(spec, device=..., dtype=None, operator_dtype=None, graphs=None, kernels=None,
+triton_passes=None, compile=None, compile_mode=None, compile_cache=None, cudnn_benchmark=True)``;
+the same names in ``DecodeConfig.backend_options``; :class:`FastBackend` says what each does;
+``benchmarks/gpu_variants.py`` measures them against each other):
 
 * ``graphs``: default on with CUDA. Off (or on CPU) the same step runs as ordinary PyTorch, which is
   how the CPU tests exercise this code.
@@ -51,12 +55,18 @@ from ..defaults import default_fast_dtype
 from ..errors import BackendError
 from ..models.codec import Codec
 from .base import StepSpec, check_step_inputs, register
+from .compile_cache import CompileCache, default_directory, model_digest
 from .cuda_graphs import GraphSet, cudnn_autotune, on_device
 from .inference import DTYPES, fused_gdn_operator, inference_unet
 
-__all__ = ["FastBackend", "KERNELS", "SLOT_COUNTS", "default_kernels"]
+__all__ = ["COMPILES", "FastBackend", "KERNELS", "PASSES", "SLOT_COUNTS", "TRITON_KERNELS", "default_kernels",
+           "default_triton_passes"]
 
 KERNELS = ("torch", "triton", "compile")
+# With kernels="triton": which pass of each fused kernel family is Triton's (see triton_passes).
+TRITON_KERNELS = ("groupnorm_silu", "gdn", "step")
+PASSES = ("fwd+bwd", "fwd", "none")
+COMPILES = ("unet", "blocks")  # torch.compile of the whole UNet copy, or of each ResBlock/AttentionBlock
 SLOT_COUNTS = (1, 2, 4, 8, 16)  # batch sizes a step scheduler pads to, so few graphs are captured
 
 
@@ -64,6 +74,18 @@ def default_kernels(spec: StepSpec, device: torch.device) -> str:
     """"triton", the measured winner on CUDA (benchmarks/RESULTS.md), where its kernels fit this
     model and codec; "torch" otherwise (off CUDA Triton only runs interpreted)."""
     return "triton" if torch.device(device).type == "cuda" and _triton_misfit(spec) is None else "torch"
+
+
+def default_triton_passes(device: torch.device) -> dict:
+    """The pass of each Triton kernel family that kernels="triton" runs by default.
+
+    CUDA DEFAULTS FROM MEASUREMENT (issue 30 item 4): to be chosen from the table of
+    benchmarks/gpu_variants.py (benchmarks/RESULTS.md) — the fastest variant that passes its
+    accuracy check, per GPU kind if they differ, with the table row named here. Until a GPU run
+    has measured the variants, this is the one configuration measured so far: every kernel forward
+    and backward (`fast-triton`, 9.66 ms per FFHQ-256 step at batch 1 on an H200).
+    """
+    return {name: "fwd+bwd" for name in TRITON_KERNELS}
 
 
 def _triton_misfit(spec: StepSpec) -> Optional[str]:
@@ -88,12 +110,29 @@ class FastBackend:
     (default: :func:`idemrt.defaults.default_fast_dtype` — bf16 on CUDA and on CPUs with AVX-512
     BF16 or AMX, fp32 on other CPUs, where emulated bf16 is slower); ``operator_dtype``: that of the codec operator (default: ``dtype``).
     ``graphs``: replay CUDA graphs (default: on CUDA). ``kernels``: one of :data:`KERNELS` (default:
-    :func:`default_kernels` of the device).
+    :func:`default_kernels` of the device); "compile" is short for ``kernels="torch",
+    compile="unet"``.
+    ``triton_passes``: with kernels="triton", ``{family: pass}`` for the families of
+    :data:`TRITON_KERNELS` — "fwd+bwd" (Triton forward and backward), "fwd" (Triton forward,
+    PyTorch's backward: GroupNorm+SiLU and GDN through ``backward="torch"``; for "step", PyTorch's
+    x0, distance and gradient and only the sampler-update kernel) or "none" (PyTorch's); families
+    not named keep :func:`default_triton_passes`.
+    ``compile``: None, "unet" (``torch.compile`` of the UNet copy, fullgraph) or "blocks" (regional:
+    each ResBlock and AttentionBlock compiled; repeated blocks of one shape share their code, so
+    it compiles in a fraction of the whole UNet's time); ``compile_mode``: torch.compile's mode
+    (default: "max-autotune-no-cudagraphs" on CUDA for "unet", else "default"). Compiling needs
+    kernels="torch" (the Triton kernels' autograd wrappers are not traced).
+    ``compile_cache``: where compiled code is kept between processes (:mod:`.compile_cache`):
+    a directory, None for ``$IDEMRT_COMPILE_CACHE`` or the user's cache directory, False for no cache.
+    ``cudnn_benchmark``: cuDNN autotuning while shapes are warmed up and captured (default on;
+    determinism, when asked for, turns it off regardless; no effect off CUDA).
     """
 
     def __init__(self, spec: StepSpec, *, device, dtype: Optional[torch.dtype] = None,
                  operator_dtype: Optional[torch.dtype] = None, graphs: Optional[bool] = None,
-                 kernels: Optional[str] = None):
+                 kernels: Optional[str] = None, triton_passes: Optional[dict] = None,
+                 compile: Optional[str] = None, compile_mode: Optional[str] = None,
+                 compile_cache=None, cudnn_benchmark: bool = True):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -105,6 +144,17 @@ class FastBackend:
         kernels = default_kernels(spec, device) if kernels is None else kernels
         if kernels not in KERNELS:
             raise BackendError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if kernels == "compile":
+            kernels, compile = "torch", compile or "unet"
+        passes = _check_passes(triton_passes, kernels, device)
+        if compile is not None and compile not in COMPILES:
+            raise BackendError(f"compile must be None or one of {COMPILES}, got {compile!r}")
+        if compile is not None and kernels != "torch":
+            raise BackendError("compile needs kernels='torch': the Triton kernels are not traced by torch.compile")
+        if compile is None and compile_mode is not None:
+            raise BackendError("compile_mode without compile: pass compile='unet' or 'blocks'")
+        if compile is not None and compile_mode is None:
+            compile_mode = "max-autotune-no-cudagraphs" if device.type == "cuda" and compile == "unet" else "default"
         graphs = device.type == "cuda" if graphs is None else bool(graphs)
         if graphs and device.type != "cuda":
             raise BackendError(f"CUDA graphs need a CUDA device, got {device}; pass graphs=False")
@@ -117,19 +167,30 @@ class FastBackend:
         self.operator_dtype = operator_dtype
         self.graphs = graphs
         self.kernels = kernels
+        self.triton_passes = passes
+        self.compile, self.compile_mode = compile, compile_mode
+        self.cudnn_benchmark = bool(cudnn_benchmark)
         self.sampler = spec.sampler.to(device)
-        self.unet = inference_unet(spec.unet, dtype, device, kernels)
+        # The copy's norm hook and compiled blocks depend on these, so each choice has its own copy.
+        variant = (kernels, passes.get("groupnorm_silu"), compile, compile_mode)
+        self.unet = inference_unet(spec.unet, dtype, device, variant)
         self.operator = spec.operator
         self._fused = None  # the sampler table, when the fused step kernels run
+        self._fused_update = None  # the sampler table, when only the update kernel runs
         if kernels == "triton":
             self._use_triton_kernels()
         self._unet_fn = self.unet
-        if kernels == "compile":
-            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
-            self._unet_fn = torch.compile(self.unet, mode=mode, fullgraph=True, dynamic=False)
+        self._cache, self._cached_keys = None, set()
+        if compile is not None:
+            if compile_cache is not False:
+                digest = model_digest(self.unet, options=(compile, compile_mode, str(dtype), device.type))
+                self._cache = CompileCache(default_directory() if compile_cache is None else compile_cache,
+                                           device=device, digest=digest)
+                self._cache.load()
+            self._unet_fn = _compiled(self.unet, compile, compile_mode)
         if spec.tile is not None:  # windows of a large image (idemrt.diffusion.tiling), compiled or not
             self._unet_fn = TiledModel.for_prior(self._unet_fn, spec.tile, spec.unet)
-        self._graphs = GraphSet("fast backend", lambda: cudnn_autotune(device))
+        self._graphs = GraphSet("fast backend", lambda: cudnn_autotune(device, self.cudnn_benchmark))
         self._lock = threading.Lock()
 
     # -- the model and operator functions the step math is given ----------------------------------
@@ -159,6 +220,12 @@ class FastBackend:
         rows = sampler.rows(i)
         g = step_gradient(self.model_output, self.apply_operator, sampler, x_t,
                           sampler.model_timesteps(i, x_t.shape[0]), rows, target)
+        if self._fused_update is not None:  # triton_passes step="fwd": only the update kernel
+            from idemrt.kernels.sampler_update import sampler_update
+
+            c = x_t.shape[1]
+            out = g.model_out
+            return sampler_update(x_t, out[:, :c], out[:, c:], g.grad, noise, self._fused_update, i, scale), g.dist
         return finish_step(sampler, self.spec.guidance, g, noise, i, rows, scale)
 
     def plain_fn(self, x_t, target, noise, i, scale):
@@ -173,19 +240,29 @@ class FastBackend:
         read back to the host, which syncs); ``scale``: None (the guidance's) or (N,) per sample.
         """
         fn, inputs = self._prepare(x_t, i, target, noise, scale)
+        key = (fn.__name__, tuple(x_t.shape), None if inputs[1] is None else tuple(inputs[1].shape))
         with self._lock, on_device(self.device):
             if not self.graphs:
-                with cudnn_autotune(self.device):
-                    return fn(*inputs)
-            key = (fn.__name__, tuple(x_t.shape), None if inputs[1] is None else tuple(inputs[1].shape))
-            return self._graphs.run(key, fn, *inputs)
+                with cudnn_autotune(self.device, self.cudnn_benchmark):
+                    out = fn(*inputs)
+            else:
+                out = self._graphs.run(key, fn, *inputs)
+            self._save_compiled(key)
+            return out
 
     def step_uncaptured(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor, scale=None):
         """:meth:`step` without CUDA graphs (same kernels): for tests and for counting FLOPs, which
         a graph replay hides from PyTorch's dispatcher."""
         fn, inputs = self._prepare(x_t, i, target, noise, scale)
-        with self._lock, on_device(self.device), cudnn_autotune(self.device):
+        with self._lock, on_device(self.device), cudnn_autotune(self.device, self.cudnn_benchmark):
             return fn(*inputs)
+
+    def _save_compiled(self, key) -> None:
+        """After the first run (the warm-up, which compiles) of a step kind and shape: keep what was
+        compiled in the compile cache, for the next process."""
+        if self._cache is not None and key not in self._cached_keys:
+            self._cached_keys.add(key)
+            self._cache.save()
 
     @property
     def slot_counts(self):
@@ -229,18 +306,26 @@ class FastBackend:
         misfit = _triton_misfit(self.spec)
         if misfit is not None:
             raise BackendError(misfit)
+        backward = {"fwd+bwd": "triton", "fwd": "torch"}  # a pass choice -> who computes the backward
+        passes = self.triton_passes
 
-        def norm_act(x, norm, scale_shift=None):
-            scale, shift = scale_shift if scale_shift is not None else (None, None)
-            return groupnorm_silu(x, norm.weight, norm.bias, scale, shift)
+        if passes["groupnorm_silu"] != "none":
+            gn_backward = backward[passes["groupnorm_silu"]]
 
-        self.unet.set_norm_act(norm_act)
-        if self.spec.operator is not None:
-            self.operator = fused_gdn_operator(self.spec.codec, self.spec.constraint)
+            def norm_act(x, norm, scale_shift=None):
+                scale, shift = scale_shift if scale_shift is not None else (None, None)
+                return groupnorm_silu(x, norm.weight, norm.bias, scale, shift, backward=gn_backward)
+
+            self.unet.set_norm_act(norm_act)
+        if self.spec.operator is not None and passes["gdn"] != "none":
+            self.operator = fused_gdn_operator(self.spec.codec, self.spec.constraint, backward=backward[passes["gdn"]])
         # The fused step kernels read the sampler's own table: usable when it has their columns
         # (DDPM's) and the update is DPS's ``sample - scale·grad``.
         if tuple(self.sampler.columns) == tuple(COEFFICIENTS) and self.spec.guidance is not None and self.spec.guidance.name == "dps":
-            self._fused = self.sampler.coefficients()
+            if passes["step"] == "fwd+bwd":
+                self._fused = self.sampler.coefficients()
+            elif passes["step"] == "fwd":
+                self._fused_update = self.sampler.coefficients()
 
     def _fused_step(self, x_t, target, noise, i, scale):
         """The guided DDPM + DPS step on the fused kernels: x0 (with its clamp-masked backward),
@@ -258,3 +343,32 @@ class FastBackend:
         out = out.detach()
         x_prev = sampler_update(x_t, out[:, :c], out[:, c:], grad, noise, self._fused, i, scale)
         return x_prev, dist.detach()
+
+
+def _check_passes(triton_passes, kernels: str, device: torch.device) -> dict:
+    """The Triton pass of every kernel family ({} unless kernels="triton"), checked."""
+    if kernels != "triton":
+        if triton_passes:
+            raise BackendError("triton_passes needs kernels='triton'")
+        return {}
+    passes = default_triton_passes(device)
+    for name, value in dict(triton_passes or {}).items():
+        if name not in TRITON_KERNELS:
+            raise BackendError(f"triton_passes: unknown kernel family {name!r}; known: {list(TRITON_KERNELS)}")
+        if value not in PASSES:
+            raise BackendError(f"triton_passes[{name!r}] must be one of {PASSES}, got {value!r}")
+        passes[name] = value
+    return passes
+
+
+def _compiled(unet: nn.Module, scope: str, mode: str):
+    """The UNet copy's function under torch.compile: the whole copy ("unet"), or each of its
+    repeated blocks compiled in place ("blocks", once per shared copy) and the copy itself."""
+    from ..models.unet import AttentionBlock, ResBlock
+
+    if scope == "unet":
+        return torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
+    for m in unet.modules():
+        if isinstance(m, (ResBlock, AttentionBlock)) and getattr(m, "_compiled_call_impl", None) is None:
+            m.compile(mode=mode, fullgraph=True, dynamic=False)
+    return unet

@@ -26,14 +26,15 @@ _COPIES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 _COPIES_LOCK = threading.Lock()
 
 
-def inference_unet(unet: nn.Module, dtype: torch.dtype, device: torch.device, kernels: str = "torch") -> nn.Module:
+def inference_unet(unet: nn.Module, dtype: torch.dtype, device: torch.device, variant="torch") -> nn.Module:
     """The UNet's inference copy for ``dtype`` (one of :data:`DTYPES`), shared by every user of
-    this UNet, device, dtype and ``kernels`` (see :func:`_inference_copy`)."""
+    this UNet, device, dtype and ``variant`` (see :func:`_inference_copy`): any hashable naming
+    what a user changes on its copy (the fast backend: its kernels, GroupNorm pass and compile)."""
     if dtype != torch.float32 and not isinstance(unet, ADMUNet):
         raise BackendError(f"bfloat16/float16 need an idemrt ADMUNet (its mixed-precision layout), got "
                            f"{type(unet).__name__}; use dtype=torch.float32")
-    # kernels="triton" rewires the copy's norm hook, so each kernel choice has a copy of its own.
-    key = (dtype, str(device), kernels)
+    # kernels="triton" rewires the copy's norm hook, compiling wraps its blocks: a copy per variant.
+    key = (dtype, str(device), variant)
     with _COPIES_LOCK:
         per_module = _COPIES.setdefault(unet, {})
         if key not in per_module:
@@ -67,9 +68,11 @@ def _inference_copy(module: nn.Module, dtype: torch.dtype, device: torch.device)
     return unet
 
 
-def fused_gdn_operator(codec, constraint: str):
+def fused_gdn_operator(codec, constraint: str, backward: str = "triton"):
     """A (:func:`~idemrt.models.codec.diffusion_operator`) on a private codec copy whose GDN/IGDN
-    layers run the Triton kernel: the same A, computed by other kernels."""
+    layers run the Triton kernel: the same A, computed by other kernels. ``backward``: who computes
+    the layers' input gradient (``idemrt.kernels.gdn.BACKWARDS``). A codec without GDN layers
+    (ELIC) keeps its own layers."""
     from compressai.layers import GDN
 
     if not isinstance(codec, Codec):
@@ -78,22 +81,23 @@ def fused_gdn_operator(codec, constraint: str):
     for name, m in list(model.named_modules()):
         if type(m) is GDN:
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, _FusedGDN(m))
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, _FusedGDN(m, backward))
     return diffusion_operator(Codec(codec.name, model, quality=codec.quality), constraint)
 
 
 class _FusedGDN(nn.Module):
     """compressai's GDN/IGDN through ``idemrt.kernels.gdn`` (parameters reparametrised once)."""
 
-    def __init__(self, gdn_module):
+    def __init__(self, gdn_module, backward: str = "triton"):
         super().__init__()
         from idemrt.kernels.gdn import gdn_parameters
 
         gamma, beta, self.inverse = gdn_parameters(gdn_module)
+        self.backward = backward
         self.register_buffer("gamma", gamma)
         self.register_buffer("beta", beta)
 
     def forward(self, x):
         from idemrt.kernels.gdn import gdn
 
-        return gdn(x, self.gamma, self.beta, self.inverse)
+        return gdn(x, self.gamma, self.beta, self.inverse, backward=self.backward)
