@@ -531,6 +531,10 @@ def test_backends_of_one_unet_share_its_inference_copy():
     a, b = make(0.6), make(0.9)
     assert a.unet is b.unet and a.unet is not unet
     assert make(0.6, kernels="compile").unet is not a.unet
+    # PSC's fast denoiser asks for the plain copy: the same one
+    from idemrt.backends.inference import inference_unet
+
+    assert inference_unet(unet, torch.float32, torch.device("cpu")) is a.unet
 
 
 def test_cpu_bf16_copy_normalises_without_cast_copies(unet):

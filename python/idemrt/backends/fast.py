@@ -171,8 +171,10 @@ class FastBackend:
         self.compile, self.compile_mode = compile, compile_mode
         self.cudnn_benchmark = bool(cudnn_benchmark)
         self.sampler = spec.sampler.to(device)
-        # The copy's norm hook and compiled blocks depend on these, so each choice has its own copy.
-        variant = (kernels, passes.get("groupnorm_silu"), compile, compile_mode)
+        # The copy's norm hook and compiled blocks depend on these, so each choice has its own copy;
+        # the plain copy is the one PSC's fast denoiser uses too (psc/sampling.py).
+        variant = "torch" if (kernels, compile) == ("torch", None) else (
+            kernels, passes.get("groupnorm_silu"), compile, compile_mode)
         self.unet = inference_unet(spec.unet, dtype, device, variant)
         self.operator = spec.operator
         self._fused = None  # the sampler table, when the fused step kernels run
