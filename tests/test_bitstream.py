@@ -5,15 +5,16 @@ import zlib
 import pytest
 import torch
 
-from idemrt import BitstreamError
+from idemrt import BitstreamError, ModelNotFoundError
 from idemrt.bitstream import (
     DEFAULT_MAX_PIXELS,
     MAGIC,
     MIN_SIZE,
     Bitstream,
-    check_codec,
+    CodecIdentity,
     describe,
     pack,
+    route,
     unpack,
     weights_digest,
 )
@@ -259,17 +260,30 @@ def test_encode_refuses_what_it_could_not_read_back(changes, match):
         pack(sample(**changes))
 
 
-def test_check_codec():
+def test_route_answers_which_codec_decodes_a_stream():
     bs = sample(codec="bmshj2018-hyperprior", quality=3)
-    check_codec(bs, "bmshj2018-hyperprior", 3, HASH)
-    with pytest.raises(BitstreamError, match="made with bmshj2018-hyperprior q3, but the decoder was given elic q3"):
-        check_codec(bs, "elic", 3, HASH)
-    with pytest.raises(BitstreamError, match="but the decoder was given bmshj2018-hyperprior q4"):
-        check_codec(bs, "bmshj2018-hyperprior", 4, HASH)
+    hp = lambda q, digest=HASH: CodecIdentity("bmshj2018-hyperprior", q, digest)  # noqa: E731
+    assert route(bs, {None: hp(3)}) is None
+    # The first codec of the stream's name, quality and weights; a digest of None matches any weights.
+    assert route(bs, {"q4": hp(4), "other-weights": hp(3, bytes(16)), "q3": hp(3), "q3b": hp(3)}) == "q3"
+    assert route(bs, {"elic": CodecIdentity("elic", 3), "any": hp(3, None)}) == "any"
+    # A fixed codec that did not make it: a BitstreamError saying what made it and what is there.
+    with pytest.raises(BitstreamError, match="made with bmshj2018-hyperprior q3, but the decoder decodes elic q3"):
+        route(bs, {None: CodecIdentity("elic", 3, HASH)})
+    with pytest.raises(BitstreamError, match="but this server decodes bmshj2018-hyperprior q4"):
+        route(bs, {None: hp(4)}, where="this server")
     with pytest.raises(BitstreamError, match=f"weights {HASH.hex()}.*hash to {bytes(16).hex()}"):
-        check_codec(bs, "bmshj2018-hyperprior", 3, bytes(16))
+        route(bs, {None: hp(3, bytes(16))})
     with pytest.raises(BitstreamError, match="made with psc, but"):
-        check_codec(sample(codec="psc", quality=None), "psc", 1, HASH)
+        route(sample(codec="psc", quality=None), {None: CodecIdentity("psc", 1, HASH)})
+    # Models chosen among many (a store): a ModelNotFoundError naming what the stream needs.
+    with pytest.raises(ModelNotFoundError, match=f"the store S has no available codec .* bmshj2018-hyperprior q3 "
+                                                 f"with weights digest {HASH.hex()}") as missing:
+        route(bs, {"a": hp(3, bytes(16)), "b": hp(2)}, where="the store S", store=True)
+    assert (missing.value.codec, missing.value.quality, missing.value.weights_digest) == (
+        "bmshj2018-hyperprior", 3, HASH.hex())
+    with pytest.raises(ModelNotFoundError):
+        route(bs, {}, store=True)
 
 
 def test_describe_reports_rates_by_hand():

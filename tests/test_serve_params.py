@@ -98,7 +98,7 @@ def test_perceptual_needs_a_diffusion_model():
 def test_speeds_are_limited_to_the_configured_ones():
     config = ServeConfig(unet="unet.pt", speed="fast", speeds_allowed=["fast"])
     assert parse("", config)["speed"] == "fast"
-    assert "choose one of ['fast']" in rejected("speed=paper", config)
+    assert "must be one of ['fast']" in rejected("speed=paper", config)
 
 
 def _check(got: dict, config: ServeConfig) -> None:

@@ -9,7 +9,8 @@ from idemrt.diffusion import DeadlineExceeded
 from idemrt.serve.config import ServeConfig
 from idemrt.serve.problems import problem_from
 from idemrt.serve.retry import call_with_retry, replica_died
-from idemrt.serve.runner import deploy_config, deployment_options
+from idemrt.serve.deployment import deployment_options
+from idemrt.serve.runner import deploy_config
 
 
 # Ray's exceptions, faked by class name (retry.py looks names up along the class hierarchy).

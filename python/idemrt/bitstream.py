@@ -19,6 +19,7 @@ import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, TypeVar
 
 from .errors import BitstreamError, BitstreamTooLargeError
 
@@ -156,19 +157,51 @@ def parse(data, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Bitstream:
     return unpack(bytes(data), max_pixels=max_pixels)
 
 
-def check_codec(bs: Bitstream, name: str, quality: int | None, weights_hash: bytes) -> None:
-    """Raise BitstreamError unless ``bs`` was made by this codec, quality and weights."""
-    made, given = codec_label(bs.codec, bs.quality), codec_label(name, quality)
-    if (bs.codec, bs.quality) != (name, quality):
-        raise BitstreamError(
-            f"this file was made with {made}, but the decoder was given {given}; "
-            f"load the codec the file names (`idemrt info FILE` shows it)"
-        )
-    if bs.weights_hash != weights_hash:
-        raise BitstreamError(
-            f"this file was made with {made} weights {bs.weights_hash.hex()}, but the decoder's "
-            f"weights hash to {weights_hash.hex()}; decode with the checkpoint that encoded it"
-        )
+class CodecIdentity(NamedTuple):
+    """What decodes a stream: a codec's name, quality and 16-byte weights digest (:func:`weights_digest`;
+    None where the weights are not known, e.g. at the service's ingress or from a manifest without one)."""
+
+    name: str
+    quality: Optional[int]
+    weights_hash: Optional[bytes] = None
+
+    @classmethod
+    def of(cls, codec) -> "CodecIdentity":
+        """The identity of a loaded :class:`idemrt.Codec` (its weights hashed)."""
+        return cls(codec.name, codec.quality, bytes(codec.weights_hash()))
+
+
+K = TypeVar("K")
+
+
+def route(bs: Bitstream, codecs: Mapping[K, CodecIdentity], *, where: str = "the decoder", store: bool = False) -> K:
+    """Which of ``codecs`` decodes ``bs``: the key of the first whose name and quality are the
+    stream's and whose weights digest is its (a digest of None matches any). The one answer to
+    "is this stream ours?" (the API, the service's ingress and engine, the model store, PSC).
+
+    None found: with ``store`` (models chosen among many: a model store, a service's store) a
+    :class:`~idemrt.errors.ModelNotFoundError` naming the codec, quality and digest the stream
+    needs; else (the codec is fixed) a BitstreamError saying what made it and what ``where`` has."""
+    needs = CodecIdentity(bs.codec, bs.quality, bytes(bs.weights_hash))
+    named = [key for key, c in codecs.items() if (c.name, c.quality) == needs[:2]]
+    for key in named:
+        if codecs[key].weights_hash is None or bytes(codecs[key].weights_hash) == needs.weights_hash:
+            return key
+    made = codec_label(bs.codec, bs.quality)
+    if store:
+        from .errors import ModelNotFoundError
+
+        raise ModelNotFoundError(
+            f"{where} has no available codec for this stream: it needs {made} with weights digest "
+            f"{needs.weights_hash.hex()} (`idemrt info FILE` shows a file's header)",
+            codec=bs.codec, quality=bs.quality, weights_digest=needs.weights_hash.hex())
+    if named:
+        theirs = ", ".join(bytes(codecs[key].weights_hash).hex() for key in named)
+        raise BitstreamError(f"this file was made with {made} weights {needs.weights_hash.hex()}, but {where}'s "
+                             f"weights hash to {theirs}; decode with the checkpoint that encoded it")
+    given = ", ".join(codec_label(c.name, c.quality) for c in codecs.values()) or "no codec"
+    raise BitstreamError(f"this file was made with {made}, but {where} decodes {given}; load the codec the "
+                         f"file names (`idemrt info FILE` shows it)")
 
 
 def describe(bs: Bitstream) -> dict:

@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .decode_request import check_choice
 from .defaults import DTYPE_CHOICES
 
 __all__ = ["DecodeConfig", "CONSTRAINTS"]
@@ -75,8 +76,8 @@ class DecodeConfig:
             raise TypeError(f"steps must be an int, a respacing string or a tuple of ints, got {steps!r}")
         parse_respacing(steps)
         _set(self, "steps", steps)
-        _check_choice("sampler", self.sampler, tuple(SAMPLERS))
-        _check_choice("constraint", self.constraint, CONSTRAINTS)
+        check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("constraint", self.constraint, CONSTRAINTS)
         for name in ("guidance_options", "backend_options"):
             value = getattr(self, name)
             value = {} if value is None else value
@@ -194,11 +195,6 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(DecodeConfig))
 
 def _set(config: DecodeConfig, name: str, value) -> None:
     object.__setattr__(config, name, value)  # __post_init__'s normalisation of a frozen instance
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _check_fields(given, where: str) -> None:

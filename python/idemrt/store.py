@@ -21,9 +21,9 @@ does not load through :func:`idemrt.load_codec` / :func:`idemrt.load_unet`, is *
 reason; the others still work.
 
 Routing: :meth:`ModelStore.codec_for` returns the codec an ``.idm`` header names (codec name, quality
-and the 16-byte weights digest, :meth:`idemrt.models.codec.Codec.weights_hash`), or raises
-:class:`idemrt.ModelNotFoundError` saying exactly what is needed. A prior is chosen only by its id
-(:meth:`ModelStore.prior`).
+and the 16-byte weights digest, :meth:`idemrt.models.codec.Codec.weights_hash`; decided by
+:func:`idemrt.bitstream.route`), or raises :class:`idemrt.ModelNotFoundError` saying exactly what is
+needed. A prior is chosen by :func:`choose_prior` (its id, else a default, else the only one).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Optional
 from .errors import CheckpointError, ModelNotFoundError
 
 __all__ = ["AVAILABLE", "KINDS", "MANIFEST", "UNAVAILABLE", "UNCHECKED", "CodecEntry", "ModelStore",
-           "PriorEntry", "StoreEntry", "StoreError"]
+           "PriorEntry", "StoreEntry", "StoreError", "choose_prior"]
 
 MANIFEST = "model.json"
 # Manifests larger than this are not JSON a person wrote; refused before parsing.
@@ -222,10 +222,12 @@ class CodecEntry(StoreEntry):
         if self.weights_digest is not None and actual != self.weights_digest:
             raise CheckpointError(f"the weights digest is {actual}, the manifest says {self.weights_digest}")
 
-    def may_match(self, name: str, quality: Optional[int], digest: bytes) -> bool:
-        """Could this entry decode a stream made with ``name``/``quality``/``digest``? (no loading)"""
-        return ((self.codec, self.quality) == (name, quality) and self.status != UNAVAILABLE
-                and (self.weights_digest is None or self.weights_digest == digest.hex()))
+    def identity(self):
+        """What the manifest says this codec decodes (:class:`idemrt.bitstream.CodecIdentity`; the
+        digest None when the manifest gives none): no loading."""
+        from .bitstream import CodecIdentity
+
+        return CodecIdentity(self.codec, self.quality, self.weights_digest and bytes.fromhex(self.weights_digest))
 
     def describe(self) -> dict:
         info = super().describe()
@@ -398,35 +400,54 @@ class ModelStore:
 
     def prior(self, model_id: str):
         """The loaded UNet of prior ``model_id`` (ModelNotFoundError if the store has no such prior)."""
-        entry = self.entries.get(model_id)
-        if entry is None or entry.kind != PriorEntry.kind:
-            priors = [e.id for e in self.of_kind(PriorEntry.kind)]
-            raise ModelNotFoundError(f"no prior {model_id!r} in the store {self.root}; its priors: "
-                                     f"{', '.join(priors) or 'none'}", model_id=model_id)
+        model_id = choose_prior([e.id for e in self.of_kind(PriorEntry.kind)], model_id, where=f"the store {self.root}")
         with self._lock:
-            return entry.get(self.device)
+            return self.entries[model_id].get(self.device)
 
     def codec_for(self, bs):
         """The loaded codec that made bitstream ``bs`` (an :class:`idemrt.bitstream.Bitstream` or its
-        bytes): same codec name, quality and weights digest. ModelNotFoundError naming them if none."""
+        bytes): same codec name, quality and weights digest (:func:`idemrt.bitstream.route`).
+        ModelNotFoundError naming them if none."""
         from . import bitstream as bsfmt
 
         if not isinstance(bs, bsfmt.Bitstream):
             bs = bsfmt.unpack(bytes(bs))
-        digest = bytes(bs.weights_hash)
+        where = f"the store {self.root}"
         with self._lock:
-            for entry in self.of_kind(CodecEntry.kind):
-                if entry.may_match(bs.codec, bs.quality, digest):
-                    try:
-                        codec = entry.get(self.device)
-                    except CheckpointError:
-                        continue
-                    if codec.weights_hash() == digest:
-                        return codec
-        label = bsfmt.codec_label(bs.codec, bs.quality)
-        raise ModelNotFoundError(
-            f"the store {self.root} has no available codec for this stream: it needs {label} with "
-            f"weights digest {digest.hex()} (`idemrt info FILE` shows the header; `idemrt models list "
-            f"{self.root}` shows the store)",
-            codec=bs.codec, quality=bs.quality, weights_digest=digest.hex())
+            # Route on what the manifests say, then on each candidate's loaded weights: a candidate
+            # that does not load, or whose weights are not the stream's, leaves the candidates.
+            candidates = {e.id: e.identity() for e in self.of_kind(CodecEntry.kind) if e.status != UNAVAILABLE}
+            loaded: dict = {}
+            while True:
+                entry_id = bsfmt.route(bs, candidates, where=where, store=True)
+                if entry_id in loaded:
+                    return loaded[entry_id]
+                try:
+                    loaded[entry_id] = self.entries[entry_id].get(self.device)
+                except CheckpointError:
+                    del candidates[entry_id]
+                    continue
+                candidates[entry_id] = bsfmt.CodecIdentity.of(loaded[entry_id])
 
+
+def choose_prior(priors, requested: Optional[str], default: Optional[str] = None, *,
+                 where: str = "this server") -> Optional[str]:
+    """Which prior serves a request: the id it asks for (``requested``), else the ``default``
+    (a server's configured one), else the only one of ``priors`` (ids; None is the one prior of a
+    server without a store). The one place this is decided (a service's engine, ``idemrt
+    decompress --models``, :meth:`ModelStore.prior`); ModelNotFoundError naming ``where``'s priors
+    when the choice is not among them."""
+    priors = list(priors)
+    chosen = requested if requested is not None else default
+    if chosen is None and len(priors) == 1:
+        chosen = priors[0]
+    if chosen in priors:
+        return chosen
+    known = ", ".join(str(p) for p in priors if p is not None) or "none"
+    if requested is not None:
+        what = f"no prior {str(requested)[:40]!r}"
+    elif default is not None:
+        what = f"the default prior {default!r} is unavailable"
+    else:
+        what = "choose one with prior=ID"
+    raise ModelNotFoundError(f"{what}; {where}'s priors: {known}", model_id=requested)

@@ -91,8 +91,8 @@ def models_for_decompress(args, bs):
     codec = store.codec_for(bs)
     if args.mse:
         return codec, None
-    if args.prior is None:
+    if args.prior is None:  # a command names its prior, even when the store has one only
         priors = [e.id for e in store.of_kind("prior")]
         raise CheckpointError(f"a perceptual decode needs a prior: pass --prior ID (the store's priors: "
                               f"{', '.join(priors) or 'none'}), or --mse")
-    return codec, store.prior(args.prior)
+    return codec, store.prior(args.prior)  # store.choose_prior checks it is one

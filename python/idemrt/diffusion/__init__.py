@@ -6,8 +6,7 @@ Small stateless pieces in the style of diffusers' schedulers; the loop owns the 
 """
 from .guidance import DPS, DSG, GUIDANCE, PIR, Guidance, RetryPolicy, distance, make_guidance
 from .guided_sampler import GuidedSampler, ImageState, Program
-from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, StackedSampler, make_sampler,
-                       x0_from_eps)
+from .samplers import SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, StackedSampler, make_sampler
 from .process import ADM_PROCESS, PREDICTIONS, VARIANCES, DiffusionProcess, diffusion_process
 from .schedule import Schedule, WarmStart, linear_betas, space_timesteps
 from .scheduler import (DeadlineExceeded, Job, JobResult, QueueFullError, RequestStatus, SchedulerOutput, StepScheduler,
@@ -61,5 +60,4 @@ __all__ = [
     "plain_step",
     "space_timesteps",
     "step_gradient",
-    "x0_from_eps",
 ]

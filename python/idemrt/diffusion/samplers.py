@@ -16,7 +16,7 @@ device (:meth:`Sampler.rows`), so a tensor ``i`` never forces a host sync
 "no noise on the last step" rule as data. Backends, the fused kernels and the
 ONNX step graph all read this one table; the first two columns are always
 ``sqrt(1/abar)`` and ``sqrt(1/abar - 1)``, the x0 formula's coefficients
-(:func:`x0_from_eps`, its one definition).
+(:meth:`.process.DiffusionProcess.x0`, its one definition).
 
 The table is computed in float64 from the schedule and cast once; the reference
 casts each float64 coefficient to float32 at use and computes the DDIM sigma in
@@ -42,7 +42,7 @@ from .process import ADM_PROCESS, DiffusionProcess
 from .schedule import Schedule
 
 __all__ = ["SAMPLERS", "DDIMSampler", "DDPMSampler", "Prediction", "Sampler", "StackedSampler", "make_sampler",
-           "per_sample", "x0_from_eps"]
+           "per_sample"]
 
 
 class Prediction(NamedTuple):
@@ -54,14 +54,6 @@ class Prediction(NamedTuple):
 def per_sample(v: Tensor, like: Tensor) -> Tensor:
     """An (N,) tensor shaped to broadcast over ``like`` (N, C, H, W); a 0-dim one stays as is."""
     return v if v.ndim == 0 else v.view(-1, *([1] * (like.ndim - 1)))
-
-
-def x0_from_eps(x_t: Tensor, eps: Tensor, sqrt_recip_abar: Tensor, sqrt_recipm1_abar: Tensor) -> Tensor:
-    """The clipped x0 estimate ``clamp(sqrt(1/abar)·x_t - sqrt(1/abar - 1)·eps, -1, 1)``.
-
-    The one definition of the x0 formula (guided-diffusion's ``_predict_xstart_from_eps`` then
-    ``clip_denoised``); the coefficients broadcast over x_t (0-dim, or (N, 1, 1, 1))."""
-    return (sqrt_recip_abar * x_t - sqrt_recipm1_abar * eps).clamp(-1, 1)
 
 
 class Sampler:

@@ -207,7 +207,7 @@ class Decoder:
         against the format and this decoder's UNet; BitstreamError if unfit."""
         bs = bsfmt.parse(data, max_pixels=self.max_pixels)
         code = stream.unpack(bs, factor=self.factor, max_measurements=self.max_measurements)
-        bsfmt.check_codec(bs, stream.CODEC, None, self.weights_hash)
+        bsfmt.route(bs, {None: bsfmt.CodecIdentity(stream.CODEC, None, self.weights_hash)}, where="this PSC decoder")
         return code
 
     def measurements(self, data, rounds: int | None = None) -> tuple[torch.Tensor, torch.Tensor, Code]:

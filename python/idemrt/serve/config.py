@@ -1,16 +1,25 @@
 """What a decode service serves: its models and limits, from the server's configuration only.
 
 A client never names a file or a model: requests pick among what this configuration allows
-(``speeds_allowed``, ``steps_allowed``, modes, formats, priorities). The same object is the Ray Serve application's argument and
-what ``idemrt serve --print-config`` writes into the YAML that ``serve deploy`` takes.
+(its ``speeds`` and their ``respacings``, modes, formats, priorities). The same object is the Ray
+Serve application's argument and what ``idemrt serve --print-config`` writes into the YAML that
+``serve deploy`` takes.
+
+Every speed a request may ask for is a :class:`~idemrt.decode_config.DecodeConfig`: ``speeds``
+maps each to its fields (a preset's, :data:`idemrt.speeds.SPEEDS`, unless given), the default speed
+first; ``respacings`` maps each to the respacings a request may ask for (the first is the default).
+Made from its own ``to_dict()`` (what the ingress and the replicas get) a config is complete data
+and needs no torch; the presets are read (torch) only to fill in a config given by names.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Optional
 
-PRIORITIES = range(0, 10)  # a request's priority: higher runs first (and may preempt lower ones)
-MAX_SEED = 2**63 - 1  # seeds are 0 <= seed <= MAX_SEED (torch.Generator.manual_seed's signed range)
+from ..decode_config import DecodeConfig
+from ..decode_request import MAX_SEED, PRIORITIES  # noqa: F401 - re-exported: the service's limits
+
 PROXY_LOCATIONS = ("HeadOnly", "EveryNode")
 USER_CONFIG = ("max_slots", "queue", "pixel_budget")  # applied by DecoderReplica.reconfigure, no restart
 
@@ -26,12 +35,9 @@ class ServeConfig:
     pretrained_codec: bool = False
     models: Optional[str] = None  # a model store (docs/model_store.md): every codec and prior in it, instead of the above
     prior: Optional[str] = None  # with models: the default prior's id (None: the store's only prior, if one)
-    speed: Optional[str] = None  # the default preset of idemrt.speeds (None: "paper", DPS-1000); the fields below override it
-    speeds_allowed: Optional[list] = None  # presets a request may ask for (None: all, the default first)
-    steps_allowed: Optional[list] = None  # respacings of the default speed; first = default (None: the preset's)
-    sampler: Optional[str] = None
-    guidance: Optional[str] = None
-    scale: Optional[float] = None
+    speed: Optional[str] = None  # the default speed (None: the first of ``speeds``, else "paper", DPS-1000)
+    speeds: Optional[dict] = None  # speed -> its DecodeConfig (or the fields over the preset of that name); None: every preset
+    respacings: Optional[dict] = None  # speed -> respacings a request may ask for, default first (None: its config's steps)
     backend: Optional[str] = None  # default: idemrt.defaults.default_backend
     replicas: int = 1  # fixed replica count (the initial one when autoscaling)
     min_replicas: Optional[int] = None  # either bound given: autoscale on ongoing requests instead
@@ -50,28 +56,23 @@ class ServeConfig:
     timeout_s: float = 600.0  # per-request deadline (504 after it)
     preview_every: int = 0  # stream a preview every this many steps (0: about 10 per decode)
     preview_size: int = 64  # longest side of a preview, pixels
+    # Shorthands a config may be made with (not kept: folded into ``speeds`` and ``respacings``):
+    # the speeds a request may ask for (presets, the default first), and the respacings, sampler,
+    # guidance and DPS scale of the default speed.
+    speeds_allowed: InitVar[Optional[list]] = None
+    steps_allowed: InitVar[Optional[list]] = None
+    sampler: InitVar[Optional[str]] = None
+    guidance: InitVar[Optional[str]] = None
+    scale: InitVar[Optional[float]] = None
 
-    def __post_init__(self):
-        from ..speeds import SPEEDS, speed_name
-
-        self.speed = speed_name(self.speed)
-        if self.speeds_allowed is None:
-            self.speeds_allowed = [self.speed] + [s for s in SPEEDS if s != self.speed]
-        self.speeds_allowed = [str(s) for s in self.speeds_allowed]
-        unknown = [s for s in self.speeds_allowed if s not in SPEEDS]
-        if unknown or self.speed not in self.speeds_allowed:
-            raise ValueError(f"speeds_allowed must be presets of {list(SPEEDS)} and hold the default speed "
-                             f"{self.speed!r}, got {self.speeds_allowed}")
+    def __post_init__(self, speeds_allowed, steps_allowed, sampler, guidance, scale):
+        self._set_speeds(speeds_allowed, {"sampler": sampler, "guidance": guidance, "scale": scale})
+        self._set_respacings(steps_allowed)
         if self.models is not None and (self.unet or self.codec_checkpoint or self.pretrained_codec):
             raise ValueError("models (a model store) replaces unet, codec_checkpoint and pretrained_codec: "
                              "give either")
         if self.prior is not None and self.models is None:
             raise ValueError("prior names a prior of a model store: give models too")
-        if self.steps_allowed is None:
-            self.steps_allowed = [SPEEDS[self.speed].steps]
-        self.steps_allowed = [str(s) for s in self.steps_allowed]
-        if not self.steps_allowed:
-            raise ValueError("steps_allowed needs at least one respacing")
         for name in ("replicas", "max_slots", "queue", "max_body_bytes", "max_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -89,6 +90,51 @@ class ServeConfig:
             if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
                 raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
                                  f"{self.min_replicas}, {self.max_replicas}")
+
+    def _set_speeds(self, allowed: Optional[list], own: dict) -> None:
+        """``speeds``: every allowed speed's whole DecodeConfig as data, the default first. A speed
+        given by name only, or by some fields, is completed from its preset (:func:`idemrt.speeds.resolve_speed`,
+        which imports torch); the server's backend and determinism apply to every speed."""
+        if allowed is not None and self.speeds is not None:
+            raise ValueError("give speeds (a map of speed -> DecodeConfig) or speeds_allowed (preset names), not both")
+        speeds = dict.fromkeys(str(s) for s in allowed) if allowed is not None else dict(self.speeds or {})
+        if self.speed is None and speeds:
+            self.speed = next(iter(speeds))
+        own = {k: v for k, v in own.items() if v is not None}
+        wide = {"deterministic": self.deterministic, **({"backend": self.backend} if self.backend else {})}
+        if not speeds or own or not all(_complete(v) for v in speeds.values()):
+            from ..speeds import SPEEDS, resolve_speed, speed_name
+
+            self.speed = speed_name(self.speed)
+            speeds = speeds or dict.fromkeys([self.speed, *SPEEDS])
+            if self.speed not in speeds:
+                raise ValueError(f"the speeds must hold the default speed {self.speed!r}, got {list(speeds)}")
+            unknown = [s for s, v in speeds.items() if s not in SPEEDS and not _complete(v)]
+            if unknown:
+                raise ValueError(f"speeds {unknown} are not presets of {list(SPEEDS)}: give each its whole DecodeConfig")
+            speeds = {s: _fields(v) if _complete(v) else
+                      resolve_speed(s, **_fields(v), **(own if s == self.speed else {})).to_dict()
+                      for s, v in speeds.items()}
+        elif self.speed not in speeds:
+            raise ValueError(f"the speeds must hold the default speed {self.speed!r}, got {list(speeds)}")
+        self.speeds = {s: {**speeds[s], **wide} for s in [self.speed, *(s for s in speeds if s != self.speed)]}
+
+    def _set_respacings(self, steps_allowed: Optional[list]) -> None:
+        given = dict(self.respacings or {})
+        if steps_allowed is not None:
+            if self.respacings is not None:
+                raise ValueError("give respacings (a map of speed -> respacings) or steps_allowed, not both")
+            given[self.speed] = steps_allowed
+        unknown = sorted(set(given) - set(self.speeds))
+        if unknown:
+            raise ValueError(f"respacings of speeds {unknown} this server does not serve ({list(self.speeds)})")
+        self.respacings = {s: [str(r) for r in given.get(s, [_respacing_name(cfg["steps"])])]
+                           for s, cfg in self.speeds.items()}
+        empty = [s for s, r in self.respacings.items() if not r]
+        if empty:
+            raise ValueError(f"speeds {empty} need at least one respacing")
+        for s, respacings in self.respacings.items():  # a speed's config holds its default respacing
+            self.speeds[s]["steps"] = int(respacings[0]) if respacings[0].isdigit() else respacings[0]
 
     @property
     def autoscaling(self) -> bool:
@@ -117,25 +163,16 @@ class ServeConfig:
                       "codec_checkpoint": files["codec"], **own, **overrides})
 
     def steps_for(self, speed: str) -> list:
-        """The respacings a request of ``speed`` may ask for, the default first: ``steps_allowed``
-        for the server's default speed, the preset's own for the others."""
-        from ..speeds import SPEEDS
+        """The respacings a request of ``speed`` may ask for, the default first."""
+        return list(self.respacings[speed])
 
-        return list(self.steps_allowed) if speed == self.speed else [str(SPEEDS[speed].steps)]
-
-    def decode_config(self, speed: Optional[str] = None, steps=None):
+    def decode_config(self, speed: Optional[str] = None, steps=None) -> DecodeConfig:
         """The :class:`~idemrt.decode_config.DecodeConfig` of a request of ``speed`` (None: the
-        default speed) at respacing ``steps`` (None: its default): the preset, with this server's
-        sampler, guidance and scale for its default speed, and its backend and determinism."""
-        from ..speeds import resolve_speed
-
+        default speed) at respacing ``steps`` (None: its default)."""
         speed = self.speed if speed is None else speed
-        own = speed == self.speed
         steps = self.steps_for(speed)[0] if steps is None else steps
         steps = int(steps) if isinstance(steps, str) and steps.isdigit() else steps
-        return resolve_speed(speed, steps=steps, sampler=self.sampler if own else None,
-                             guidance=self.guidance if own else None, scale=self.scale if own else None,
-                             backend=self.backend, deterministic=self.deterministic)
+        return DecodeConfig.from_dict({**self.speeds[speed], "steps": steps})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,3 +180,34 @@ class ServeConfig:
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_replica > 0 else "cpu"
+
+
+# Read-only views, set after the class: a dataclass's InitVar of the same name would take a
+# property defined in the class body as its default.
+ServeConfig.speeds_allowed = property(lambda self: list(self.speeds), doc="The speeds a request may ask for, the default first.")
+ServeConfig.steps_allowed = property(lambda self: self.steps_for(self.speed),
+                                     doc="The default speed's respacings, the default first.")
+
+_DECODE_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeConfig))
+
+
+def _complete(value) -> bool:
+    """Whether ``value`` is a whole DecodeConfig (an object, or every field of one as data)."""
+    return isinstance(value, DecodeConfig) or (isinstance(value, dict) and set(value) == _DECODE_FIELDS)
+
+
+def _fields(value) -> dict:
+    """A speed's given fields: a DecodeConfig's ``to_dict()``, a dict as it is, None: none."""
+    if isinstance(value, DecodeConfig):
+        return value.to_dict()
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"a speed's configuration is a DecodeConfig or a dict of its fields, got {value!r}")
+    unknown = sorted(set(value or {}) - _DECODE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown decode options {unknown}; the fields are {sorted(_DECODE_FIELDS)}")
+    return dict(value or {})
+
+
+def _respacing_name(steps) -> str:
+    """A respacing as a request names it: "1000", "ddim50", "10,20" (a tuple of section counts)."""
+    return ",".join(map(str, steps)) if isinstance(steps, (list, tuple)) else str(steps)

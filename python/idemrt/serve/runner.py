@@ -6,39 +6,10 @@ import os
 from typing import Optional
 
 from .config import ServeConfig
+from .deployment import APP_NAME, IMPORT_PATH, deployment_options
 
-APP_NAME = "idemrt"
 # Ray's own processes stay on loopback and need no auth token for a local, single-user instance.
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-HEAD_NODE = "node:__internal_head__"  # the resource Ray gives the head node only
-UPSCALE_DELAY_S = 15.0  # sustained load this long before a replica is added
-DOWNSCALE_DELAY_S = 600.0  # and this long idle before one leaves (models load slowly)
-
-
-def deployment_options(config: ServeConfig) -> dict:
-    """Each deployment's Serve options, by deployment name: what ``build_app`` applies and what
-    ``deploy_config`` writes under the application's ``deployments:``.
-
-    DecoderReplica: a fixed ``num_replicas``, or with ``min_replicas``/``max_replicas`` an
-    ``autoscaling_config`` on ongoing requests (target: one batch, ``max_slots``, per replica);
-    ``user_config`` holds the tunables a replica applies without a restart. Ingress: no CPU, on
-    the head node (next to the Serve controller and the head's proxy), so losing a worker node
-    never loses the requests the ingress holds."""
-    actor = {"num_cpus": config.cpus_per_replica}
-    if config.gpus_per_replica > 0:
-        actor["num_gpus"] = config.gpus_per_replica
-    decoder = {"max_ongoing_requests": config.queue + 8, "user_config": config.user_config(), "ray_actor_options": actor}
-    if config.autoscaling:
-        decoder["autoscaling_config"] = {
-            "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-            "initial_replicas": min(max(config.replicas, config.min_replicas), config.max_replicas),
-            "target_ongoing_requests": min(config.max_slots, config.queue),
-            "upscale_delay_s": UPSCALE_DELAY_S, "downscale_delay_s": DOWNSCALE_DELAY_S}
-    else:
-        decoder["num_replicas"] = config.replicas
-    ingress = {"max_ongoing_requests": 4 * config.queue,
-               "ray_actor_options": {"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}}
-    return {"DecoderReplica": decoder, "Ingress": ingress}
 
 
 def start_service(config: ServeConfig, *, host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None,
@@ -77,6 +48,6 @@ def deploy_config(config: ServeConfig, *, host: str = "0.0.0.0", port: int = 800
     return header + yaml.safe_dump({
         "proxy_location": config.proxy_location,
         "http_options": {"host": host, "port": port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "idemrt.serve.app:app_builder",
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
                           "args": config.to_dict(), "deployments": deployments}],
     }, sort_keys=False)
