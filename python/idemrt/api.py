@@ -25,6 +25,7 @@ from .exact import exact_idempotence
 from .images import load_image, to_pil
 from .models.codec import diffusion_operator
 from .decode_config import DecodeConfig
+from .decode_request import check_request
 from .speeds import decode_config, speed_name
 
 __all__ = ["Decoder", "DecodeStats", "Encoder", "Prepared", "entropy_decode", "read_bitstream"]
@@ -213,8 +214,7 @@ class Decoder:
 
     def decode_batch(self, bitstreams: Sequence, seeds=None, mode: str = "perceptual", output: str = "pil"):
         """Decode several bitstreams; images of the same padded size run as one batch."""
-        _check_choice("mode", mode, ("perceptual", "mse"))
-        _check_choice("output", output, ("pil", "tensor"))
+        check_request(mode, output=output)  # the ingress's and the engine's check too
         t0 = time.perf_counter()
         parsed = [read_bitstream(self.codec, b, self.max_pixels) for b in bitstreams]
         prepared = [self.prepare(bs, seed, mode) for bs, seed in zip(parsed, _seeds(seeds, len(parsed)))]
@@ -282,9 +282,10 @@ def _sample_results(decoder: Decoder, requests: list, stats: DecodeStats) -> lis
 
 
 def read_bitstream(codec, data, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS) -> bsfmt.Bitstream:
-    """A bitstream (bytes or :class:`~idemrt.bitstream.Bitstream`) checked against ``codec``."""
+    """A bitstream (bytes or :class:`~idemrt.bitstream.Bitstream`) checked against ``codec``
+    (:func:`idemrt.bitstream.route`: BitstreamError unless ``codec`` made it)."""
     bs = bsfmt.parse(data, max_pixels=max_pixels)
-    bsfmt.check_codec(bs, codec.name, codec.quality, codec.weights_hash())
+    bsfmt.route(bs, {None: bsfmt.CodecIdentity.of(codec)})
     return bs
 
 
@@ -297,11 +298,6 @@ def entropy_decode(codec, bs: bsfmt.Bitstream) -> torch.Tensor:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is a bad stream
         raise BitstreamError(f"entropy decoding failed: {exc}") from None
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _seeds(seed, n: int) -> list[int]:

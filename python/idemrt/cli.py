@@ -44,7 +44,7 @@ def cmd_compress(args) -> int:
     import torch
 
     from . import bitstream as bsfmt
-    from .api import Encoder
+    from .api import Encoder, entropy_decode
     from .fileio import atomic_write_bytes, check_output_path
     from .images import load_image, mse255, psnr
 
@@ -60,7 +60,7 @@ def cmd_compress(args) -> int:
     atomic_write_bytes(args.output, data, force=args.force, inputs=[args.input])
     bs = bsfmt.unpack(data)
     with torch.no_grad():
-        x_mse = codec.decompress(bs.streams, bs.latent_shape)[..., : bs.height, : bs.width].cpu()
+        x_mse = codec.synthesis(entropy_decode(codec, bs)).clamp(0, 1)[..., : bs.height, : bs.width].cpu()
     info = bsfmt.describe(bs)
     print(
         f"{args.output}: {len(data)} bytes, {info['bpp']:.4f} bpp, {bs.width}x{bs.height}, "

@@ -8,7 +8,8 @@ Metrics (images in [0, 1]; MSE values are on the 0-255 scale, PSNR with peak 255
 * ``recompress_mse``/``recompress_psnr``: ``decode_mse(encode(x̂))`` vs the MSE decode ``x_mse`` of
   the original, with x̂ the decode saved as 8-bit PNG. For x̂ = x_mse it is the MSE codec's own
   idempotence error; for the perceptual decode it is the constraint the sampler enforced;
-* ``symbols_equal``: fraction of the latent symbols of ``encode(x̂)`` equal to the original's;
+* ``symbols_equal``: fraction of the latent symbols of ``encode(x̂)`` equal to the original's
+  (:func:`idemrt.exact.symbols_equal` of the 8-bit x̂, padded as the encoder pads it);
 * ``sharpness``: mean squared finite-difference gradient of x̂ over the original's (1 = as detailed
   as the original; MSE decodes are blurry and score below 1).
 """
@@ -25,6 +26,7 @@ import torch
 
 from .demo_assets import DEMO_SCALE, DEMO_STEPS, demo_decode_config, load_demo_codec, load_demo_unet
 from .errors import CheckpointError, ImageError
+from .exact import symbols_equal
 from .images import mse255, psnr
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pnm")
@@ -61,10 +63,9 @@ class Pipeline:
 
     def latent(self, data: bytes) -> torch.Tensor:
         from . import bitstream as bsfmt
+        from .api import entropy_decode
 
-        bs = bsfmt.unpack(data)
-        with torch.no_grad():
-            return self.decoder.codec.decompress_latent(bs.streams, bs.latent_shape).cpu()
+        return entropy_decode(self.decoder.codec, bsfmt.unpack(data)).cpu()
 
     def run(self, x: torch.Tensor, seed: int) -> dict:
         """Encode ``x``; decode as MSE and perceptual; re-compress both. Images and metrics."""
@@ -77,7 +78,8 @@ class Pipeline:
         x_perc = self.decoder.decode(data, seed=seed, mode="perceptual", output="tensor")
         seconds = time.perf_counter() - t0
         distance = self.decoder.last.distance[0]
-        y_hat = self.latent(data)
+        codec = self.decoder.codec
+        y_hat = self.latent(data).to(codec.device)
         out = {"bpp": bpp, "images": {"original": x, "mse": x_mse, "perceptual": x_perc}}
         sharp_ref = gradient_energy(x)
         for name, img in (("mse", x_mse), ("perc", x_perc)):
@@ -92,7 +94,7 @@ class Pipeline:
                 "mse": err,
                 "recompress_mse": re_err,
                 "recompress_psnr": psnr(re_err),
-                "symbols_equal": float((self.latent(re_data) == y_hat).double().mean()),
+                "symbols_equal": symbols_equal(codec, codec.pad(img.to(codec.device))[0], y_hat),
                 "sharpness": gradient_energy(img) / sharp_ref if sharp_ref > 0 else float("nan"),
             }
         out["perc"]["distance"] = distance

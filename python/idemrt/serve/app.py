@@ -29,13 +29,13 @@ from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
 from .. import bitstream as bsfmt
-from .config import PRIORITIES, ServeConfig
-from .engine import MODES, DecodeEngine
+from ..decode_request import MODES, PRIORITIES
+from .config import ServeConfig
+from .deployment import DECODER, HEAD_NODE, INGRESS, deployment_options
 from .metrics import Metrics, merge
 from .params import DECODE_PARAMS, FORMATS, parse_decode_params  # noqa: F401 - DECODE_PARAMS re-exported
 from .problems import PROBLEM_JSON, Problem, install_problem_handlers, problem_from
 from .retry import call_with_retry
-from .runner import HEAD_NODE, deployment_options
 from .web import static_response
 
 RETRIES = 3  # calls of one decode in all when its replica dies (each on a live replica, within the deadline)
@@ -79,11 +79,13 @@ def metrics_hub():
                               lifetime="detached", resources={HEAD_NODE: 0.001}).remote()
 
 
-@serve.deployment
+@serve.deployment(name=DECODER)
 class DecoderReplica:
-    """One replica: a :class:`DecodeEngine` on this replica's device."""
+    """One replica: a :class:`~idemrt.serve.engine.DecodeEngine` on this replica's device."""
 
     def __init__(self, config: dict):
+        from .engine import DecodeEngine  # torch: imported by the replicas only, never by the ingress
+
         self.engine = DecodeEngine(ServeConfig(**config))
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.hub = metrics_hub()
@@ -168,7 +170,7 @@ def _error_event(exc) -> dict:
     return {"event": "error", **json.loads(problem.body())}
 
 
-@serve.deployment
+@serve.deployment(name=INGRESS)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, decoder, config: dict):
@@ -249,13 +251,11 @@ class Ingress:
 
     def _check_header(self, data: bytes) -> bsfmt.Bitstream:
         """The parsed stream; rejects early what no replica could decode: a malformed, foreign or
-        oversized stream (the replica checks the weights hash)."""
+        oversized stream (BitstreamError: 400). The weights are the replica's to check, and with a
+        model store the codec too (422 if it lacks it): both by :func:`idemrt.bitstream.route`."""
         bs = bsfmt.unpack(data, max_pixels=self.config.max_pixels)
-        if self.config.models:  # a model store: the replica routes it by its header (422 if it lacks the codec)
-            return bs
-        if (bs.codec, bs.quality) != (self.config.codec, self.config.quality):
-            made, served = bsfmt.codec_label(bs.codec, bs.quality), bsfmt.codec_label(self.config.codec, self.config.quality)
-            raise Problem(400, "bitstream", f"this file was made with {made}; this server decodes {served}")
+        if not self.config.models:
+            bsfmt.route(bs, {None: bsfmt.CodecIdentity(self.config.codec, self.config.quality)}, where="this server")
         return bs
 
     def _problem(self, exc, mode: str, t0: float) -> Response:
@@ -278,11 +278,12 @@ class Ingress:
                 return self._problem(exc, "invalid", time.monotonic())
             store = {**store, "codec": None, "quality": None}
         perceptual = bool(store["priors"]) if c.models else bool(c.unet)
+        default = c.speeds[c.speed]  # the default speed's DecodeConfig, as data
         return {"codec": c.codec, "quality": c.quality, "unet_preset": (c.preset if not c.unet_overrides else "custom") if c.unet else None,
                 "modes": list(MODES) if perceptual else ["mse"], "steps_allowed": c.steps_allowed,
                 "speeds": {speed: c.steps_for(speed) for speed in c.speeds_allowed} if perceptual else {},
                 "priorities": [min(PRIORITIES), max(PRIORITIES)], "deterministic": c.deterministic,
-                "formats": list(FORMATS), "speed": c.speed, "sampler": c.sampler, "guidance": c.guidance,
+                "formats": list(FORMATS), "speed": c.speed, "sampler": default["sampler"], "guidance": default["guidance"],
                 "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s, **store}
 
     # -- the web page (docs/serving.md, "Web page"): shipped files only, by a fixed allow-list ------------
@@ -319,8 +320,8 @@ class Ingress:
 def build_app(config: ServeConfig):
     """The Serve application of ``config`` (what ``serve.run`` and ``serve deploy`` take)."""
     options = deployment_options(config)  # replicas or autoscaling, resources, user_config
-    decoder = DecoderReplica.options(**options["DecoderReplica"]).bind(config.to_dict())
-    return Ingress.options(**options["Ingress"]).bind(decoder, config.to_dict())
+    decoder = DecoderReplica.options(**options[DECODER]).bind(config.to_dict())
+    return Ingress.options(**options[INGRESS]).bind(decoder, config.to_dict())
 
 
 def app_builder(args: dict):
