@@ -23,6 +23,14 @@ respaced steps, and warm starts (x_t0 from the MSE decode) x {DPS, DSG, pir} at 
 with 10/20/50 network evaluations (respacing N = evaluations / start, so that the steps at or below
 t0 are the asked number). ``--reference-images k`` runs dps1000 on the first k images only in
 this process (a same-run time anchor when the full reference ran in another process).
+
+On a GPU (``--device cuda``): the numerics of the CUDA default (the fast backend: bf16, CUDA
+graphs, the Triton kernels) against eager fp32 on the same device, each configuration on both
+backends in turn, then their table (``gpu_session.sh lease4``)::
+
+    python benchmarks/modes.py --device cuda --backend eager,fast --full128 \
+        --configs dps100 speed-balanced speed-fast --json modes.json
+    python benchmarks/modes.py --compare modes.json --json numerics.json
 """
 from __future__ import annotations
 
@@ -126,19 +134,21 @@ def decoder_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
-def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None, backend: str = "eager") -> list[dict]:
+def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None, backend: str = "eager",
+               device: str = "cpu") -> tuple[list[dict], dict]:
     """One configuration over the images; ``scores`` (an idemrt.fid.PatchScores) also collects the
     8-bit decodes' patch features under the configuration's name. ``backend="fast"``: the fast
     backend (on this CPU bf16 where it has AVX-512 BF16, channels-last); it needs the bare ADM
-    UNet, so its evaluations are not counted (the same as eager's for the same configuration)."""
+    UNet, so its evaluations are not counted (the same as eager's for the same configuration).
+    Returns the rows and the backend's facts (its name, and the fast backend's kernels and dtype)."""
     from idemrt.api import Decoder
     from idemrt.speeds import SPEEDS
 
     # as Decoder(**options) resolved them: the paper preset, the row's options over it
     config = SPEEDS[cfg["speed"]] if "speed" in cfg else SPEEDS["paper"].override(**decoder_options(cfg))
-    pipe = Pipeline(codec, unet, config.replace(backend=backend), device="cpu", progress=False)
+    pipe = Pipeline(codec, unet, config.replace(backend=backend), device=device, progress=False)
     if backend != "eager":  # the fast backend needs the bare ADM UNet
-        pipe.decoder = Decoder(codec, unet.inner, config=pipe.decoder.config, device="cpu")
+        pipe.decoder = Decoder(codec, unet.inner, config=pipe.decoder.config, device=device)
     rows = []
     for name, x in images:
         unet.forwards = unet.backwards = 0
@@ -152,7 +162,10 @@ def run_config(cfg: dict, images, codec, unet: CountingUNet, scores=None, backen
         if scores is not None:
             scores.add(cfg["name"], as_8bit(res["images"]["perceptual"]))
         print(json.dumps(json_safe({"config": cfg["name"], **rows[-1]})), file=sys.stderr, flush=True)
-    return rows
+    run = pipe.decoder.backend
+    facts = {"backend": backend, "kernels": getattr(run, "kernels", None), "graphs": getattr(run, "graphs", None),
+             "dtype": str(getattr(run, "dtype", torch.float32))}
+    return rows, facts
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -240,12 +253,55 @@ def pareto_plot(table: list[dict], png) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
+# The CPU study's fidelity and realism metrics, whose means must stay within COMPARE_TOLERANCE of
+# eager fp32's (issue 19 item 3 on the CPU, issue 27 item 6 on the GPU); the others are reported.
+COMPARED = ("psnr", "sharpness", "patch_swd")
+REPORTED = ("recompress_mse", "symbols_equal", "distance")
+COMPARE_TOLERANCE = 0.05
+
+
+def compare(path, out_json=None, tolerance: float = COMPARE_TOLERANCE) -> dict:
+    """Each configuration run on another backend (``NAME@BACKEND``) against the same configuration
+    on eager fp32 (``NAME``), over the images both decoded: means, ratios (other / eager) and
+    whether every :data:`COMPARED` ratio is within ``tolerance`` of 1. A markdown table on stdout."""
+    result = json.loads(Path(path).read_text())
+    configs = result["configs"]
+    table = []
+    for name, other in configs.items():
+        if "@" not in name or name.split("@")[0] not in configs:
+            continue
+        base = configs[name.split("@")[0]]
+        ref_rows = {r["image"]: r for r in base["rows"]}
+        images = [r["image"] for r in other["rows"] if r["image"] in ref_rows]
+        if not images:
+            continue
+        ref = summarise([ref_rows[n] for n in images])
+        got = summarise([r for r in other["rows"] if r["image"] in ref_rows])
+        ratio = {k: got[k] / ref[k] if ref[k] else float("nan") for k in COMPARED + REPORTED}
+        table.append({"config": name.split("@")[0], "backend": other.get("backend_facts", other.get("backend")),
+                      "images": len(images), "eager": {k: ref[k] for k in COMPARED + REPORTED},
+                      "other": {k: got[k] for k in COMPARED + REPORTED}, "ratio": ratio,
+                      "within": all(abs(ratio[k] - 1) <= tolerance for k in COMPARED)})
+    print(f"| configuration | images | {' | '.join(COMPARED + REPORTED)} | within {tolerance:.0%} |")
+    print("|---" * (len(COMPARED + REPORTED) + 3) + "|")
+    for row in table:
+        cells = [f"{row['eager'][k]:.4g} → {row['other'][k]:.4g} ({row['ratio'][k]:.3f})" for k in COMPARED + REPORTED]
+        print(f"| {row['config']} | {row['images']} | {' | '.join(cells)} | {'yes' if row['within'] else 'NO'} |")
+    out = {"source": str(path), "environment": result.get("environment"), "tolerance": tolerance,
+           "compared": COMPARED, "table": table}
+    if out_json:
+        Path(out_json).write_text(json.dumps(json_safe(out), indent=1))
+    return out
+
+
+def environment(device: str = "cpu") -> dict:
     from idemrt.defaults import default_fast_dtype
 
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "fast_dtype": str(default_fast_dtype(torch.device("cpu"))), "command": " ".join(sys.argv)}
+            "cpu": platform.processor() or platform.machine(), "device": device, "gpu": gpu,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "fast_dtype": str(default_fast_dtype(torch.device(device))), "command": " ".join(sys.argv)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -261,10 +317,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--names", nargs="*", default=None, help="these images only (e.g. coffee-128)")
     p.add_argument("--json", default=None, help="write results here (rewritten after each config)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", default="eager", choices=("eager", "fast", "openvino-int8"),
-                   help="fast: the fast backend (bf16 on a CPU with AVX-512 BF16); openvino-int8: eager with the "
+    p.add_argument("--backend", default="eager",
+                   help="eager, fast or openvino-int8, or a comma-separated list (each configuration on each "
+                        "backend in turn, e.g. eager,fast). fast: the fast backend (bf16 on a CPU with AVX-512 BF16; "
+                        "on CUDA with graphs and the Triton kernels); openvino-int8: eager with the "
                         "UNet forward on OpenVINO in 8 bits (benchmarks/openvino_cpu.py; forward-only, codec-gradient "
-                        "configurations only; needs openvino and nncf); rows are named NAME@BACKEND")
+                        "configurations only; needs openvino and nncf; alone); rows are named NAME@BACKEND")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compare", default=None,
+                   help="a result JSON with NAME and NAME@BACKEND rows: their table against eager (no decoding)")
     p.add_argument("--inception", default=None,
                    help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth): adds the "
                         "paper's 64x64-patch FID and KID of each configuration against the originals")
@@ -278,17 +339,21 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge is not None:
         return report(args.merge, args.plot, args.json)
+    if args.compare is not None:
+        return compare(args.compare, args.json)
+    backends = [b for b in args.backend.split(",") if b]
+    if set(backends) - {"eager", "fast", "openvino-int8"} or ("openvino-int8" in backends and len(backends) > 1):
+        raise SystemExit(f"--backend: eager, fast or openvino-int8 (that one alone), got {args.backend!r}")
     torch.set_num_threads(args.threads)
-    codec, unet = load_demo_codec("cpu"), load_demo_unet("cpu")
+    codec, unet = load_demo_codec(args.device), load_demo_unet(args.device)
     images = [(n, x) for n, x in crops(args.full128)[: args.images : args.every]
               if args.names is None or n in args.names]
-    backend = args.backend
-    if backend == "openvino-int8":
-        unet, backend = int8_unet(unet), "eager"
+    if backends == ["openvino-int8"]:
+        unet = int8_unet(unet)
     unet = CountingUNet(unet)
     chosen = [c for c in configs() if (args.configs is None or c["name"] in args.configs)
               and c["name"] not in args.skip]
-    result = {"environment": environment(), "configs": {}}
+    result = {"environment": environment(args.device), "configs": {}}
     scores = None
     if args.inception:
         from idemrt.fid import PatchScores, load_inception
@@ -300,14 +365,17 @@ def main(argv=None) -> dict:
         imgs = images[: args.reference_images] if cfg["name"] == "dps1000" and args.reference_images else images
         if args.grid_every and cfg["name"] != "dps1000" and not cfg["name"].startswith("speed-"):
             imgs = images[:: args.grid_every]
-        name = cfg["name"] if args.backend == "eager" else f"{cfg['name']}@{args.backend}"
-        rows = run_config(dict(cfg, name=name), imgs, codec, unet, scores, backend)
-        result["configs"][name] = {"config": cfg, "backend": args.backend, "mean": summarise(rows), "rows": rows}
-        if scores is not None:  # patches of every image the configuration decoded, against all originals
-            kid, kid_std = scores.kid("original", name, subsets=10, subset_size=min(100, scores.count(name)))
-            result["configs"][name].update(fid=scores.fid("original", name), kid=kid, kid_std=kid_std)
-        if args.json:
-            Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
+        for backend in backends:
+            name = cfg["name"] if backend == "eager" else f"{cfg['name']}@{backend}"
+            rows, facts = run_config(dict(cfg, name=name), imgs, codec, unet, scores,
+                                     "eager" if backend == "openvino-int8" else backend, args.device)
+            result["configs"][name] = {"config": cfg, "backend": backend, "backend_facts": facts,
+                                       "mean": summarise(rows), "rows": rows}
+            if scores is not None:  # patches of every image the configuration decoded, against all originals
+                kid, kid_std = scores.kid("original", name, subsets=10, subset_size=min(100, scores.count(name)))
+                result["configs"][name].update(fid=scores.fid("original", name), kid=kid, kid_std=kid_std)
+            if args.json:
+                Path(args.json).write_text(json.dumps(json_safe(result), indent=1))
     return result
 
 

@@ -59,8 +59,10 @@ Per request: latency (submit → result) and time to first preview (submit → f
   tens of requests per cell this separates clear overload from load the engine carries; it cannot
   resolve a rate within ~10% of the capacity.
 
-At the end, the check of the study: at the highest rate the static baseline sustained, p95
-latency of continuous / p95 of static (target <= 0.6).
+At the end, the checks of the study: at the highest rate the static baseline sustained, p95
+latency of continuous / p95 of static (target <= 0.6); at every rate, p95 of continuous / p95 of
+none (target <= 1: batching never makes the tail worse than decoding one image at a time); and
+the failures (failed, timeouts, rejected, unresolved) per policy over all its cells (target 0).
 
     .venv/bin/python benchmarks/serve_load.py --rates 0.13,0.2,0.3 --requests 12 --max-slots 4 --json load.json
     .venv/bin/python benchmarks/serve_load.py --smoke    # seconds: paper speed only, 2 steps
@@ -282,6 +284,30 @@ def check(rows: list) -> dict:
                     f"(target <= {TARGET_RATIO}: {'met' if met else 'NOT met'})"}
 
 
+def check_none(rows: list) -> dict:
+    """p95 continuous / p95 none at every rate that has both (target <= 1 at each)."""
+    ratios = {}
+    for rate in sorted({r["rate"] for r in rows}):
+        c = next((r for r in rows if r["policy"] == "continuous" and r["rate"] == rate), None)
+        n = next((r for r in rows if r["policy"] == "none" and r["rate"] == rate), None)
+        if c is not None and n is not None:
+            ok = c["latency_p95_s"] is not None and bool(n["latency_p95_s"])
+            ratios[rate] = round(c["latency_p95_s"] / n["latency_p95_s"], 3) if ok else None
+    met = bool(ratios) and all(v is not None and v <= 1 for v in ratios.values())
+    parts = ", ".join(f"{rate}/s: {'n/a' if v is None else f'{v:.2f}'}" for rate, v in ratios.items())
+    return {"ratios": ratios, "met": met if ratios else None,
+            "line": f"p95 continuous / p95 none: {parts or 'no rate with both'} "
+                    f"(target <= 1 at every rate: {'met' if met else 'NOT met'})"}
+
+
+def failures(rows: list) -> dict:
+    """Requests that did not finish (failed, timeouts, rejected, unresolved), per policy over all its cells."""
+    out: dict = {}
+    for r in rows:
+        out[r["policy"]] = out.get(r["policy"], 0) + r["requests"] - r["finished"]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="0.05,0.1,0.15", help="offered arrival rates, requests/s")
@@ -345,12 +371,18 @@ def main(argv=None) -> int:
         for engine in engines.values():
             engine.close()
     result = check(rows) if {"continuous", "static"} <= set(policies) else None
+    against_none = check_none(rows) if {"continuous", "none"} <= set(policies) else None
+    lost = failures(rows)
+    print(f"requests not finished, per policy over its cells: {lost} (target 0)", flush=True)
+    if against_none is not None:
+        print(against_none["line"], flush=True)
     if result is not None:
         print(result["line"], flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment, "argv": sys.argv[1:] if argv is None else list(argv),
-                       "args": vars(args), "rows": rows, "check": result}, f, indent=1)
+                       "args": vars(args), "rows": rows, "check": result, "check_none": against_none,
+                       "failures": lost}, f, indent=1)
     return 0
 
 

@@ -59,16 +59,19 @@ def test_smoke_rows_have_the_fields_and_sane_values(smoke):
     assert len({json.dumps([(x["arrival"], x["size"], x["speed"], x["priority"]) for x in r["records"]])
                 for r in rows}) == 1
     assert smoke["environment"]["torch"] and smoke["check"] is not None and "line" in smoke["check"]
+    assert smoke["failures"] == {"continuous": 0, "static": 0, "none": 0}
+    assert set(smoke["check_none"]["ratios"]) == {"1.0"} and smoke["check_none"]["met"] in (True, False)
 
 
 def test_smoke_prints_one_json_line_per_cell_and_the_check(serve_load, capsys, tmp_path):
     serve_load.main(["--smoke", "--requests", "2", "--policies", "continuous,static", "--json",
                      str(tmp_path / "x.json")])
     lines = capsys.readouterr().out.strip().splitlines()
-    rows = [json.loads(line) for line in lines[:-1]]
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
     assert [r["policy"] for r in rows] == ["continuous", "static"] and all(r["requests"] == 2 for r in rows)
     assert all(len(r["loadavg_1m"]) == 2 for r in rows)
-    assert "p95" in lines[-1] or "sustained none" in lines[-1]
+    assert lines[len(rows)] == "requests not finished, per policy over its cells: {'continuous': 0, 'static': 0} (target 0)"
+    assert len(lines) == len(rows) + 2 and ("p95" in lines[-1] or "sustained none" in lines[-1])
 
 
 def test_workload_is_seeded_poisson_with_the_documented_mix(serve_load):
@@ -99,3 +102,21 @@ def test_check_uses_the_highest_rate_the_static_baseline_sustained(serve_load):
     assert got["rate"] == 0.2 and got["ratio"] == 0.5 and got["met"] is True and "0.50" in got["line"]
     got = serve_load.check([row("static", 0.1, 10.0, False), row("continuous", 0.1, 5.0)])
     assert got["ratio"] is None and got["met"] is None
+
+
+def test_check_none_needs_continuous_at_or_below_none_at_every_rate(serve_load):
+    def row(policy, rate, p95, requests=10, finished=10):
+        return {"policy": policy, "rate": rate, "latency_p95_s": p95, "requests": requests, "finished": finished}
+
+    rows = [row("none", 1.0, 10.0), row("none", 2.0, 20.0), row("continuous", 1.0, 5.0), row("continuous", 2.0, 19.0)]
+    got = serve_load.check_none(rows)
+    assert got["ratios"] == {1.0: 0.5, 2.0: 0.95} and got["met"] is True and "met" in got["line"]
+    rows[-1] = row("continuous", 2.0, 21.0, finished=9)
+    got = serve_load.check_none(rows)
+    assert got["ratios"][2.0] == 1.05 and got["met"] is False and "NOT met" in got["line"]
+    assert serve_load.failures(rows) == {"none": 0, "continuous": 1}
+    # a rate where one policy finished nothing has no ratio, and the target is not met
+    rows[-1] = row("continuous", 2.0, None, finished=0)
+    got = serve_load.check_none(rows)
+    assert got["ratios"][2.0] is None and got["met"] is False
+    assert serve_load.check_none([row("static", 1.0, 3.0)])["met"] is None
