@@ -10,22 +10,34 @@
 #     bash benchmarks/gpu_session.sh lease          # all of it, cut down to one call of a 15-minute lease
 #     bash benchmarks/gpu_session.sh lease2         # what the first lease left unmeasured, one call
 #     bash benchmarks/gpu_session.sh lease3         # what lease2 found or could not finish, one call
+#     bash benchmarks/gpu_session.sh lease4         # issue 27 item 6, one call; results in $OUT/gpu_<date>_<gpu>/
+#     bash benchmarks/gpu_session.sh lease4 --device cpu   # its try on a machine without a GPU (.venv, no wheels)
 #
 # Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
 # call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3}
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3|lease4 [--device cpu]}
+device=cuda
+if [[ ${2:-} == --device ]]; then device=${3:?--device cpu|cuda}; fi
 OUT=${OUT:-/tmp/idemrt_out}
 mkdir -p "$OUT" /tmp/site /tmp/pkg
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# idemrt as its wheel lays it out (kernels/ and export/ as sub-packages), without building the C++
-# extension: the native rANS coder is optional and nothing timed here uses it.
-rm -rf /tmp/pkg/idemrt && cp -r python/idemrt /tmp/pkg/ && cp -r kernels /tmp/pkg/idemrt/kernels && cp -r export /tmp/pkg/idemrt/export
-export PYTHONPATH=/tmp/pkg:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=python3
+if [[ $device == cpu ]]; then  # a try on this machine: the checkout's .venv as it is
+    PY=${PYTHON:-.venv/bin/python}
+    # one intra-op thread: on a shared small CPU a second one is often descheduled, and every
+    # parallel op then waits for it (benchmarks/engine_overhead.py's --threads says by how much)
+    export PYTHONUNBUFFERED=1 TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    # idemrt as its wheel lays it out (kernels/ and export/ as sub-packages), without building the C++
+    # extension: the native rANS coder is optional and nothing timed here uses it.
+    rm -rf /tmp/pkg/idemrt && cp -r python/idemrt /tmp/pkg/ && cp -r kernels /tmp/pkg/idemrt/kernels && cp -r export /tmp/pkg/idemrt/export
+    export PYTHONPATH=/tmp/pkg:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+fi
 limit=${PART_SECONDS:-540}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python3 -c "import torch, triton, compressai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'compressai', compressai.__version__)"
+    $PY -c "import torch, triton, compressai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'compressai', compressai.__version__)"
     date -u +%FT%TZ
 } 2>&1 | tee "$OUT/env_$part.txt"
 torch_modes=reference,eager,fast,fast-triton,fast-compile
@@ -88,5 +100,44 @@ case $part in
           timeout 100 python3 benchmarks/latency.py --warmup 2 --repeats 5 --decode-steps 100 --preset ffhq256 \
               --codec hyperprior --batch 1 --modes fast-compile --max-decode-seconds 6 --json "$OUT/latency_compile.json"
         } 2>&1 | tee "$OUT/lease3.log" ;;
+    lease4)
+        # Issue 27 item 6, at most 9 minutes: the issue's four parts in its order, each in its own time
+        # slice (a part that hangs cannot eat the next). Everything lands in $res, one folder under $OUT
+        # (a lease returns at most 8 files: env_lease4.txt and the 6 below). With --device cpu (no GPU
+        # here) each part runs shrunk, the -m gpu tests are skipped, and the Triton variants of the probe
+        # are left out (interpreted, they take far longer than the slice).
+        gpu=cpu
+        if [[ $device != cpu ]]; then
+            gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+        fi
+        res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
+        mkdir -p "$res"
+        # every test file that holds a -m gpu test (marked directly, or through tests/kernel_devices.py)
+        gpu_tests=$(grep -lE 'mark\.gpu|kernel_devices' tests/test_*.py)
+        per_test=() xdist=()
+        $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 90)
+        [[ $device != cpu ]] && $PY -c "import xdist" 2>/dev/null && xdist=(-n 8)  # the Triton compiles dominate
+        if [[ $device == cpu ]]; then
+            probe=(--variants eager-fp32,fast-bf16-torch,engine-load-study,engine-paper-only --paper-steps 4)
+            numerics=(--images 1 --configs speed-fast) load=(--smoke)
+        else
+            probe=() numerics=(--full128 --configs dps100 speed-balanced speed-fast)
+            load=(--rates 2,4,8 --requests 32 --max-slots 8)
+        fi
+        {
+            echo "== (1) every -m gpu test, by name $(date -u +%T)"
+            # SIGINT at the slice's end: pytest stops as on ^C and still writes its summary and the XML
+            timeout -s INT -k 15 130 $PY -m pytest -v -p no:cacheprovider -p no:benchmark "${xdist[@]}" "${per_test[@]}" -rfE \
+                --tb=short -m gpu --junitxml "$res/gpu_tests.xml" $gpu_tests
+            echo "== (2) the non-finite decode (request 29 of the load study) $(date -u +%T)"
+            timeout 75 $PY benchmarks/nonfinite_probe.py --device "$device" "${probe[@]}" --json "$res/nonfinite_probe.json"
+            echo "== (3) the default backend (fast) against eager fp32 on real decodes $(date -u +%T)"
+            timeout 140 $PY benchmarks/modes.py --device "$device" --backend eager,fast "${numerics[@]}" \
+                --json "$res/modes.json"
+            $PY benchmarks/modes.py --compare "$res/modes.json" --json "$res/numerics.json"
+            echo "== (4) the load study: continuous, static, none $(date -u +%T)"
+            timeout 160 $PY benchmarks/serve_load.py --device "$device" "${load[@]}" --json "$res/serve_load.json"
+            echo "== done $(date -u +%T)"
+        } 2>&1 | tee "$res/lease4.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac
