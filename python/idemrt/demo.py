@@ -102,11 +102,12 @@ def run_demo(out_dir=".", seed: int = 0, steps=None, *, config=None, image: str 
 def describe_preset(decoder, speed) -> str:
     """What the demo decoded with: the speed preset's name (or "demo defaults") and its settings."""
     g = decoder.guidance
-    guide = f"DPS scale {g.scale:g}" if getattr(g, "name", None) == "dps" else getattr(g, "name", "none")
+    scale = None if g is None else g.default_scale()  # a guidance with a step length (DPS) shows it
+    guide = "none" if g is None else g.name if scale is None else f"{g.name.upper()} scale {scale:g}"
     warm = f", warm start {decoder.start:g}" if decoder.warm_start is not None else ""
     exact = ", exact" if decoder.exact else ""
     name = f"speed preset '{speed}'" if speed else "demo defaults, no speed preset"
-    return (f"{name}: {type(decoder.sampler).__name__[:4].lower()} {decoder.schedule.num_steps} steps, {guide}{warm}{exact}, "
+    return (f"{name}: {decoder.sampler.name} {decoder.schedule.num_steps} steps, {guide}{warm}{exact}, "
             f"{decoder.steps_run} UNet evaluations")
 
 

@@ -136,8 +136,11 @@ class StoreEntry:
         try:
             _check_no_escape(self.path)
             actual = file_sha256(self.path)
-        except (OSError, StoreError) as exc:
-            self._fail(f"cannot read {self.path}: {getattr(exc, 'strerror', None) or exc}")
+        except OSError as exc:
+            self._fail(f"cannot read {self.path}: {exc.strerror or exc}")
+            return
+        except StoreError as exc:
+            self._fail(f"cannot read {self.path}: {exc}")
             return
         if actual != self.sha256:
             self._fail(f"sha256 mismatch: the file hashes to {actual[:16]}..., the manifest says "

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from ..errors import BackendError
+
+if TYPE_CHECKING:
+    from ..diffusion.guidance import Guidance
+    from ..diffusion.samplers import Sampler
+    from ..models.codec import Codec
 
 
 @dataclass
@@ -40,13 +45,27 @@ class StepSpec:
                 tiling.TiledModel`); None: on the whole image.
     """
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # an idemrt.models.prior.Prior, or a plain module
     operator: Optional[Callable[[torch.Tensor], torch.Tensor]]
-    codec: object
+    codec: Optional["Codec"]
     constraint: str
-    sampler: object
-    guidance: object
+    sampler: "Sampler"
+    guidance: Optional["Guidance"]
     tile: Optional[object] = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend is (see the module doc): the ``spec`` it was made for, ``step``, and
+    ``slot_counts`` — the batch sizes a step should be padded to (a graph-capturing backend's
+    captured sizes), or None: any size runs as it is."""
+
+    spec: StepSpec
+
+    @property
+    def slot_counts(self) -> Optional[tuple]: ...
+
+    def step(self, x_t: torch.Tensor, i, target, noise: torch.Tensor, scale=None) -> tuple: ...
 
 
 def check_step_inputs(device: torch.device, num_steps: int, x_t, i, target, noise, *, guided: bool) -> list[int]:

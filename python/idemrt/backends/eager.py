@@ -14,6 +14,8 @@ from .base import StepSpec, register
 
 @register("eager")
 class EagerBackend:
+    slot_counts = None  # any batch size runs as it is
+
     def __init__(self, spec: StepSpec, *, device: torch.device, dtype=None):
         if dtype not in (None, torch.float32):
             raise BackendError("the eager backend computes in float32; use backend='fast' for bf16/fp16")

@@ -35,6 +35,8 @@ class GraphStepBackend:
     :meth:`_batch_bucket` if a runner serves only some batch sizes.
     """
 
+    slot_counts = None  # the scheduler's batches run as they come (runners bucket batch sizes themselves)
+
     def __init__(self, spec, *, device, cache_dir=None, dynamic_hw: bool = False):
         from idemrt.export.graph_cache import StepGraphs
 
@@ -80,7 +82,7 @@ class GraphStepBackend:
             rows = self.sampler.rows(torch.zeros(n, dtype=torch.long, device=self.device))
             self._run("step", (height, width, tuple(target_shape)), x, t, target, rows)
         # The UNet graph serves unguided steps: no guidance, or DSG off its interval.
-        if self.spec.guidance is None or getattr(self.spec.guidance, "interval", 1) != 1:
+        if self.spec.guidance is None or self.spec.guidance.interval != 1:
             self._run("unet", (height, width), x, t)
 
     def step(self, x_t: Tensor, i, target: Tensor, noise: Tensor, scale=None) -> tuple[Tensor, Tensor]:

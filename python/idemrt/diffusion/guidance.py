@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Literal, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -59,15 +59,34 @@ class Guidance(Protocol):
     ``step_kind``: "gradient" (the UNet is differentiated: x_{t-1} = update(sample, grad)) or
     "proximal" (no UNet backward: a data step on x0 through the codec alone). Images whose
     guidance has the same step kind (and whose samplers stack, :meth:`Sampler.family`) can share
-    one batched step; the others cannot. ``default_scale()``: the DPS step length a retry scales,
-    or None when the guidance has none (then no retry is made)."""
+    one batched step; the others cannot. ``interval``: every how many steps it guides (1: every
+    step; otherwise some steps run the UNet alone, and a backend needs that step too).
+    ``default_scale()``: the DPS step length a retry scales, or None when the guidance has none
+    (then no retry is made)."""
 
     name: ClassVar[str]
     step_kind: ClassVar[StepKind]
+    interval: int
 
     def default_scale(self) -> Optional[float]: ...
 
     def active(self, i): ...
+
+
+class StackRow(NamedTuple):
+    """How one step of a gradient guidance runs in a stacked step table (:class:`StackedGuidance`)."""
+
+    sphere: bool  # DSG's step on the sphere (else DPS's ``sample - scale·grad``)
+    on: bool  # guided at this step
+    rate: float  # the sphere step's guidance rate
+    scale: float  # the DPS step's default scale
+
+
+@runtime_checkable
+class Stackable(Guidance, Protocol):
+    """A gradient guidance whose steps a :class:`StackedGuidance` can run: it declares each step's row."""
+
+    def stack_row(self, i: int) -> StackRow: ...
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,7 @@ class DPS:
 
     name: ClassVar[str] = "dps"
     step_kind: ClassVar[StepKind] = "gradient"
+    interval: ClassVar[int] = 1
     scale: float = 0.6
 
     def __post_init__(self):
@@ -90,6 +110,9 @@ class DPS:
 
     def active(self, i) -> bool:
         return True
+
+    def stack_row(self, i: int) -> StackRow:
+        return StackRow(sphere=False, on=True, rate=0.0, scale=self.scale)
 
     def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i, scale: Tensor | None = None) -> Tensor:
         """``sample - scale·grad``; ``scale`` (N,) per sample, default this object's."""
@@ -130,6 +153,9 @@ class DSG:
             return True
         return i % self.interval == 0
 
+    def stack_row(self, i: int) -> StackRow:
+        return StackRow(sphere=True, on=bool(self.active(i)), rate=self.guidance_rate, scale=0.0)
+
     def update(self, sample: Tensor, pred: Prediction, grad: Tensor, i, scale: Tensor | None = None) -> Tensor:
         on = self.active(i)
         if on is False:
@@ -169,6 +195,7 @@ class PIR:
 
     name: ClassVar[str] = "pir"
     step_kind: ClassVar[StepKind] = "proximal"  # backends run the proximal step, not gradient + update
+    interval: ClassVar[int] = 1
     # Defaults from a sweep on the demo models (docs/fast_modes.md): the demo codec's ||J||² is
     # about 2.9, so jac_norm2 = 3 keeps every data step contracting.
     iters: int = 4
@@ -228,18 +255,18 @@ class StackedGuidance:
     step_kind: ClassVar[StepKind] = "gradient"
 
     def __init__(self, members: Sequence, offsets: Sequence[int], lengths: Sequence[int]):
-        if any(m.step_kind != "gradient" or not isinstance(m, (DPS, DSG)) for m in members):
-            raise ValueError(f"only DPS and DSG guidance stack, got {[type(m).__name__ for m in members]}")
+        if any(m.step_kind != "gradient" or not isinstance(m, Stackable) for m in members):
+            raise ValueError(f"only gradient guidances that declare their stack rows (DPS, DSG) stack, got "
+                             f"{[m.name for m in members]}")
         rows = max(o + n for o, n in zip(offsets, lengths))
         self.members = tuple(members)
+        # Every member guides every interval-th row of its own (its offset aligned to it: stack_alignment).
+        self.interval = stack_alignment(members)
         self._dsg, self._on, self._rate, self._scale = [False] * rows, [True] * rows, [0.0] * rows, [0.0] * rows
         for m, offset, n in zip(members, offsets, lengths):
             for i in range(n):
                 r = offset + i
-                if isinstance(m, DSG):
-                    self._dsg[r], self._on[r], self._rate[r] = True, bool(m.active(i)), m.guidance_rate
-                else:
-                    self._scale[r] = m.scale
+                self._dsg[r], self._on[r], self._rate[r], self._scale[r] = m.stack_row(i)
         self._tables: dict = {}  # device -> the per-row tensors
 
     def default_scale(self) -> Optional[float]:
@@ -275,8 +302,9 @@ def stack_guidance(members: Sequence, offsets: Sequence[int], lengths: Sequence[
 
 
 def stack_alignment(members: Sequence) -> int:
-    """The row alignment stacked programs of these guidances need (DSG's interval)."""
-    return math.lcm(*[m.interval for m in members if isinstance(m, DSG)] or [1])
+    """The row alignment stacked programs of these guidances need: their intervals' least common
+    multiple (1 unless DSG guides every few steps)."""
+    return math.lcm(*(m.interval for m in members))
 
 
 GUIDANCE = {g.name: g for g in (DPS, DSG, PIR)}  # by name, as Decoder(guidance=...) and the CLI take it

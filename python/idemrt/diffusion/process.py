@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..models.prior import prior_traits
 from .schedule import Schedule, linear_betas
 
 __all__ = ["ADM_PROCESS", "DiffusionProcess", "PREDICTIONS", "VARIANCES", "PredictionType", "VarianceType",
@@ -165,7 +166,8 @@ ADM_PROCESS = DiffusionProcess.adm()
 
 
 def diffusion_process(unet) -> DiffusionProcess:
-    """The prior's process: its ``diffusion_process`` attribute (a diffusers folder's UNet has one),
-    else guided-diffusion's (every idemrt ADM UNet, and no UNet at all)."""
-    process = getattr(unet, "diffusion_process", None)
+    """The prior's process: the one it declares (:class:`idemrt.models.prior.Prior`; a diffusers
+    folder's UNet has one), else guided-diffusion's (every idemrt ADM UNet, a plain module, and no
+    UNet at all)."""
+    process = prior_traits(unet).diffusion_process
     return ADM_PROCESS if process is None else process

@@ -31,13 +31,15 @@ variance channels exactly when the variance is learned; DDIM reads the first C c
 """
 from __future__ import annotations
 
+import abc
 import copy
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..decode_request import check_choice
 from .process import ADM_PROCESS, DiffusionProcess
 from .schedule import Schedule
 
@@ -56,13 +58,15 @@ def per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v if v.ndim == 0 else v.view(-1, *([1] * (like.ndim - 1)))
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Float32 per-step tables on one device, built once from a float64 schedule.
 
-    Subclasses name their table's columns in ``columns`` (first the two x0 coefficients, last
-    ``nonzero``) and implement :meth:`predict_rows`.
+    Subclasses declare their ``name`` (the key of :data:`SAMPLERS`, and their :meth:`family`), name
+    their table's columns in ``columns`` (first the two x0 coefficients, last ``nonzero``) and
+    implement :meth:`predict_rows`.
     """
 
+    name: ClassVar[str]
     columns: tuple[str, ...] = ()
 
     def __init__(self, schedule: Schedule, columns: list[np.ndarray]):
@@ -78,14 +82,20 @@ class Sampler:
         # float32, kept as a vector so that stacked tables keep each respacing's own first row.
         self._sqrt_abar_prev = torch.cat([torch.ones(1), 1 / self._table[:-1, 0]])
 
+    @classmethod
+    def make(cls, schedule: Schedule, *, eta: float = 1.0, process: DiffusionProcess = ADM_PROCESS) -> Sampler:
+        """The sampler of a decode's options (:func:`make_sampler`); ``eta`` is DDIM's only."""
+        return cls(schedule, process=process)
+
     @property
     def num_steps(self) -> int:
         return self._table.shape[0]
 
     def family(self) -> tuple:
         """Samplers of one family share ``predict_rows``/``step_rows`` and differ only in their
-        table rows, so their tables stack into one (:class:`StackedSampler`)."""
-        return (type(self).__name__,)
+        table rows, so their tables stack into one (:class:`StackedSampler`): the declared ``name``
+        and whatever else the step functions depend on (the process; DDIM's eta)."""
+        return (self.name, self.process.kind())
 
     @property
     def device(self) -> torch.device:
@@ -163,8 +173,9 @@ class Sampler:
         """x0, mean and sigma of step ``i`` (see the module docstring)."""
         return self.predict_rows(model_out, x_t, self.rows(i))
 
+    @abc.abstractmethod
     def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
-        raise NotImplementedError
+        """:meth:`predict` on the table rows of the step (``(K,)`` or ``(N, K)``)."""
 
     def step(self, pred: Prediction, noise: Tensor, i) -> Tensor:
         """x_{t-1} = mean + sigma·noise, and mean alone at i == 0."""
@@ -180,6 +191,7 @@ class DDPMSampler(Sampler):
     of q(x_{t-1} | x_t, x0) and the std of the process's variance type (guided-diffusion's
     learned range by default)."""
 
+    name = "ddpm"
     columns = ("sqrt_recip_abar", "sqrt_recipm1_abar", "c1", "c2", "log_beta", "plv", "nonzero")
 
     def __init__(self, schedule: Schedule, process: DiffusionProcess = ADM_PROCESS):
@@ -193,9 +205,6 @@ class DDPMSampler(Sampler):
             np.log(s.betas),  # upper bound of the learned log-variance
             s.posterior_log_variance_clipped,  # lower bound
         ])
-
-    def family(self) -> tuple:
-        return (type(self).__name__, self.process.kind())
 
     def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
         recip, recipm1, coef1, coef2, max_log, min_log, _ = self._columns(rows, x_t)
@@ -221,6 +230,7 @@ class DDIMSampler(Sampler):
     is one scalar per step and sample (0 at i == 0, where abar_prev = 1).
     """
 
+    name = "ddim"
     columns = ("sqrt_recip_abar", "sqrt_recipm1_abar", "sqrt_abar_prev", "sigma", "eps_coef", "nonzero")
 
     def __init__(self, schedule: Schedule, eta: float = 1.0, process: DiffusionProcess = ADM_PROCESS):
@@ -243,8 +253,12 @@ class DDIMSampler(Sampler):
         ])
         self.eta = eta
 
+    @classmethod
+    def make(cls, schedule: Schedule, *, eta: float = 1.0, process: DiffusionProcess = ADM_PROCESS) -> Sampler:
+        return cls(schedule, eta=eta, process=process)
+
     def family(self) -> tuple:
-        return (type(self).__name__, self.eta, self.process.kind())
+        return (*super().family(), self.eta)
 
     def predict_rows(self, model_out: Tensor, x_t: Tensor, rows: Tensor) -> Prediction:
         recip, recipm1, sqrt_abar_prev, sigma, eps_coef, _ = self._columns(rows, x_t)
@@ -262,6 +276,8 @@ class StackedSampler(Sampler):
     batched step runs images of different respacings, each at its own row. ``align``: every
     offset is a multiple of it (DSG's interval then reads ``row % interval`` as ``i % interval``).
     """
+
+    name = "stacked"  # its family is its members'
 
     def __init__(self, samplers, align: int = 1):
         samplers = list(samplers)
@@ -294,15 +310,11 @@ class StackedSampler(Sampler):
         return self.samplers[0].predict_rows(model_out, x_t, rows)
 
 
-SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}  # by name, as Decoder(sampler=...) and the CLI take it
+SAMPLERS = {s.name: s for s in (DDPMSampler, DDIMSampler)}  # by name, as Decoder(sampler=...) and the CLI take it
 
 
 def make_sampler(name: str, schedule: Schedule, *, eta: float = 1.0,
                  process: DiffusionProcess = ADM_PROCESS) -> Sampler:
     """The sampler ``name`` of :data:`SAMPLERS` on ``schedule`` (``eta``: DDIM's) for a prior of
     diffusion ``process`` (whose respacing ``schedule`` is)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
-    if name == "ddim":
-        return DDIMSampler(schedule, eta=eta, process=process)
-    return SAMPLERS[name](schedule, process=process)
+    return SAMPLERS[check_choice("sampler", name, tuple(SAMPLERS))].make(schedule, eta=eta, process=process)

@@ -50,6 +50,8 @@ class DiffusersUNet(nn.Module):
     module, its Triton kernels do not (they are wired through ADM's GroupNorm)."""
 
     compute_dtype = torch.float32
+    norm_act_hook = False  # its GroupNorms are diffusers' own
+    size_multiple = 1  # diffusers' UNet2DModel checks its own sizes
 
     def __init__(self, model: nn.Module, process: DiffusionProcess, source: str = ""):
         super().__init__()
@@ -61,6 +63,16 @@ class DiffusersUNet(nn.Module):
     def config(self):
         """The diffusers model config."""
         return self.model.config
+
+    @property
+    def image_size(self) -> Optional[int]:
+        """The side it was trained at: the config's ``sample_size`` (the first of a pair)."""
+        size = self.config.get("sample_size")
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return size if isinstance(size, int) and size > 0 else None
+
+    def set_norm_act(self, fn=None):
+        raise TypeError("a diffusers prior has no norm-act hook (norm_act_hook is False)")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, return_dict=False)[0]

@@ -207,9 +207,23 @@ class ADMUNet(nn.Module):
     ``forward(x, t)``: x [N, 3, H, W] in [-1, 1], t [N] original timesteps (int or float)
     -> [N, config.out_channels, H, W] (eps, then the variance values if learn_sigma).
     H and W must be divisible by 2 ** (levels - 1).
+
+    A :class:`~idemrt.models.prior.Prior`: guided-diffusion's process, no dtype of its own (the
+    backend's), its config's ``image_size``, and a norm-act hook (:meth:`set_norm_act`).
     """
 
     norm_act = staticmethod(norm_act)  # for the output head; see set_norm_act
+    diffusion_process = None  # guided-diffusion's (idemrt.diffusion.ADM_PROCESS)
+    compute_dtype = None
+    norm_act_hook = True
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.config.channel_mults) - 1)
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -287,7 +301,7 @@ class ADMUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected x of shape [N, 3, H, W], got {tuple(x.shape)}")
-        factor = 2 ** (len(self.config.channel_mults) - 1)
+        factor = self.size_multiple
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"H and W must be multiples of {factor}, got {tuple(x.shape[2:])}")
         if t.shape != (x.shape[0],):

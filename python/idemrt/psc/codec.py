@@ -31,6 +31,7 @@ from ..defaults import default_backend, dtype_name, resolve_device
 from ..deprecation import renamed_argument
 from ..errors import DecodeError
 from ..images import load_image, to_pil
+from ..models.prior import prior_traits
 from ..progress import progress_bar
 from . import noise, stream
 from .acquisition import Acquisition
@@ -57,10 +58,9 @@ class Stats:
 
 
 def _factor(unet) -> int:
-    """The UNet's size multiple: 2**(levels - 1) for an ADMUNet, 1 for other models."""
-    config = getattr(unet, "config", None)
-    mults = getattr(config, "channel_mults", None)
-    return 2 ** (len(mults) - 1) if mults else 1
+    """The UNet's size multiple (:attr:`idemrt.models.prior.Prior.size_multiple`: 2**(levels - 1)
+    for an ADMUNet, 1 for a plain module)."""
+    return prior_traits(unet).size_multiple
 
 
 def _compute(backend, dtype, device: torch.device) -> Compute:

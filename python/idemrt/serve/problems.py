@@ -6,7 +6,7 @@ what                                        status  kind
 malformed or foreign ``.idm``, bad image    400     bitstream / image
 no codec (model store) / prior of that id   422     model-not-found
 body or pixel count over the limits         413     too-large
-unknown parameter, value not allowed        422     invalid-parameter
+unknown parameter, value not allowed        422     invalid-parameter (InvalidParameterError)
 non-finite decode (retries spent)           500     decode
 queue full                                  503     overloaded (with Retry-After)
 replica died or restarting                  503     unavailable (with Retry-After)
@@ -28,7 +28,9 @@ from http import HTTPStatus
 from typing import Optional
 
 from ..diffusion import DeadlineExceeded, QueueFullError
+from ..decode_request import InvalidParameterError
 from ..errors import BitstreamError, DecodeError, ImageError, ModelNotFoundError, TooLargeError
+from .retry import replica_lost, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,13 @@ class Problem(Exception):
 
 def problem_from(exc: BaseException) -> Problem:
     """The problem of an exception raised while serving (also through Ray's task-error wrapper)."""
-    exc = getattr(exc, "cause", None) or exc
+    exc = unwrap(exc)
     if isinstance(exc, Problem):
         return exc
     for kind, status, retry in _KINDS:
         if isinstance(exc, kind):
             return Problem(status, _NAMES[kind], str(exc), RETRY_AFTER_S if retry else None)
-    if type(exc).__name__ in ("ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError"):
+    if replica_lost(exc) is not None:
         return Problem(503, "unavailable", "the decoder replica stopped; retry (it is being restarted)", RETRY_AFTER_S)
     # a bug or an unforeseen failure: its text stays in the server's log, never in an answer
     log.error("unexpected %s while serving a request", type(exc).__name__, exc_info=exc)
@@ -90,9 +92,10 @@ def problem_from(exc: BaseException) -> Problem:
 
 _KINDS = ((TooLargeError, 413, False), (BitstreamError, 400, False), (ImageError, 400, False),
           (QueueFullError, 503, True), (DeadlineExceeded, 504, False), (DecodeError, 500, False),
-          (ModelNotFoundError, 422, False))
+          (ModelNotFoundError, 422, False), (InvalidParameterError, 422, False))
 _NAMES = {TooLargeError: "too-large", BitstreamError: "bitstream", ImageError: "image", QueueFullError: "overloaded",
-          DeadlineExceeded: "timeout", DecodeError: "decode", ModelNotFoundError: "model-not-found"}
+          DeadlineExceeded: "timeout", DecodeError: "decode", ModelNotFoundError: "model-not-found",
+          InvalidParameterError: "invalid-parameter"}
 
 
 _HTTP_KINDS = {404: "not-found", 405: "method-not-allowed"}

@@ -1,8 +1,11 @@
 """Retrying a replica call whose replica died (a lost node, a killed or crashed replica process).
 
 Ray Serve routes a retry to another live replica (the dead one leaves its routing table); a call
-that fails for any other reason (a bad request, a full queue, a deadline) is never retried. No Ray
-import here: errors are recognised by class name, through Ray's wrappers.
+that fails for any other reason (a bad request, a full queue, a deadline) is never retried.
+
+Ray's errors about replicas are classified here, once (:func:`replica_lost`): the retry asks it,
+and so does :func:`idemrt.serve.problems.problem_from` (503 unavailable). No Ray import here: the
+errors are recognised by class name, through Ray's wrappers.
 """
 from __future__ import annotations
 
@@ -11,22 +14,38 @@ import logging
 import time
 from typing import Awaitable, Callable, Optional
 
-# What Ray raises when the actor of a replica is gone or unreachable (RayTaskError subclasses these
-# dynamically when it wraps them, so the names are looked up along the class hierarchy too).
-REPLICA_DIED = ("ActorDiedError", "RayActorError", "ActorUnavailableError")
+# What Ray raises about a replica's actor (RayTaskError subclasses these dynamically when it wraps
+# them, so the names are looked up along the class hierarchy too): gone or unreachable, so another
+# replica may take the call ("died"), or not placeable on any node ("unschedulable": never retried).
+REPLICA_LOST = {"ActorDiedError": "died", "RayActorError": "died", "ActorUnavailableError": "died",
+                "ActorUnschedulableError": "unschedulable"}
 
 log = logging.getLogger(__name__)
 
 
-def replica_died(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps: Ray's ``cause``, ``__cause__``) says the replica died."""
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception Ray's ``RayTaskError`` wraps (its ``cause``), or ``exc`` itself."""
+    # Ray is not imported on the ingress path, so its wrapper is known by the attribute it sets.
+    return getattr(exc, "cause", None) or exc
+
+
+def replica_lost(exc: BaseException) -> Optional[str]:
+    """"died", "unschedulable" (:data:`REPLICA_LOST`) if ``exc`` (or what it wraps: Ray's ``cause``,
+    ``__cause__``) says the replica is lost, else None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if any(cls.__name__ in REPLICA_DIED for cls in type(exc).__mro__):
-            return True
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return False
+        for cls in type(exc).__mro__:
+            if cls.__name__ in REPLICA_LOST:
+                return REPLICA_LOST[cls.__name__]
+        wrapped = unwrap(exc)
+        exc = wrapped if wrapped is not exc else exc.__cause__
+    return None
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Whether ``exc`` says the replica died (a retry on another replica may succeed)."""
+    return replica_lost(exc) == "died"
 
 
 async def call_with_retry(make_call: Callable[[], Awaitable], *, tries: int = 3, deadline: Optional[float] = None,
