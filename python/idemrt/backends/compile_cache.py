@@ -117,11 +117,20 @@ class CompileCache:
                 what = "is not a compile cache file" if key is None else f"was made for {key}, not {self.key}"
                 log.warning("compile cache %s %s; ignored", self.path, what)
                 return False
+            # torch reports unreadable artifacts by returning None after a logged traceback of its
+            # own; that traceback is silenced here, the one line below says it.
+            torch_log = logging.getLogger("torch.compiler._cache")
+            level = torch_log.level
+            torch_log.setLevel(logging.ERROR)
             try:
-                torch.compiler.load_cache_artifacts(artifacts)
+                info = torch.compiler.load_cache_artifacts(artifacts)
+                problem = None if info is not None else "torch could not read its artifacts"
             except Exception as exc:  # noqa: BLE001 - a corrupt cache must never stop a decode
-                log.warning("compile cache %s could not be loaded (%s: %s); ignored", self.path,
-                            type(exc).__name__, exc)
+                problem = f"{type(exc).__name__}: {exc}"
+            finally:
+                torch_log.setLevel(level)
+            if problem is not None:
+                log.warning("compile cache %s could not be loaded (%s); ignored", self.path, problem)
                 return False
             _LOADED.add(self.path)
             return True

@@ -370,7 +370,13 @@ def _compiled(unet: nn.Module, scope: str, mode: str):
 
     if scope == "unet":
         return torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
-    for m in unet.modules():
-        if isinstance(m, (ResBlock, AttentionBlock)) and getattr(m, "_compiled_call_impl", None) is None:
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    # Every compiled block is one code object to dynamo (nn.Module's call), guarded per block
+    # shape: blocks of different widths and resolutions are recompiles of it, each a cache entry
+    # under dynamo's limit (8 by default; an ADM UNet has tens of block shapes, fullgraph turns
+    # hitting the limit into an error). Raised to what this UNet needs, never lowered.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
+    for m in blocks:
+        if getattr(m, "_compiled_call_impl", None) is None:
             m.compile(mode=mode, fullgraph=True, dynamic=False)
     return unet
