@@ -105,19 +105,18 @@ class ServeConfig:
         if not speeds or own or not all(_complete(v) for v in speeds.values()):
             from ..speeds import SPEEDS, resolve_speed, speed_name
 
-            self.speed = speed_name(self.speed)
-            speeds = speeds or dict.fromkeys([self.speed, *SPEEDS])
-            if self.speed not in speeds:
-                raise ValueError(f"the speeds must hold the default speed {self.speed!r}, got {list(speeds)}")
+            if not speeds:  # every preset, the default first
+                self.speed = speed_name(self.speed)
+                speeds = dict.fromkeys([self.speed, *SPEEDS])
             unknown = [s for s, v in speeds.items() if s not in SPEEDS and not _complete(v)]
             if unknown:
                 raise ValueError(f"speeds {unknown} are not presets of {list(SPEEDS)}: give each its whole DecodeConfig")
             speeds = {s: _fields(v) if _complete(v) else
                       resolve_speed(s, **_fields(v), **(own if s == self.speed else {})).to_dict()
                       for s, v in speeds.items()}
-        elif self.speed not in speeds:
+        if self.speed not in speeds:
             raise ValueError(f"the speeds must hold the default speed {self.speed!r}, got {list(speeds)}")
-        self.speeds = {s: {**speeds[s], **wide} for s in [self.speed, *(s for s in speeds if s != self.speed)]}
+        self.speeds = {s: {**_fields(speeds[s]), **wide} for s in [self.speed, *(s for s in speeds if s != self.speed)]}
 
     def _set_respacings(self, steps_allowed: Optional[list]) -> None:
         given = dict(self.respacings or {})
@@ -134,7 +133,7 @@ class ServeConfig:
         if empty:
             raise ValueError(f"speeds {empty} need at least one respacing")
         for s, respacings in self.respacings.items():  # a speed's config holds its default respacing
-            self.speeds[s]["steps"] = int(respacings[0]) if respacings[0].isdigit() else respacings[0]
+            self.speeds[s]["steps"] = _respacing(respacings[0])
 
     @property
     def autoscaling(self) -> bool:
@@ -171,8 +170,7 @@ class ServeConfig:
         default speed) at respacing ``steps`` (None: its default)."""
         speed = self.speed if speed is None else speed
         steps = self.steps_for(speed)[0] if steps is None else steps
-        steps = int(steps) if isinstance(steps, str) and steps.isdigit() else steps
-        return DecodeConfig.from_dict({**self.speeds[speed], "steps": steps})
+        return DecodeConfig.from_dict({**self.speeds[speed], "steps": _respacing(steps)})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +204,11 @@ def _fields(value) -> dict:
     if unknown:
         raise ValueError(f"unknown decode options {unknown}; the fields are {sorted(_DECODE_FIELDS)}")
     return dict(value or {})
+
+
+def _respacing(name):
+    """A request's respacing as a DecodeConfig's ``steps``: "100" is the int 100, others stay as named."""
+    return int(name) if isinstance(name, str) and name.isdigit() else name
 
 
 def _respacing_name(steps) -> str:
