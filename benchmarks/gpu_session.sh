@@ -12,11 +12,12 @@
 #     bash benchmarks/gpu_session.sh lease3         # what lease2 found or could not finish, one call
 #     bash benchmarks/gpu_session.sh lease4         # issue 27 item 6, one call; results in $OUT/gpu_<date>_<gpu>/
 #     bash benchmarks/gpu_session.sh lease4 --device cpu   # its try on a machine without a GPU (.venv, no wheels)
+#     bash benchmarks/gpu_session.sh speed          # issue 30: benchmarks/gpu_variants.py, one call (--device cpu: dry run)
 #
 # Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
 # call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3|lease4 [--device cpu]}
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3|lease4|speed [--device cpu]}
 device=cuda
 if [[ ${2:-} == --device ]]; then device=${3:?--device cpu|cuda}; fi
 OUT=${OUT:-/tmp/idemrt_out}
@@ -139,5 +140,26 @@ case $part in
             timeout 160 $PY benchmarks/serve_load.py --device "$device" "${load[@]}" --json "$res/serve_load.json"
             echo "== done $(date -u +%T)"
         } 2>&1 | tee "$res/lease4.log" ;;
+    speed)
+        # Issue 30, at most 9 minutes: benchmarks/gpu_variants.py — the floor of each case, then every
+        # fast-backend variant's precision against eager fp32 and its step time (FFHQ/ImageNet-256 x
+        # hyperprior/ELIC x batch 1/8/16/32, in order of value), whole fast/balanced decodes, the
+        # compile variants last. It slices its own time (--budget-s, what does not fit is recorded as
+        # skipped) and writes its JSON as rows arrive. --device cpu: the tiny models, a dry run.
+        gpu=cpu
+        if [[ $device != cpu ]]; then
+            gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+        fi
+        res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
+        mkdir -p "$res"
+        export IDEMRT_COMPILE_CACHE=/tmp/idemrt_compile_cache  # the compile variants' cache, this call only
+        if [[ $device == cpu ]]; then
+            variants=(--preset tiny --codec tiny --batch 1,2 --variants eager,bf16,fp16 --speeds fast
+                      --decode-variants bf16 --warmup 0 --repeats 1 --budget-s 240)
+        else
+            variants=(--budget-s 450)
+        fi
+        timeout -k 15 490 $PY benchmarks/gpu_variants.py --device "$device" "${variants[@]}" --out-dir "$res" \
+            2>&1 | tee "$res/speed.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac
