@@ -45,7 +45,9 @@ class ServeConfig:
     proxy_location: str = "HeadOnly"  # Serve's HTTP proxies: "HeadOnly" or "EveryNode"
     gpus_per_replica: float = 0.0  # > 0: one replica per GPU share, decoding on CUDA
     cpus_per_replica: float = 1.0
-    max_slots: int = 16  # images per batched step
+    # images per batched step. On CUDA to be chosen from the throughput curve (per-image step time
+    # against batch size: benchmarks/gpu_variants.py, issue 30 item 4) once a GPU run has measured it.
+    max_slots: int = 16
     deterministic: bool = False  # each image's result independent of its batch (one backend call per image)
     batching: str = "continuous"  # "static": request-level batches, the load study's baseline
     batch_wait_s: float = 0.0  # static batching: how long a batch waits to fill
