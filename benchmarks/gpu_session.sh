@@ -137,7 +137,7 @@ case $part in
                 --json "$res/modes.json"
             $PY benchmarks/modes.py --compare "$res/modes.json" --json "$res/numerics.json"
             echo "== (4) the load study: continuous, static, none $(date -u +%T)"
-            timeout 160 $PY benchmarks/serve_load.py --device "$device" "${load[@]}" --json "$res/serve_load.json"
+            timeout 150 $PY benchmarks/serve_load.py --device "$device" "${load[@]}" --json "$res/serve_load.json"
             echo "== done $(date -u +%T)"
         } 2>&1 | tee "$res/lease4.log" ;;
     speed)

@@ -349,6 +349,13 @@ def main(argv=None) -> int:
                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     data = _bitstreams(sizes)
     rows, engines, warm = [], {}, {}
+
+    def write(**checks):  # after every cell too: a run cut short keeps its cells
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": environment, "argv": sys.argv[1:] if argv is None else list(argv),
+                           "args": vars(args), "rows": rows, **checks}, f, indent=1)
+
     try:
         for policy in policies:  # every engine up and warm first; an idle engine's core only waits
             engines[policy] = build_engine(policy, args, speeds)
@@ -367,6 +374,7 @@ def main(argv=None) -> int:
                        "torch": environment["torch"]}
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "records"}), flush=True)
+                write()
     finally:
         for engine in engines.values():
             engine.close()
@@ -378,11 +386,7 @@ def main(argv=None) -> int:
         print(against_none["line"], flush=True)
     if result is not None:
         print(result["line"], flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment, "argv": sys.argv[1:] if argv is None else list(argv),
-                       "args": vars(args), "rows": rows, "check": result, "check_none": against_none,
-                       "failures": lost}, f, indent=1)
+    write(check=result, check_none=against_none, failures=lost)
     return 0
 
 
