@@ -199,8 +199,9 @@ def _cli(capsys, *args):
 
 def test_cli_print_config_and_config_file_with_a_flag_override(tmp_path, capsys, monkeypatch):
     code, out, _ = _cli(capsys, "decompress", "--speed", "fast", "--steps", "20", "--dtype", "bf16", "--print-config")
-    assert code == 0 and DecodeConfig.from_json(out) == SPEEDS["fast"].replace(steps=20, dtype=torch.bfloat16)
-    code, out, _ = _cli(capsys, "decompress", "--print-config")
+    # a preset decode on the command line tiles images larger than the prior (issue 28)
+    assert code == 0 and DecodeConfig.from_json(out) == SPEEDS["fast"].replace(steps=20, dtype=torch.bfloat16, tile=True)
+    code, out, _ = _cli(capsys, "decompress", "--print-config", "--no-tile")
     assert code == 0 and DecodeConfig.from_json(out) == SPEEDS["paper"]
 
     base = SPEEDS["balanced"].replace(steps=50, start=0.6, interval=2, max_retries=1)
@@ -236,7 +237,7 @@ def test_cli_print_config_and_config_file_with_a_flag_override(tmp_path, capsys,
                         "--config", tmp_path / "decode.yaml", "--steps", "4")
     assert code == 0 and "steps" in out
     code, _, _ = _cli(capsys, "decompress", tmp_path / "a.idm", tmp_path / "flags.png", *common, "--speed",
-                      "balanced", "--steps", "4", "--start", "0.6", "--interval", "2", "--max-retries", "1")
+                      "balanced", "--steps", "4", "--start", "0.6", "--interval", "2", "--max-retries", "1", "--no-tile")
     assert code == 0
     code, _, _ = _cli(capsys, "decompress", tmp_path / "a.idm", tmp_path / "paper.png", *common, "--steps", "4")
     assert code == 0
@@ -333,4 +334,4 @@ def test_the_demo_and_eval_commands_pass_a_config(tmp_path, monkeypatch):
             args.func(args)
     assert seen["demo"] == [demo_decode_config(), demo_decode_config().replace(steps=20),
                             SPEEDS["fast"].replace(steps=30)]
-    assert seen["eval"] == [demo_decode_config().replace(scale=2.0)]
+    assert seen["eval"] == [demo_decode_config().replace(scale=2.0, tile=True)]  # eval tiles large images

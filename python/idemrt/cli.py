@@ -10,8 +10,8 @@ import sys
 import time
 import warnings
 
-from .cli_options import (add_backend_option, add_dtype_option, add_sampling_options, add_unet_options,
-                          decode_config_from_args)
+from .cli_options import (add_backend_option, add_dtype_option, add_sampling_options, add_tile_options,
+                          add_unet_options, decode_config_from_args)
 from .defaults import configure_cpu_threads
 from .errors import BackendError, BitstreamError, CheckpointError, DecodeError, IdemrtError, ImageError
 from .fileio import SameFileError
@@ -114,6 +114,10 @@ def cmd_decompress(args) -> int:
 
         unet = load_unet(args.unet, preset=args.preset)
     decoder = Decoder(codec, unet, config=config, device=args.device, progress=not args.quiet)
+    if not args.mse:  # the tiling choice, before the (long) decode
+        from .diffusion.tiling import describe_tiling
+
+        print(describe_tiling(config.tile, unet, bs.padded_height, bs.padded_width), flush=True)
     img = decoder.decode(bs, seed=args.seed, mode="mse" if args.mse else "perceptual", output="tensor")
     stats = decoder.last
     save_image(img, args.output, force=args.force, inputs=[args.input])
@@ -179,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--codec-checkpoint", help="the codec checkpoint the file was made with")
     d.add_argument("--pretrained-codec", action="store_true", help="use compressai's pretrained codec")
     add_sampling_options(d, steps=None, scale=None, speed=True)  # also --speed, --start, --exact
+    add_tile_options(d)
     d.add_argument("--server", default=None, metavar="URL",
                    help="decode on an idemrt service (idemrt serve) instead of locally: no models needed here")
     d.add_argument("--constraint", default=None, choices=["x", "y"], help="(default x)")

@@ -6,6 +6,7 @@ new entry shows up on every command at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from .defaults import DTYPE_CHOICES
 from .models.unet_config import PRESETS
@@ -67,9 +68,37 @@ def add_sampling_options(parser, *, steps: str | None, scale, guidance_none: boo
                             help="print the resolved DecodeConfig as JSON and exit (no input needed)")
 
 
+def add_tile_options(parser) -> None:
+    """--tile/--no-tile and the window options of a tiled decode (:mod:`idemrt.diffusion.tiling`)."""
+    from .diffusion.tiling import BLEND_WEIGHTS
+
+    parser.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the prior on overlapping windows of its native size when the image is larger "
+                             "(default: on, or a --config file's choice); --no-tile: the whole image")
+    parser.add_argument("--tile-stride", type=int, default=None, help="pixels between windows (default: 3/4 window)")
+    parser.add_argument("--tile-weights", default=None, choices=BLEND_WEIGHTS, help="blend weights (default ramp)")
+    parser.add_argument("--tile-chunk", type=int, default=None,
+                        help="at most this many windows a UNet call (default 8): the memory a step takes")
+
+
+def tile_from_args(args, base):
+    """The ``tile`` of a command's DecodeConfig: off with --no-tile; else ``base`` (a config file's
+    Tiling, or None for the default Tiling()) with the --tile-* options given."""
+    from .diffusion.tiling import Tiling
+
+    if args.tile is False:
+        return False
+    tiling = base if base is not None else Tiling()
+    changes = {k: v for k, v in dict(stride=args.tile_stride, weights=args.tile_weights,
+                                     chunk=args.tile_chunk).items() if v is not None}
+    return dataclasses.replace(tiling, **changes)
+
+
 def decode_config_from_args(args):
     """The :class:`~idemrt.decode_config.DecodeConfig` of ``add_sampling_options(speed=True)``'s options:
-    ``--config FILE`` or the ``--speed`` preset, overridden by the options given (those left at None)."""
+    ``--config FILE`` or the ``--speed`` preset, overridden by the options given (those left at None).
+    With :func:`add_tile_options`: a preset decode is tiled unless --no-tile; a config file's tile holds
+    unless --tile/--no-tile or a --tile-* option is given."""
     from .defaults import dtype_from_name
     from .speeds import resolve_speed
 
@@ -78,12 +107,17 @@ def decode_config_from_args(args):
                  constraint=getattr(args, "constraint", None), max_retries=getattr(args, "max_retries", None),
                  backend=getattr(args, "backend", None), dtype=dtype_from_name(getattr(args, "dtype", None)))
     if args.config is None:
-        return resolve_speed(args.speed, **given)
-    if args.speed is not None:
+        config = resolve_speed(args.speed, **given)
+    elif args.speed is not None:
         raise ValueError("--config FILE is a whole decode configuration: give it or --speed, not both")
-    from .decode_config import DecodeConfig
+    else:
+        from .decode_config import DecodeConfig
 
-    return DecodeConfig.load(args.config).override(**given)
+        config = DecodeConfig.load(args.config).override(**given)
+        if not hasattr(args, "tile") or (args.tile is None and (args.tile_stride, args.tile_weights,
+                                                                args.tile_chunk) == (None, None, None)):
+            return config  # the file's tiling
+    return config.replace(tile=tile_from_args(args, config.tile)) if hasattr(args, "tile") else config
 
 
 def add_backend_option(parser) -> None:

@@ -284,8 +284,10 @@ def cmd_eval(args) -> int:
         from .models.unet_loading import load_unet
 
         unet = load_unet(args.unet, preset=args.preset)
+    from .cli_options import tile_from_args
+
     config = demo_decode_config().override(steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                                           scale=args.scale, interval=args.interval)
+                                           scale=args.scale, interval=args.interval, tile=tile_from_args(args, None))
     evaluate(args.dir, args.out, codec=codec, unet=unet, config=config, seed=args.seed, device=args.device,
              inception=args.inception, inception_sha256=args.inception_sha256, force=args.force,
              progress=not args.quiet)
@@ -294,7 +296,7 @@ def cmd_eval(args) -> int:
 
 def add_eval_subparser(subparsers) -> None:
     """Add ``eval`` to the ``idemrt`` command line."""
-    from .cli_options import add_sampling_options, add_unet_options
+    from .cli_options import add_sampling_options, add_tile_options, add_unet_options
 
     e = subparsers.add_parser("eval", help="rate, distortion, idempotence and sharpness over a folder of images")
     e.add_argument("dir", help="folder of images")
@@ -305,6 +307,7 @@ def add_eval_subparser(subparsers) -> None:
     e.add_argument("--quality", type=int, default=None)
     add_unet_options(e, unet_help="ADM UNet checkpoint (default: the demo UNet)")
     add_sampling_options(e, steps=str(DEMO_STEPS), scale=DEMO_SCALE, guidance_none=False)
+    add_tile_options(e)  # large photographs: the prior in windows of its native size (default on)
     e.add_argument("--device", default="cpu")
     e.add_argument("--inception", default=None,
                    help="pytorch-fid's FID Inception weights, pt_inception-2015-12-05-6726825d.pth: adds patch FID/KID")

@@ -44,10 +44,12 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "native_size", "tile_layout"]
+__all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "describe_tiling", "native_size", "tile_layout"]
 
 BLEND_WEIGHTS = ("ramp", "gaussian", "uniform")
-DEFAULT_CHUNK = 8  # windows per UNet call: a batch-8 FFHQ-256 forward+backward is ~2 GB of activations on the CPU
+# Windows per UNet call. An FFHQ-256 window's forward + backward holds about 2 GB of fp32 activations
+# on the CPU (benchmarks/RESULTS.md, "Tiled decoding: peak memory"): 2 keeps a step near 6 GB.
+DEFAULT_CHUNK = 2
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,13 @@ def native_size(unet) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def describe_tiling(tiling: Optional[Tiling], unet, height: int, width: int) -> str:
+    """One line for a user: how a decode with ``tiling`` (None: off) runs an image of this (padded) size."""
+    if tiling is None:
+        return f"tiling off: the prior runs on the whole {width}x{height} image"
+    return TiledModel.for_prior(None, tiling, unet).describe(height, width)
 
 
 class TileLayout(NamedTuple):
