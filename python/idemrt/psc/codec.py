@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import bitstream as bsfmt
+from ..decode_request import OUTPUTS, check_choice
 from ..defaults import default_backend, dtype_name, resolve_device
 from ..deprecation import renamed_argument
 from ..errors import DecodeError
@@ -273,10 +274,8 @@ class Decoder:
         """The image of the first ``rounds`` rounds (default all). ``restoration``: "projected"
         (DDRM: meets every measurement) or "guided" (ΠGDM). ``output``: "pil" or "tensor"
         ((1, 3, H, W) float32 in [0, 1] on the CPU)."""
-        if restoration not in RESTORATIONS:
-            raise ValueError(f"restoration must be one of {RESTORATIONS}, got {restoration!r}")
-        if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        check_choice("restoration", restoration, RESTORATIONS)
+        check_choice("output", output, OUTPUTS)
         t0 = time.perf_counter()
         h, y, code = self.measurements(data, rounds)
         t1 = time.perf_counter()
