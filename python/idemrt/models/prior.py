@@ -8,7 +8,7 @@ hook. :func:`prior_traits` answers for both, so callers read declared properties
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -25,8 +25,8 @@ class Prior(Protocol):
     ``diffusion_process``: what its output means (None: guided-diffusion's, every ADM UNet's);
     ``compute_dtype``: the dtype it must compute in (None: the backend's choice; a diffusers prior:
     float32); ``image_size``: the side it was trained at (None: unknown); ``size_multiple``: image
-    sides must be multiples of it; ``norm_act_hook``: whether :meth:`set_norm_act` routes its
-    GroupNorm+SiLU through a given function (the fast backend's fused kernels)."""
+    sides must be multiples of it; ``norm_act_hook``: whether it has ``set_norm_act(fn)``, which
+    routes its GroupNorm+SiLU through a given function (the fast backend's fused kernels)."""
 
     diffusion_process: Optional["DiffusionProcess"]
     compute_dtype: Optional["torch.dtype"]
@@ -38,8 +38,6 @@ class Prior(Protocol):
     @property
     def size_multiple(self) -> int: ...
 
-    def set_norm_act(self, fn: Optional[Callable] = None): ...
-
 
 class _PlainPrior:
     """The facts of a module that declares none (see the module doc)."""
@@ -49,9 +47,6 @@ class _PlainPrior:
     norm_act_hook = False
     image_size = None
     size_multiple = 1
-
-    def set_norm_act(self, fn: Optional[Callable] = None):
-        raise TypeError("this prior has no norm-act hook (norm_act_hook is False)")
 
 
 PLAIN_PRIOR = _PlainPrior()
