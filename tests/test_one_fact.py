@@ -275,3 +275,18 @@ def test_protocols_are_declared():
     decoder = idemrt.Decoder(load_demo_codec(), unet, config=idemrt.DecodeConfig(steps=4), device="cpu",
                              backend="eager")
     assert isinstance(decoder.backend, Backend) and decoder.backend.slot_counts is None
+
+
+def test_a_diffusers_prior_declares_its_facts():
+    diffusers = pytest.importorskip("diffusers")
+    from idemrt.diffusion.process import DiffusionProcess, diffusion_process
+    from idemrt.models.diffusers_unet import DiffusersUNet
+    from idemrt.models.prior import Prior, prior_traits
+
+    model = diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 32), layers_per_block=1,
+                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    process = DiffusionProcess.adm(50)
+    prior = DiffusersUNet(model, process)
+    assert isinstance(prior, Prior) and prior_traits(prior) is prior and diffusion_process(prior) is process
+    assert (prior.image_size, prior.size_multiple, prior.compute_dtype, prior.norm_act_hook) == (16, 1, torch.float32,
+                                                                                                False)
