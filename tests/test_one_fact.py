@@ -174,6 +174,7 @@ def test_check_request_is_the_one_validator():
            dict(mode="mse", choices=config, steps=1000), dict(mode="mse", choices=config, speed="fast", steps=5),
            dict(mode="mse", seed=-1), dict(mode="mse", seed=MAX_SEED + 1), dict(mode="mse", seed="1e3"),
            dict(mode="mse", seed=True), dict(mode="mse", priority=10), dict(mode="mse", priority="9" * 10**5),
+           dict(mode="mse", seed=10**10000),
            dict(mode="perceptual", choices=ServeConfig(steps_allowed=["3"]))]
     for kwargs in bad:
         mode = kwargs.pop("mode")

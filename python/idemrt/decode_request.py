@@ -48,19 +48,22 @@ class RequestChoices(Protocol):
 
 def show(value) -> str:
     """``repr(value)``, cut to a few dozen characters (a string's quotes kept)."""
-    text = value if isinstance(value, str) else repr(value)
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        text = f"an int of {value.bit_length()} bits"
     cut = text if len(text) <= _SHOW else text[:_SHOW] + "..."
     return repr(cut) if isinstance(value, str) else cut
 
 
 def check_choice(name: str, value, choices: Sequence):
     """``value`` if it is one of ``choices``, else InvalidParameterError."""
-    if not _hashable_in(value, choices):
+    if not _is_one_of(value, choices):
         raise InvalidParameterError(name, f"{name} must be one of {list(choices)}, got {show(value)}")
     return value
 
 
-def _hashable_in(value, choices) -> bool:
+def _is_one_of(value, choices) -> bool:
     try:
         return value in choices
     except TypeError:  # an unhashable value asked of a dict's keys
