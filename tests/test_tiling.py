@@ -292,3 +292,32 @@ def test_eval_on_a_folder_of_photographs_larger_than_the_demo_prior(tmp_path, ca
     from PIL import Image
 
     assert Image.open(tmp_path / "eval" / "perceptual" / "chelsea.png").size == (160, 96)
+
+
+def _seams_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tiled_seams.py"
+    spec = importlib.util.spec_from_file_location("tiled_seams", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seam_statistic_finds_a_seam_and_only_a_seam():
+    bench = _seams_benchmark()
+    assert bench.seam_lines([0, 48, 96], 64, 160) == [48, 64, 96, 112]
+    # a stationary smooth texture: Gaussian-filtered white noise (sigma 2 px)
+    g = torch.Generator().manual_seed(0)
+    k = torch.exp(-torch.arange(-6, 7.0) ** 2 / 8)
+    k = k / k.sum()
+    noise = torch.rand(3, 1, 204, 204, generator=g)
+    smooth = F.conv2d(F.conv2d(noise, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1)).view(1, 3, 192, 192)
+    lines = [48, 64, 96, 112, 144]
+    assert abs(bench.seam_ratio(smooth, lines, lines)["ratio"] - 1) < 0.05
+    seamed = smooth.clone()
+    seamed[..., :, 96:] += 0.02  # a step of 5 grey levels at column 96
+    assert bench.seam_ratio(seamed, lines, lines)["ratio"] > 1.10
+    assert bench.seam_ratio(seamed, [], [96])["ratio"] > 1.5
+    assert abs(bench.seam_ratio(seamed, [40, 130], [40, 130])["ratio"] - 1) < 0.05  # off the step: no seam
