@@ -223,6 +223,9 @@ class GuidedSampler:
             torch.randn(state.x.shape[1:], generator=state.generator, device=self.noise_device)
         state.position = 0  # advance() moves it to -1: the attempt is over
 
+    def release(self, state: ImageState) -> None:
+        """The state leaves for good (finished, failed, cancelled): its slot is freed."""
+
     # -- after an attempt -----------------------------------------------------------------------
     def finish(self, state: ImageState) -> bool:
         """Decide about a state whose attempt is over: True if it is final (a result or an

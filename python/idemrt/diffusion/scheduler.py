@@ -24,10 +24,15 @@ slot of the lowest-ranked running one, which is **parked**: its x_t, position an
 its whole state, so it resumes later exactly where it stopped (with ``deterministic`` sampling,
 to the same bits as an uninterrupted run).
 
-Request states (:class:`RequestStatus`): waiting → running → finished, or cancelled / deadline /
-failed; running → preempted → running. Admission (:meth:`StepScheduler.admit`) is atomic: the
-count of held images is checked and raised under one lock hold, so concurrent submitters cannot
-overfill the queue.
+Requests: a :class:`Job` is the one object of an image's request, from admission to release: it
+owns its status (:class:`RequestStatus`: waiting → running → finished, or cancelled / deadline /
+failed; running → preempted → running), its slot (its :class:`ImageState`'s, in its sampler's
+persistent batch) and its future. Admission (:meth:`StepScheduler.admit`) is atomic: the count of
+held images is checked and raised under one lock hold, so concurrent submitters cannot overfill
+the queue. Every way out — finished, failed (in start, step, update, finish or a callback),
+cancelled or past its deadline (waiting, running or parked), the scheduler closed — goes through
+:meth:`StepScheduler.end`, which releases a job exactly once: its status made final, its slot
+freed, its future resolved (a result or a typed error), the held count lowered.
 
 ``policy="static"`` is the request-level baseline a load study compares against (as
 ``@serve.batch`` batches): a group's batch starts when it is full or its oldest image has waited
@@ -38,8 +43,8 @@ Batches are padded to the next of ``slot_counts`` (default: the backend's ``slot
 
 The scheduler has no thread of its own: :meth:`StepScheduler.run` drives it until given jobs are
 done (``Decoder.decode_batch``), :meth:`StepScheduler.step` is one iteration for a service loop.
-Admitting, submitting, cancelling and reading stats are thread-safe; iterations must come from
-one thread.
+Admitting, submitting, cancelling and reading stats are thread-safe; ending a job (:meth:`end`)
+and iterations must come from one thread (the loop's).
 """
 from __future__ import annotations
 
@@ -68,6 +73,11 @@ class DeadlineExceeded(TimeoutError):
     """An image was still being decoded when its deadline passed."""
 
 
+class EngineClosedError(QueueFullError):
+    """The scheduler (a service's engine) shut down before the image was decoded: retry elsewhere
+    (to a client it is what a full queue is: unavailable now)."""
+
+
 class RequestStatus(str, enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -93,15 +103,31 @@ _arrival = itertools.count()
 POLICIES = ("continuous", "static")
 
 
+class JobFuture(Future):
+    """A job's future. Cancelling it asks the loop to drop the job (:meth:`Job.cancel`): the slot is
+    freed and the future cancelled at the loop's next iteration, so ``cancel()`` returns whether
+    that has happened yet. ``job``: the request it belongs to."""
+
+    def __init__(self, job: "Job"):
+        super().__init__()
+        self.job = job
+
+    def cancel(self) -> bool:
+        self.job.cancel()
+        return self.cancelled()
+
+
 @dataclass(eq=False)
 class Job:
-    """One image in the scheduler. ``future`` resolves to a :class:`JobResult`, or raises
-    DecodeError / CancelledError / DeadlineExceeded."""
+    """One image's request, from admission to release (see the module doc). ``future`` resolves to
+    ``finish(JobResult)`` (default: the :class:`JobResult`), or raises DecodeError /
+    CancelledError / DeadlineExceeded / EngineClosedError, or the error of the part that failed.
+    ``state`` and ``sampler`` are None until the job is started (:meth:`StepScheduler.start`)."""
 
-    state: ImageState
-    sampler: GuidedSampler
-    future: Future = field(default_factory=Future)
+    state: Optional[ImageState] = None
+    sampler: Optional[GuidedSampler] = None
     on_step: Optional[Callable[["Job"], None]] = None  # called after each step, in the loop's thread
+    finish: Optional[Callable[[JobResult], object]] = None  # the future's value from the sampled result
     deadline: Optional[float] = None  # time.monotonic() value
     priority: int = 0  # higher runs first
     submitted: float = field(default_factory=time.monotonic)
@@ -110,9 +136,12 @@ class Job:
     preemptions: int = 0
     seq: int = field(default_factory=lambda: next(_arrival))
 
+    def __post_init__(self):
+        self.future = JobFuture(self)
+
     @property
     def steps_done(self) -> int:
-        return self.state.steps_run
+        return 0 if self.state is None else self.state.steps_run
 
     @property
     def pixels(self) -> int:
@@ -129,8 +158,15 @@ class Job:
                 math.inf if self.deadline is None else self.deadline, self.seq)
 
     def cancel(self) -> None:
-        """Leave at the next step (the slot is freed then); the future is cancelled."""
+        """Leave at the loop's next iteration (the slot is freed then); the future is cancelled.
+        Only marks the job: safe from any thread."""
         self.cancelled = True
+
+    def due(self, now: float) -> Optional[RequestStatus]:
+        """CANCELLED or DEADLINE if the job must leave now, else None."""
+        if self.cancelled:
+            return RequestStatus.CANCELLED
+        return RequestStatus.DEADLINE if self.deadline is not None and now > self.deadline else None
 
 
 @dataclass
@@ -141,7 +177,7 @@ class SchedulerOutput:
     slots: int = 0  # the padded batch size
     joined: list = field(default_factory=list)  # started or resumed running with this step
     preempted: list = field(default_factory=list)  # parked to make room for higher-priority jobs
-    left: list = field(default_factory=list)  # (job, status): cancelled or past their deadline
+    left: list = field(default_factory=list)  # (job, status): cancelled or past their deadline, released
 
     @property
     def pixels(self) -> int:
@@ -167,13 +203,13 @@ class StepScheduler:
         self._lock = threading.Lock()
         self.work = threading.Condition(self._lock)  # notified when a job is submitted
         self.configure(max_slots=max_slots, max_queue=max_queue, pixel_budget=pixel_budget)
-        self._jobs: dict = {}  # group -> list of unresolved jobs (waiting, running, preempted)
+        self._jobs: dict = {}  # group -> list of started, unresolved jobs (waiting, running, preempted)
         self._turn: collections.deque = collections.deque()  # groups with work, in turn order
-        self._held = 0  # admitted images not yet resolved (jobs and reservations)
+        self._held_jobs: set = set()  # admitted jobs not yet released (started or not)
+        self._reserved = 0  # admitted room that is not a job (admit() without one)
+        self.closed = False  # close() was called: admit() refuses
         self.steps = 0  # iterations run
         self.step_seconds = 0.0  # of the last iteration
-        self.slots_used = 0  # images in the last iteration's batch
-        self.pixels_used = 0  # their pixels
         self.preemptions = 0
         self.deadline_misses = 0
         self.finished = collections.Counter()  # final status -> count
@@ -182,52 +218,47 @@ class StepScheduler:
                   pixel_budget: Optional[int] = None) -> None:
         """Change the budget between iterations (a service's reconfigure)."""
         with self._lock:
-            max_slots = self.max_slots if max_slots is None else int(max_slots)
-            max_queue = self.max_queue if max_queue is None else int(max_queue)
-            pixel_budget = self.pixel_budget if pixel_budget is None else int(pixel_budget)
-            if max_slots < 1 or max_queue < 1 or pixel_budget < 0:
-                raise ValueError(f"max_slots and max_queue must be >= 1 and pixel_budget >= 0, got "
-                                 f"{max_slots}, {max_queue}, {pixel_budget}")
+            max_slots, max_queue, pixel_budget = check_budget(
+                self.max_slots if max_slots is None else max_slots, self.max_queue if max_queue is None else max_queue,
+                self.pixel_budget if pixel_budget is None else pixel_budget)
             self.max_slots, self.max_queue, self.pixel_budget = max_slots, max_queue, pixel_budget
             counts = self._slot_counts_given
             if counts is None and self.sampler is not None:
                 counts = getattr(self.sampler.backend, "slot_counts", None)
             self.slot_counts = sorted({c for c in counts or () if c <= max_slots} | ({max_slots} if counts else set()))
 
-    # -- admitting and submitting ---------------------------------------------------------------
-    def admit(self, n: int = 1) -> None:
-        """Reserve room for ``n`` images, or raise :class:`QueueFullError`: the one admission
-        check, atomic. A reservation becomes a job (:meth:`submit` with ``admitted=True``) or is
-        given back (:meth:`release`)."""
+    # -- admitting, starting, ending -------------------------------------------------------------
+    def admit(self, job: Optional[Job] = None) -> Optional[Job]:
+        """Room for one image, or :class:`QueueFullError` (:class:`EngineClosedError` once closed):
+        the one admission check, atomic. With ``job``, the job is held from now until
+        :meth:`end`; without, the room is a reservation given back with :meth:`release`."""
         with self._lock:
-            if self._held + n > self.max_queue:
+            if self.closed:
+                raise EngineClosedError("the decode engine is shutting down")
+            if self._held_count() + 1 > self.max_queue:
                 raise QueueFullError(f"the decode queue is full ({self.max_queue} images)")
-            self._held += n
+            if job is None:
+                self._reserved += 1
+            else:
+                self._held_jobs.add(job)
+        return job
 
-    def release(self, n: int = 1) -> None:
-        """Give back ``n`` reservations that did not become jobs (e.g. an MSE decode done)."""
+    def release(self) -> None:
+        """Give back a reservation of :meth:`admit` without a job (e.g. an encode done)."""
         with self._lock:
-            self._held = max(0, self._held - n)
+            self._reserved = max(0, self._reserved - 1)
 
-    def submit(self, target: Tensor, seed: int, shape: Sequence[int], *, x_T: Optional[Tensor] = None,
-               on_step=None, timeout: Optional[float] = None, warm: Optional[Tensor] = None, priority: int = 0,
-               sampler: Optional[GuidedSampler] = None, program: Optional[Program] = None,
-               admitted: bool = False) -> Job:
-        """Queue one image (``target`` (1, ...), ``shape`` (1, C, H, W)); it joins a running batch
-        at the next step of its group. ``timeout``: seconds until :class:`DeadlineExceeded`;
-        ``warm``: the MSE decode (1, C, H, W) in [-1, 1], for a warm-started program;
-        ``sampler``/``program``: the image's (default: the scheduler's sampler and its program);
-        ``admitted``: room was reserved with :meth:`admit` already."""
-        if not admitted:
-            self.admit()
-        sampler = self.sampler if sampler is None else sampler
+    def start(self, job: Job, target: Tensor, seed: int, shape: Sequence[int], *, x_T: Optional[Tensor] = None,
+              warm: Optional[Tensor] = None, program: Optional[Program] = None) -> Job:
+        """Start an admitted job (``target`` (1, ...), ``shape`` (1, C, H, W)) with its sampler
+        (default: the scheduler's); it joins a running batch at the next step of its group. If the
+        sampler cannot start it, the job ends failed and the error is raised."""
+        job.sampler = self.sampler if job.sampler is None else job.sampler
         try:
-            state = sampler.start(target, seed, shape, x_T, warm=warm, program=program)
-        except BaseException:
-            self.release()
+            job.state = job.sampler.start(target, seed, shape, x_T, warm=warm, program=program)
+        except BaseException as exc:
+            self.end(job, RequestStatus.FAILED, error=exc)
             raise
-        job = Job(state, sampler, on_step=on_step, priority=int(priority),
-                  deadline=None if timeout is None else time.monotonic() + timeout)
         with self._lock:
             group = job.group
             if group not in self._jobs:
@@ -237,37 +268,90 @@ class StepScheduler:
             self.work.notify_all()
         return job
 
+    def submit(self, target: Tensor, seed: int, shape: Sequence[int], *, x_T: Optional[Tensor] = None,
+               on_step=None, timeout: Optional[float] = None, warm: Optional[Tensor] = None, priority: int = 0,
+               sampler: Optional[GuidedSampler] = None, program: Optional[Program] = None) -> Job:
+        """Admit and start one image (:meth:`admit`, :meth:`start`). ``timeout``: seconds until
+        :class:`DeadlineExceeded`; ``warm``: the MSE decode (1, C, H, W) in [-1, 1], for a
+        warm-started program; ``sampler``/``program``: the image's (default: the scheduler's
+        sampler and its program)."""
+        job = Job(sampler=sampler, on_step=on_step, priority=int(priority),
+                  deadline=None if timeout is None else time.monotonic() + timeout)
+        self.admit(job)
+        return self.start(job, target, seed, shape, x_T=x_T, warm=warm, program=program)
+
+    def end(self, job: Job, status: RequestStatus, *, result=None, error: Optional[BaseException] = None) -> bool:
+        """Release ``job`` with a final ``status``: the one way out, exactly once (a second call
+        returns False and changes nothing). Its slot is freed, its future resolved — ``result``
+        when FINISHED, cancelled when CANCELLED, else ``error`` (DeadlineExceeded by default for
+        DEADLINE) — and the held count lowered. Loop thread only."""
+        if not status.final:
+            raise ValueError(f"end() takes a final status, got {status}")
+        with self._lock:
+            if job not in self._held_jobs:
+                return False
+            self._held_jobs.discard(job)
+            group = self._jobs.get(job.group) if job.state is not None else None
+            if group is not None and job in group:
+                group.remove(job)
+                self._forget_empty()
+            job.status = status
+            self.finished[status.value] += 1
+            if status is RequestStatus.DEADLINE:
+                self.deadline_misses += 1
+        if job.state is not None:
+            job.sampler.release(job.state)
+        future = job.future
+        if status is RequestStatus.FINISHED:
+            future.set_result(result)
+        elif status is RequestStatus.CANCELLED:
+            Future.cancel(future) or future.done() or future.set_exception(CancelledError())
+        else:
+            if error is None and status is RequestStatus.DEADLINE:
+                error = DeadlineExceeded(f"not decoded within its deadline ({job.steps_done} steps run)")
+            future.set_exception(error)
+        return True
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Refuse new admissions and end every held job (started or not) with ``error`` (default:
+        :class:`EngineClosedError`). Loop thread only, or when no iteration runs."""
+        with self._lock:
+            self.closed = True
+            jobs = sorted(self._held_jobs, key=lambda j: j.seq)
+        for job in jobs:
+            self.end(job, RequestStatus.FAILED, error=error or EngineClosedError("the decode engine shut down"))
+
     def pending(self) -> int:
-        """Images admitted and not yet resolved (a snapshot)."""
-        return self._held
+        """Images admitted and not yet resolved (a snapshot, without the lock: callers may hold
+        ``work``)."""
+        return self._held_count()
 
     def stats(self) -> dict:
         with self._lock:
             jobs = [j for group in self._jobs.values() for j in group]
             by_status = collections.Counter(j.status.value for j in jobs)
+            running = [j for j in jobs if j.status is RequestStatus.RUNNING]  # the images holding a slot
             return {"waiting": by_status["waiting"] + by_status["preempted"], "running": by_status["running"],
-                    "preempted": by_status["preempted"], "held": self._held, "max_slots": self.max_slots,
-                    "pixel_budget": self.pixel_budget, "slots_used": self.slots_used,
-                    "pixels_used": self.pixels_used, "steps": self.steps, "step_seconds": self.step_seconds,
+                    "preempted": by_status["preempted"], "held": self._held_count(), "max_slots": self.max_slots,
+                    "pixel_budget": self.pixel_budget, "slots_used": len(running),
+                    "pixels_used": sum(j.pixels for j in running), "steps": self.steps,
+                    "step_seconds": self.step_seconds,
                     "preemptions": self.preemptions, "deadline_misses": self.deadline_misses,
                     "finished": dict(self.finished)}
 
     # -- one iteration: schedule (bookkeeping), execute (device), update ---------------------------
     def schedule(self) -> SchedulerOutput:
-        """Decide the next step (see the module doc). No device work; jobs that leave are
-        marked and listed in ``left``, their futures resolved by :meth:`update_from_output`."""
+        """Decide the next step (see the module doc). Jobs cancelled or past their deadline are
+        released here (:meth:`end`: their slots freed, their futures resolved) and listed in
+        ``left``; otherwise bookkeeping only."""
         out = SchedulerOutput()
         now = time.monotonic()
         with self._lock:
-            for group, jobs in self._jobs.items():
-                for job in list(jobs):
-                    status = (RequestStatus.CANCELLED if job.cancelled else RequestStatus.DEADLINE
-                              if job.deadline is not None and now > job.deadline else None)
-                    if status is not None:
-                        jobs.remove(job)
-                        job.status = status
-                        out.left.append((job, status))
-            self._forget_empty()
+            out.left = [(job, status) for jobs in self._jobs.values() for job in jobs
+                        if (status := job.due(now)) is not None]
+        for job, status in out.left:
+            self.end(job, status)
+        with self._lock:
             if not self._turn:
                 return out
             if self.policy == "static":
@@ -317,45 +401,39 @@ class StepScheduler:
         return out
 
     def execute(self, out: SchedulerOutput) -> None:
-        """The plan's device work: one batched step of its images."""
+        """The plan's device work: one batched step of its images. If it raises, the caller
+        fails the plan's images (:meth:`step` does)."""
         if out.run:
             t0 = time.perf_counter()
             out.run[0].sampler.advance([job.state for job in out.run], out.slots)
             self.step_seconds = time.perf_counter() - t0
-            self.slots_used, self.pixels_used, self.steps = len(out.run), out.pixels, self.steps + 1
+            self.steps += 1
 
     def update_from_output(self, out: SchedulerOutput) -> None:
-        """After :meth:`execute`: resolve leaving jobs, call progress callbacks, resolve or restart
-        finished attempts."""
-        for job, status in out.left:
-            if status is RequestStatus.CANCELLED:
-                job.future.cancel() or job.future.done() or job.future.set_exception(CancelledError())
-            else:
-                self.deadline_misses += 1
-                job.future.set_exception(DeadlineExceeded(f"not decoded within its deadline "
-                                                          f"({job.steps_done} steps run)"))
-            self._resolved(job)
+        """After :meth:`execute`: progress callbacks, finished attempts resolved or restarted for
+        a retry. A callback or an end that raises fails its own image only."""
         for job in out.run:
+            if job.status.final:  # ended meanwhile (a callback of another image cannot, but be safe)
+                continue
             try:
                 if job.on_step is not None:
                     job.on_step(job)
-                finished = job.state.done and self._finished(job)
+                if job.state.done:
+                    self._finished(job)
             except Exception as exc:  # noqa: BLE001 - one image's callback or end failed: that image only
-                self.fail([job], exc)
-                continue
-            if finished:
-                with self._lock:
-                    self._jobs[job.group].remove(job)
-                self._resolved(job)
-        with self._lock:
-            self._forget_empty()
+                self.end(job, RequestStatus.FAILED, error=exc)
 
     def step(self) -> bool:
-        """One iteration (schedule, execute, update). Returns False when there was nothing to do."""
+        """One iteration (schedule, execute, update). Returns False when there was nothing to do.
+        A failing step fails its images (their futures hold the error) and raises."""
         out = self.schedule()
         if not out.run and not out.left:
             return False
-        self.execute(out)
+        try:
+            self.execute(out)
+        except Exception as exc:
+            self.fail(out.run, exc)
+            raise
         self.update_from_output(out)
         return True
 
@@ -372,22 +450,11 @@ class StepScheduler:
         if bar is not None:
             bar.close()
 
-    def fail(self, jobs: Optional[Sequence[Job]], exc: BaseException) -> None:
-        """Resolve ``jobs`` (None: every job) with ``exc`` and forget them — after their step or
-        their callback failed, their states are no longer trustworthy; the other jobs are not
-        touched. The scheduler stays usable."""
-        with self._lock:
-            if jobs is None:
-                jobs = [j for group in self._jobs.values() for j in group]
-            jobs = [j for j in jobs if j in self._jobs.get(j.group, ())]
-            for job in jobs:
-                self._jobs[job.group].remove(job)
-            self._forget_empty()
+    def fail(self, jobs: Sequence[Job], exc: BaseException) -> None:
+        """End ``jobs`` with ``exc`` — after their step failed, their states are no longer
+        trustworthy; the other jobs are not touched. The scheduler stays usable."""
         for job in jobs:
-            job.status = RequestStatus.FAILED
-            if not job.future.done():
-                job.future.set_exception(exc)
-            self._resolved(job)
+            self.end(job, RequestStatus.FAILED, error=exc)
 
     # -- helpers --------------------------------------------------------------------------------
     def _slots(self, n: int) -> int:
@@ -398,24 +465,31 @@ class StepScheduler:
             del self._jobs[group]
             self._turn.remove(group)
 
-    def _resolved(self, job: Job) -> None:
-        self.finished[job.status.value] += 1
-        with self._lock:
-            self._held = max(0, self._held - 1)
+    def _held_count(self) -> int:
+        return len(self._held_jobs) + self._reserved
 
-    def _finished(self, job: Job) -> bool:
-        """An attempt is over: resolve the job (True), or keep it for its retry (False)."""
+    def _finished(self, job: Job) -> None:
+        """An attempt is over: end the job (its result, or its DecodeError), or leave it running
+        for its retry."""
         state, sampler = job.state, job.sampler
         if not sampler.finish(state):
-            return False
+            return
         if state.error:
-            job.status = RequestStatus.FAILED
-            job.future.set_exception(DecodeError(state.error))
-        else:
-            job.status = RequestStatus.FINISHED
-            scale = sampler.step_scale(state) if sampler.has_scale(state) else None
-            job.future.set_result(JobResult(state.x, state.distance, state.retries, scale))
-        return True
+            self.end(job, RequestStatus.FAILED, error=DecodeError(state.error))
+            return
+        scale = sampler.step_scale(state) if sampler.has_scale(state) else None
+        result = JobResult(state.x, state.distance, state.retries, scale)
+        self.end(job, RequestStatus.FINISHED, result=result if job.finish is None else job.finish(result))
+
+
+def check_budget(max_slots, max_queue, pixel_budget) -> tuple:
+    """``(max_slots, max_queue, pixel_budget)`` as ints, or ValueError: at least one slot and one
+    queued image, a budget of 0 (none) or more pixels."""
+    max_slots, max_queue, pixel_budget = int(max_slots), int(max_queue), int(pixel_budget)
+    if max_slots < 1 or max_queue < 1 or pixel_budget < 0:
+        raise ValueError(f"max_slots and max_queue must be >= 1 and pixel_budget >= 0, got "
+                         f"{max_slots}, {max_queue}, {pixel_budget}")
+    return max_slots, max_queue, pixel_budget
 
 
 def sample_jobs(scheduler: StepScheduler, requests: Sequence[tuple], progress: bool = False) -> list:

@@ -98,7 +98,7 @@ class DecoderReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's ``user_config`` (max_slots, queue, pixel_budget): applied without a restart."""
-        self.engine.reconfigure(**user_config)
+        self.engine.reconfigure(**user_config).result(timeout=300)  # applied by the core between two steps
 
     def info(self) -> dict:
         return {"replica": self.replica, "weights_hash": self.engine.weights_hash.hex(), **self.engine.stats()}
@@ -143,7 +143,7 @@ class DecoderReplica:
                    "distance": result.distance, "steps": result.steps, "seconds": result.seconds,
                    "replica": self.replica, "symbols_equal": result.symbols_equal}
         except asyncio.CancelledError:
-            getattr(future, "job", future).cancel()  # the client went away: free the slot
+            future.cancel()  # the client went away: the core frees the slot
             raise
         except Exception as exc:  # noqa: BLE001 - reported in the stream
             yield _error_event(exc)
@@ -161,7 +161,7 @@ async def _await(future):
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
-        getattr(future, "job", future).cancel()
+        future.cancel()
         raise
 
 

@@ -8,6 +8,14 @@ and graph captures, previews, the exact refinement and the copy of each image to
 get a :class:`concurrent.futures.Future`; progress and previews reach them through a callback
 run on the core thread.
 
+A request is one :class:`DecodeRequest` (a :class:`~idemrt.diffusion.scheduler.Job`), made when
+it is admitted: it owns its status, its slot and its future (``future.job`` is the request) until
+the scheduler releases it (:meth:`StepScheduler.end`), exactly once, whichever way it leaves —
+finished, cancelled (queued, running or parked), past its deadline, failed in prepare, start,
+step, update, finish or a callback, or the engine closed (:class:`EngineClosedError`, a 503).
+:meth:`DecodeEngine.reconfigure` only queues the new values; the core applies them between two
+steps, in order with the requests submitted around it.
+
 Every allowed (speed, respacing) pair is a **program**: a :class:`~idemrt.diffusion.Program` — its
 rows in a step table, its DPS scale, its warm start — plus the :class:`~idemrt.Decoder` that
 prepares and finishes its images. Programs whose step functions are the same — the same sampler
@@ -25,7 +33,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -37,6 +45,7 @@ from ..errors import ModelNotFoundError
 from ..backends.base import StepSpec, create_backend
 from ..diffusion import GuidedSampler, Program, StackedSampler, StepScheduler
 from ..diffusion.guidance import stack_alignment, stack_guidance
+from ..diffusion.scheduler import EngineClosedError, Job, RequestStatus, check_budget
 from ..exact import symbols_equal
 from ..images import to_uint8
 from .config import ServeConfig
@@ -60,28 +69,30 @@ class Decoded:
 
 
 @dataclass(eq=False)
-class _Request:
-    bitstream: bsfmt.Bitstream
-    mode: str
-    seed: int
-    speed: str
-    steps: str
-    priority: int
-    timeout: float
-    on_event: Optional[Callable[[dict], None]]
+class DecodeRequest(Job):
+    """One decode, from admission to release (see the module doc); its future resolves to
+    :class:`Decoded`."""
+
+    bitstream: Optional[bsfmt.Bitstream] = None
+    mode: str = "perceptual"
+    seed: int = 0
+    speed: str = "mse"
+    steps: str = "None"
+    on_event: Optional[Callable[[dict], None]] = None
     codec: Optional[str] = None  # the id of the codec that decodes it (None: the one codec without a store)
     prior: Optional[str] = None  # the id of its prior (a model store's; None without a store)
-    future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    job: object = None  # the scheduler's Job once the core started it
+
+    @property
+    def program_key(self) -> tuple:
+        return (self.codec, self.prior, self.speed, self.steps)
 
 
 class _Call:
-    """A function the core runs between two steps (device work that is not a decode)."""
+    """A function the core runs between two steps (device work that is not a decode, or a
+    reconfiguration). ``admitted``: it holds a reservation of the queue (given back when done)."""
 
-    def __init__(self, fn):
-        self.fn, self.future = fn, Future()
+    def __init__(self, fn, admitted: bool = True):
+        self.fn, self.future, self.admitted = fn, Future(), admitted
 
     def run(self) -> None:
         try:
@@ -128,11 +139,12 @@ class DecodeEngine:
         self.device = device or config.device
         self.metrics = EngineMetrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Lock()  # admission + inbox put vs close(): nothing enters after close
+        self._closed = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._init_error: Optional[BaseException] = None
-        self._finished: list = []  # (request, decoder, prepared, job) whose sampling ended, core thread only
         self.core_thread_id: Optional[int] = None
         self._thread = threading.Thread(target=self._run, args=(codec, unet), name="idemrt-engine-core", daemon=True)
         self._thread.start()
@@ -307,12 +319,12 @@ class DecodeEngine:
             steps = self.config.steps_for(speed)[0] if steps is None else steps
             if (codec_id, prior_id, speed, steps) not in self.programs:
                 raise ValueError(f"steps must be one of {self.config.steps_for(speed)} with speed={speed}, got {steps!r}")
-        request = _Request(bs, mode, int(seed), speed if mode == "perceptual" else "mse", str(steps), int(priority),
-                           self.config.timeout_s if timeout is None else float(timeout), on_event, codec_id, prior_id)
-        self.scheduler.admit()  # the one admission check, atomic; QueueFullError when full
-        request.future.job = _Cancel(self, request)
-        self._inbox.put(request)
-        self._wake.set()
+        timeout = self.config.timeout_s if timeout is None else float(timeout)
+        request = DecodeRequest(priority=int(priority), bitstream=bs, mode=mode, seed=int(seed),
+                                speed=speed if mode == "perceptual" else "mse", steps=str(steps), on_event=on_event,
+                                codec=codec_id, prior=prior_id)
+        request.deadline = request.submitted + timeout
+        self._enqueue(request, lambda: self.scheduler.admit(request))  # QueueFullError when full
         return request.future
 
     def encode(self, image, codec: Optional[str] = None) -> Future:
@@ -333,20 +345,40 @@ class DecodeEngine:
         def run():
             return Encoder(model).encode(load_image(image, max_pixels=self.config.max_pixels))
 
-        self.scheduler.admit()
         call = _Call(run)
-        self._inbox.put(call)
-        self._wake.set()
+        self._enqueue(call, self.scheduler.admit)
         return call.future
 
     def reconfigure(self, *, max_slots: Optional[int] = None, queue: Optional[int] = None,
-                    pixel_budget: Optional[int] = None) -> None:
-        """Change the tunables that need no restart (Ray Serve's ``user_config``)."""
-        for name, value in (("max_slots", max_slots), ("queue", queue), ("pixel_budget", pixel_budget)):
-            if value is not None:
-                setattr(self.config, name, int(value))
+                    pixel_budget: Optional[int] = None) -> Future:
+        """Change the tunables that need no restart (Ray Serve's ``user_config``). Checks the values
+        and queues them (ValueError at once for bad ones); the core applies them between two steps,
+        after the requests submitted before and before those submitted after. Returns a Future of
+        that (None once applied)."""
+        new = {"max_slots": max_slots, "queue": queue, "pixel_budget": pixel_budget}
+        merged = {k: getattr(self.config, k) if v is None else v for k, v in new.items()}
+        check_budget(merged["max_slots"], merged["queue"], merged["pixel_budget"] or 0)
+        values = {k: int(v) for k, v in new.items() if v is not None}
+        call = _Call(lambda: self._apply_config(values), admitted=False)
+        self._enqueue(call, lambda: None)
+        return call.future
+
+    def _apply_config(self, values: dict) -> None:
+        """On the core: the new tunables in the config and the scheduler's budget."""
+        for name, value in values.items():
+            setattr(self.config, name, value)
         self.scheduler.configure(max_slots=self.config.max_slots, max_queue=self.config.queue,
                                  pixel_budget=self._pixel_budget())
+
+    def _enqueue(self, item, admit) -> None:
+        """Admit ``item`` (``admit()`` raises if it cannot be) and hand it to the core — refused
+        with EngineClosedError once the engine is closing, so nothing is left in the inbox."""
+        with self._closing:
+            if self._closed:
+                raise EngineClosedError("the decode engine is shutting down")
+            admit()
+            self._inbox.put(item)
+        self._wake.set()
 
     def stats(self) -> dict:
         s = self.scheduler.stats()
@@ -358,6 +390,9 @@ class DecodeEngine:
         return self._thread.is_alive()
 
     def close(self) -> None:
+        """Stop the core. Every request not yet done resolves with :class:`EngineClosedError`."""
+        with self._closing:
+            self._closed = True
         self._stop.set()
         self._wake.set()
         self._thread.join(30)
@@ -376,88 +411,87 @@ class DecodeEngine:
             worked, out = self._take_requests(), None
             try:
                 out = self.scheduler.schedule()
-                if out.run or out.left:
+                if out.run:
                     self.scheduler.execute(out)
                     self.scheduler.update_from_output(out)
-                    worked = True
-                    if out.run:
-                        self.metrics.observe_step(self.scheduler.step_seconds, out.pixels, len(out.run),
-                                                  len(out.preempted))
-                    self.metrics.observe_deadline_misses(sum(1 for _, s in out.left if s.value == "deadline"))
+                    self.metrics.observe_step(self.scheduler.step_seconds, out.pixels, len(out.run),
+                                              len(out.preempted))
+                worked |= bool(out.run or out.left)
+                self.metrics.observe_deadline_misses(sum(1 for _, s in out.left if s is RequestStatus.DEADLINE))
             except Exception as exc:  # noqa: BLE001 - fail the images of this step, keep serving the others
                 log.exception("decode step failed")
-                self.scheduler.fail(None if out is None else out.run, exc)
+                self.scheduler.fail([] if out is None else out.run, exc)
                 worked = True
-            worked |= self._finish_done()
             self.metrics.set_gauges(self.scheduler.stats(), self._inbox.qsize())
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """On the core, after the loop: every request and call still queued or in flight resolves
+        with EngineClosedError (close() let nothing new in)."""
+        closed = EngineClosedError("the decode engine shut down")
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Call):
+                item.future.set_exception(closed)
+                if item.admitted:
+                    self.scheduler.release()
+        self.scheduler.close(closed)  # the requests: admitted jobs, started or not
 
     def _take_requests(self) -> bool:
         took = False
         while True:
             try:
-                request = self._inbox.get_nowait()
+                item = self._inbox.get_nowait()
             except queue.Empty:
                 return took
             took = True
-            if isinstance(request, _Call):
-                request.run()
-                self.scheduler.release()
+            if isinstance(item, _Call):
+                item.run()
+                if item.admitted:
+                    self.scheduler.release()
                 continue
-            if request.cancelled:
-                self.scheduler.release()
-                request.future.cancel()
+            status = item.due(time.monotonic())
+            if status is not None:  # cancelled or past its deadline while queued
+                self.scheduler.end(item, status)
+                self.metrics.observe_deadline_misses(int(status is RequestStatus.DEADLINE))
                 continue
             try:
-                self._start(request)
+                self._start(item)
             except Exception as exc:  # noqa: BLE001 - this request fails, the service goes on
-                self.scheduler.release()
-                request.future.set_exception(exc)
+                self.scheduler.end(item, RequestStatus.FAILED, error=exc)
 
-    def _start(self, request: _Request) -> None:
+    def _start(self, request: DecodeRequest) -> None:
+        """Prepare a request (entropy decode, target, warm start) and start its sampling; an MSE
+        decode ends here."""
         if request.mode == "mse":
             decoder = self.mse_decoders[request.codec]
             prepared = decoder.prepare(request.bitstream, request.seed, "mse")
-            self._resolve(request, decoder, prepared, None)
-            self.scheduler.release()
+            self.scheduler.end(request, RequestStatus.FINISHED, result=self._decoded(request, decoder, prepared, None))
             return
-        decoder, program, sampler = self.programs[_program_key(request)]
+        decoder, program, sampler = self.programs[request.program_key]
         prepared = decoder.prepare(request.bitstream, request.seed)
-        job = self.scheduler.submit(prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
-                                    timeout=request.timeout - (time.monotonic() - request.submitted),
-                                    priority=request.priority, sampler=sampler, program=program, admitted=True,
-                                    on_step=None if request.on_event is None else self._reporter(decoder, request))
-        request.future.job = request.job = job
-        if request.cancelled:
-            job.cancel()
-        job.future.add_done_callback(lambda f: self._finished.append((request, decoder, prepared, f)))
+        request.sampler = sampler
+        request.finish = lambda result: self._decoded(request, decoder, prepared, result)
+        request.on_step = None if request.on_event is None else self._reporter(decoder, request)
+        self.scheduler.start(request, prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
+                             program=program)
 
-    def _finish_done(self) -> bool:
-        """Finish (exact refinement, crop, host copy) the images whose sampling ended."""
-        done, self._finished[:] = list(self._finished), []
-        for request, decoder, prepared, f in done:
-            if f.cancelled():
-                request.future.cancel()
-            elif f.exception() is not None:
-                request.future.set_exception(f.exception())
-            else:
-                try:
-                    self._resolve(request, decoder, prepared, f.result())
-                except Exception as exc:  # noqa: BLE001
-                    request.future.set_exception(exc)
-        return bool(done)
-
-    def _resolve(self, request: _Request, decoder: Decoder, prepared, result) -> None:
+    def _decoded(self, request: DecodeRequest, decoder: Decoder, prepared, result) -> Decoded:
+        """Everything after sampling (exact refinement, crop, the host copy as 8-bit, the
+        re-compression check), on the core."""
         image, _ = decoder.finish(prepared, result)
         pixels = to_uint8(image)
         seconds = time.monotonic() - request.submitted
-        steps = 0 if result is None else self.programs[_program_key(request)][1].steps_run
+        steps = 0 if result is None else self.programs[request.program_key][1].steps_run
         self.metrics.observe_decode(request.speed, seconds)
-        request.future.set_result(Decoded(image, pixels, 0.0 if result is None else result.distance, steps,
-                                          seconds, request.speed,
-                                          self._recompressed(pixels, prepared.y_hat, decoder.codec)))
+        return Decoded(image, pixels, 0.0 if result is None else result.distance, steps, seconds, request.speed,
+                       self._recompressed(pixels, prepared.y_hat, decoder.codec))
 
     def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor, codec=None) -> float:
         """The re-compression check of what the client receives: the fraction of latent symbols
@@ -466,8 +500,8 @@ class DecodeEngine:
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(codec.device, torch.float32).div_(255)
         return symbols_equal(codec, codec.pad(x)[0], y_hat)
 
-    def _reporter(self, decoder: Decoder, request: _Request):
-        steps = self.programs[_program_key(request)][1].steps_run
+    def _reporter(self, decoder: Decoder, request: DecodeRequest):
+        steps = self.programs[request.program_key][1].steps_run
         every = self.config.preview_every or max(1, steps // 10)
         bs = request.bitstream
 
@@ -498,24 +532,6 @@ class DecodeEngine:
             return to_uint8(((x0 + 1) / 2).clamp(0, 1))
 
 
-class _Cancel:
-    """Stands for the job of a request the core has not started yet: cancelling it marks the
-    request, and the core drops it (or cancels its job) when it gets to it."""
-
-    def __init__(self, engine: DecodeEngine, request: _Request):
-        self.engine, self.request = engine, request
-
-    def cancel(self) -> None:
-        self.request.cancelled = True
-        if self.request.job is not None:  # the core started it meanwhile
-            self.request.job.cancel()
-        self.engine._wake.set()
-
-    @property
-    def steps_done(self) -> int:
-        return 0
-
-
 def _group_key(decoder: Decoder) -> tuple:
     """Programs with equal keys share a step function (see the module doc)."""
     g = decoder.guidance
@@ -523,7 +539,4 @@ def _group_key(decoder: Decoder) -> tuple:
     # A proximal guidance's data step is part of the step function: only equal ones share it.
     return (decoder.sampler.family(), kind, g if kind == "proximal" else None)
 
-
-def _program_key(request: _Request) -> tuple:
-    return (request.codec, request.prior, request.speed, request.steps)
 
