@@ -41,7 +41,7 @@ def _status_kb(pid, key: str) -> int:
     return 0
 
 
-def run_one(size: int, path: str, steps: int, chunk: int) -> dict:
+def run_one(size: int, path: str, steps: int, chunk: int, stride=None) -> dict:
     """The child: one decode, its peak RSS."""
     import torch
     import torch.nn.functional as F
@@ -63,7 +63,7 @@ def run_one(size: int, path: str, steps: int, chunk: int) -> dict:
     data = idemrt.Encoder(codec).encode(image)
     del image, model
     loaded_kb = _status_kb("self", "VmRSS")
-    tile = Tiling(chunk=chunk) if path == "tiled" else None
+    tile = Tiling(chunk=chunk, stride=stride) if path == "tiled" else None
     cfg = DecodeConfig(steps=steps, sampler="ddpm", guidance="dps", scale=0.6, backend="eager", tile=tile)
     decoder = idemrt.Decoder(codec, unet, config=cfg, device="cpu")
     t0 = time.perf_counter()
@@ -75,6 +75,7 @@ def run_one(size: int, path: str, steps: int, chunk: int) -> dict:
 
         windows = TiledModel.for_prior(unet, tile, unet).layout(size, size).count if size > 256 else 1
     return {"size": size, "path": path, "steps": steps, "chunk": chunk if tile else None, "windows": windows,
+            "stride": TiledModel.for_prior(unet, tile, unet).stride if tile else None,
             "peak_rss_gb": _status_kb("self", "VmHWM") / 2**20,
             "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "models_loaded_rss_gb": loaded_kb / 2**20, "decode_s": seconds,
@@ -83,6 +84,7 @@ def run_one(size: int, path: str, steps: int, chunk: int) -> dict:
 
 def run_child(size: int, path: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", str(size), path, "--steps", str(args.steps), "--chunk", str(args.chunk)]
+    cmd += ["--stride", str(args.stride)] if args.stride else []
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -109,27 +111,32 @@ def main(argv=None) -> int:
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1)
+    p.add_argument("--stride", type=int, default=None, help="tile stride (default: the Tiling's, 3/4 window)")
     p.add_argument("--cap-gb", type=float, default=12.0, help="stop a child whose resident set passes this")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.steps, args.chunk)))
+        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.steps, args.chunk, args.stride)))
         return 0
-    import torch
-
     rows = []
     for size in args.sizes:
         for path in args.paths:
             row = run_child(size, path, args)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(args.json, rows)  # after every row: a run cut short keeps its finished rows
+    return 0
+
+
+def write(path, rows) -> None:
+    import torch
+
     result = {"rows": rows, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "memory_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
