@@ -48,8 +48,8 @@ def run_fake(backend: FastBackend, guided: bool, steps=(5, 2)):
 @pytest.mark.parametrize("sampler,guidance", [("ddpm", "dps"), ("ddim", "dps"), ("ddpm", "dsg"), ("ddim", None)])
 def test_captured_step_has_no_host_sync(unet, codec, sampler, guidance, dtype):
     backend = FastBackend(make_spec(unet, codec, sampler, guidance), device="cpu", dtype=dtype, graphs=False)
-    x_prev, dist = run_fake(backend, guided=guidance is not None)
-    assert x_prev.shape == (2, 3, 32, 32) and x_prev.dtype == torch.float32 and dist.shape == (2,)
+    x_prev, dist, x0 = run_fake(backend, guided=guidance is not None)  # x0: the step's estimate, for previews
+    assert x_prev.shape == x0.shape == (2, 3, 32, 32) and x_prev.dtype == torch.float32 and dist.shape == (2,)
 
 
 def test_the_check_catches_a_host_sync(unet, codec, monkeypatch):

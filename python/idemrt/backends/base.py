@@ -6,11 +6,14 @@ Every backend is built from the same ingredients and exposes one call::
 
 with ``x_t`` the fp32 diffusion state (N, 3, H, W) in [-1, 1], ``i`` the position in the
 respaced schedule (counting down to 0) — an int, or one per sample (a list of ints or an (N,)
-integer tensor; a list costs a graph-capturing backend no device sync) —
+integer tensor; a list costs a graph-capturing backend no device sync; a :class:`StepRows`, a
+list that also holds the same indices on the device, costs it no copy either) —
 ``target`` the constraint target (N, ...), ``noise`` the step's Gaussian noise (same shape as
 ``x_t``), ``scale`` None (the guidance's own) or the (N,) per-sample DPS scales, ``x_prev`` fp32
 and ``distance`` the per-sample constraint distance (N,) measured at this step's x0 prediction.
-The math of that step is :mod:`idemrt.diffusion.step`'s; backends differ in how it runs.
+The result is a :class:`~idemrt.diffusion.step.StepResult`: it unpacks as that pair, and its
+``x0`` is the step's x0 estimate (N, 3, H, W) fp32. The math of that step is
+:mod:`idemrt.diffusion.step`'s; backends differ in how it runs.
 """
 from __future__ import annotations
 
@@ -66,6 +69,26 @@ class Backend(Protocol):
     def slot_counts(self) -> Optional[tuple]: ...
 
     def step(self, x_t: torch.Tensor, i, target, noise: torch.Tensor, scale=None) -> tuple: ...
+
+
+class StepRows(list):
+    """Per-sample step indices known on both sides: the host's ints (the list itself, from which a
+    backend decides what to run without a sync) and ``tensor``, the same (N,) int64 values on the
+    device (what the step reads, without a host-to-device copy): a persistent batch keeps both."""
+
+    def __init__(self, host, tensor: torch.Tensor):
+        super().__init__(host)
+        self.tensor = tensor
+
+
+def step_index(i, device: torch.device):
+    """``i`` as a step function takes it: an int as is, per-sample indices as a device tensor (a
+    :class:`StepRows`' own, else one copy)."""
+    if isinstance(i, StepRows) and i.tensor.device == device:
+        return i.tensor
+    if isinstance(i, (list, tuple)):
+        return torch.tensor(i, dtype=torch.long, device=device)
+    return i
 
 
 def check_step_inputs(device: torch.device, num_steps: int, x_t, i, target, noise, *, guided: bool) -> list[int]:

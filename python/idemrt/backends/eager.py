@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.step import guided_step, plain_step
+from ..diffusion.step import guided_step, unguided_step
 from ..diffusion.tiling import TiledModel
 from ..errors import BackendError
-from .base import StepSpec, register
+from .base import StepSpec, register, step_index
 
 
 @register("eager")
@@ -24,8 +24,7 @@ class EagerBackend:
 
     def step(self, x_t, i, target, noise, scale=None):
         s = self.spec
-        if isinstance(i, (list, tuple)):  # one index per sample, from the host
-            i = torch.tensor(i, device=s.sampler.device)
+        i = step_index(i, s.sampler.device)  # one index per sample: on the device
         if s.guidance is None:
-            return plain_step(self.model, s.sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])
+            return unguided_step(self.model, s.sampler, x_t, i, noise)
         return guided_step(self.model, s.operator, s.sampler, s.guidance, x_t, i, target, noise, scale)

@@ -49,12 +49,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..diffusion.step import finish_step, plain_step, proximal_step, step_gradient
+from ..diffusion.step import StepResult, finish_step, proximal_step, step_gradient, unguided_step
 from ..diffusion.tiling import TiledModel
 from ..defaults import default_fast_dtype
 from ..errors import BackendError
 from ..models.codec import Codec
-from .base import StepSpec, check_step_inputs, register
+from .base import StepRows, StepSpec, check_step_inputs, register
 from .compile_cache import CompileCache, default_directory, model_digest
 from .cuda_graphs import GraphSet, cudnn_autotune, on_device
 from .inference import DTYPES, fused_gdn_operator, inference_unet
@@ -211,14 +211,14 @@ class FastBackend:
                             enabled=self.operator_dtype != torch.float32, cache_enabled=False):
             return self.operator(x0).float()
 
-    # -- the functions a graph captures: (x_t, target, noise, i (N,), scale (N,)) -> (x_prev, dist)
+    # -- the functions a graph captures: (x_t, target, noise, i (N,), scale (N,)) -> (x_prev, dist, x0)
     def guided_fn(self, x_t, target, noise, i, scale):
         if self._fused is not None:
             return self._fused_step(x_t, target, noise, i, scale)
         sampler = self.sampler
         if self.spec.guidance.step_kind == "proximal":  # PIR: UNet forward + codec-only data step
             return proximal_step(self.model_output, self.apply_operator, sampler, self.spec.guidance, x_t, i,
-                                 target, noise)
+                                 target, noise).tensors()
         rows = sampler.rows(i)
         g = step_gradient(self.model_output, self.apply_operator, sampler, x_t,
                           sampler.model_timesteps(i, x_t.shape[0]), rows, target)
@@ -227,12 +227,12 @@ class FastBackend:
 
             c = x_t.shape[1]
             out = g.model_out
-            return sampler_update(x_t, out[:, :c], out[:, c:], g.grad, noise, self._fused_update, i, scale), g.dist
-        return finish_step(sampler, self.spec.guidance, g, noise, i, rows, scale)
+            x_prev = sampler_update(x_t, out[:, :c], out[:, c:], g.grad, noise, self._fused_update, i, scale)
+            return x_prev, g.dist, g.pred.x0
+        return finish_step(sampler, self.spec.guidance, g, noise, i, rows, scale).tensors()
 
     def plain_fn(self, x_t, target, noise, i, scale):
-        x_prev = plain_step(self.model_output, self.sampler, x_t, i, noise)
-        return x_prev, x_prev.new_zeros(x_t.shape[0])
+        return unguided_step(self.model_output, self.sampler, x_t, i, noise).tensors()
 
     # -- driving -----------------------------------------------------------------------------
     def step(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor, scale=None):
@@ -250,14 +250,14 @@ class FastBackend:
             else:
                 out = self._graphs.run(key, fn, *inputs)
             self._save_compiled(key)
-            return out
+            return StepResult(*out)
 
     def step_uncaptured(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor, scale=None):
         """:meth:`step` without CUDA graphs (same kernels): for tests and for counting FLOPs, which
         a graph replay hides from PyTorch's dispatcher."""
         fn, inputs = self._prepare(x_t, i, target, noise, scale)
         with self._lock, on_device(self.device), cudnn_autotune(self.device, self.cudnn_benchmark):
-            return fn(*inputs)
+            return StepResult(*fn(*inputs))
 
     def _save_compiled(self, key) -> None:
         """After the first run (the warm-up, which compiles) of a step kind and shape: keep what was
@@ -284,8 +284,10 @@ class FastBackend:
         steps = check_step_inputs(self.device, self.sampler.num_steps, x_t, i, target, noise,
                                   guided=guidance is not None)
         guided = guidance is not None and any(bool(guidance.active(s)) for s in set(steps))
-        # The indices reach the device as data: a fill for one value, else one small copy.
-        if len(set(steps)) == 1:
+        # The indices reach the device as data: a persistent batch's own, a fill for one value, else one small copy.
+        if isinstance(i, StepRows) and i.tensor.device == self.device:
+            i_dev = i.tensor
+        elif len(set(steps)) == 1:
             i_dev = torch.full((n,), steps[0], dtype=torch.long, device=self.device)
         else:
             i_dev = torch.tensor(steps, dtype=torch.long, device=self.device)
@@ -344,7 +346,7 @@ class FastBackend:
             (grad,) = torch.autograd.grad(dist.sum(), x)
         out = out.detach()
         x_prev = sampler_update(x_t, out[:, :c], out[:, c:], grad, noise, self._fused, i, scale)
-        return x_prev, dist.detach()
+        return x_prev, dist.detach(), x0.detach()
 
 
 def _check_passes(triton_passes, kernels: str, device: torch.device) -> dict:

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..diffusion.step import StepGradient, finish_proximal, finish_step
+from ..diffusion.step import StepGradient, StepResult, finish_proximal, finish_step
 from ..errors import BackendError
-from .base import check_step_inputs
+from .base import check_step_inputs, step_index
 
 __all__ = ["GraphStepBackend"]
 
@@ -94,18 +94,20 @@ class GraphStepBackend:
         if guided:
             target = target.to(self.device, torch.float32)
         steps = check_step_inputs(self.device, sampler.num_steps, x_t, i, target, noise, guided=guided)
-        i = torch.tensor(steps, device=self.device)
+        i = step_index(i if isinstance(i, list) else steps, self.device)
         # The graphs take the original timesteps as float32 (exact for integers < 2^24).
         t = sampler.model_timesteps(i, n).to(torch.float32)
         with torch.no_grad():
             if guided and spec.guidance.step_kind == "proximal":  # PIR: the graph holds the data step
                 rows = sampler.rows(i)
                 _, x0, dist = self._run("step", (height, width, tuple(target.shape[1:])), x_t, t, target, rows)
-                return finish_proximal(sampler, spec.guidance, x_t, x0, noise, i, rows), dist.clone()
+                return StepResult(finish_proximal(sampler, spec.guidance, x_t, x0, noise, i, rows), dist.clone(),
+                                  x0.clone())
             if guided and any(bool(spec.guidance.active(s)) for s in set(steps)):
                 rows = sampler.rows(i)
                 out, dist, grad = self._run("step", (height, width, tuple(target.shape[1:])), x_t, t, target, rows)
                 g = StepGradient(out, sampler.predict_rows(out, x_t, rows), dist.clone(), grad)
                 return finish_step(sampler, spec.guidance, g, noise, i, rows, scale)
             (out,) = self._run("unet", (height, width), x_t, t)
-            return sampler.step(sampler.predict(out, x_t, i), noise, i), x_t.new_zeros(n)
+            pred = sampler.predict(out, x_t, i)
+            return StepResult(sampler.step(pred, noise, i), x_t.new_zeros(n), pred.x0)

@@ -18,7 +18,8 @@ the fused Triton kernels compute the same numbers their own way
 (``idemrt.kernels.sampler_update``, tested equal to this module).
 
 Step indices are per sample (see :mod:`.samplers`): ``i`` is an int or an (N,) tensor,
-``scale`` an optional (N,) tensor of DPS step lengths.
+``scale`` an optional (N,) tensor of DPS step lengths. A step returns a :class:`StepResult`: the
+pair ``(x_{t-1}, distance)`` with the x0 estimate the step computed on the way.
 
 RNG draw order (the caller owns the loop and the generators): see
 :class:`idemrt.diffusion.loop.GuidedSampler`.
@@ -35,6 +36,23 @@ from .samplers import Prediction, Sampler, per_sample
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Operator = Callable[[Tensor], Tensor]
+
+
+class StepResult(tuple):
+    """What a step returns: the pair ``(x_prev, distance)`` — it unpacks as one — and ``x0``, the
+    step's x0 estimate (N, C, H, W) fp32 (after PIR's data step: x0'). The x0 is computed by the step
+    anyway; keeping it costs nothing, and it is what a decode service previews."""
+
+    x0: Tensor
+
+    def __new__(cls, x_prev: Tensor, distance: Tensor, x0: Tensor):
+        result = super().__new__(cls, (x_prev, distance))
+        result.x0 = x0
+        return result
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_prev, distance, x0)``: what a captured graph outputs (a plain tuple of tensors)."""
+        return (self[0], self[1], self.x0)
 
 
 class StepGradient(NamedTuple):
@@ -62,14 +80,14 @@ def step_gradient(model: Model, operator: Operator, sampler: Sampler, x_t: Tenso
 
 
 def finish_step(sampler: Sampler, guidance: Guidance, g: StepGradient, noise: Tensor, i, rows: Tensor,
-                scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                scale: Tensor | None = None) -> StepResult:
     """``(x_{t-1}, distance)`` from a step's gradient: noise, then the guidance update. The
     distance is 0 for samples whose step the guidance skips (DSG off its interval)."""
     with torch.no_grad():
         x_prev = guidance.update(sampler.step_rows(g.pred, noise, rows), g.pred, g.grad, i, scale)
         active = guidance.active(i)
         dist = g.dist if active is True else torch.where(active, g.dist, torch.zeros_like(g.dist))
-    return x_prev, dist
+    return StepResult(x_prev, dist, g.pred.x0)
 
 
 class ProximalStep(NamedTuple):
@@ -103,24 +121,30 @@ def finish_proximal(sampler: Sampler, guidance, x_t: Tensor, x0: Tensor, noise: 
 
 
 def proximal_step(model: Model, operator: Operator, sampler: Sampler, guidance, x_t: Tensor, i,
-                  target: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+                  target: Tensor, noise: Tensor) -> StepResult:
     """A proximal (PIR) reverse step: ``(x_{t-1}, distance (N,))``, detached; graph-capturable
     (fixed iterations, per-sample rows gathered on the device, no host sync)."""
     rows = sampler.rows(i)
     p = proximal_x0(model, operator, sampler, guidance, x_t, sampler.model_timesteps(i, x_t.shape[0]), rows, target)
-    return finish_proximal(sampler, guidance, x_t, p.x0, noise, i, rows), p.dist
+    return StepResult(finish_proximal(sampler, guidance, x_t, p.x0, noise, i, rows), p.dist, p.x0)
 
 
 @torch.no_grad()
+def unguided_step(model: Model, sampler: Sampler, x_t: Tensor, i, noise: Tensor) -> StepResult:
+    """An unguided reverse step: ``(x_{t-1}, distance 0)`` and its x0."""
+    out = model(x_t, sampler.model_timesteps(i, x_t.shape[0]))
+    pred = sampler.predict(out, x_t, i)
+    return StepResult(sampler.step(pred, noise, i), x_t.new_zeros(x_t.shape[0]), pred.x0)
+
+
 def plain_step(model: Model, sampler: Sampler, x_t: Tensor, i, noise: Tensor) -> Tensor:
     """An unguided reverse step: x_{t-1}."""
-    out = model(x_t, sampler.model_timesteps(i, x_t.shape[0]))
-    return sampler.step(sampler.predict(out, x_t, i), noise, i)
+    return unguided_step(model, sampler, x_t, i, noise)[0]
 
 
 def guided_step(model: Model, operator: Operator, sampler: Sampler, guidance: Guidance, x_t: Tensor, i,
-                target: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """A guided reverse step in the caller's precision: ``(x_{t-1}, distance (N,))``, detached.
+                target: Tensor, noise: Tensor, scale: Tensor | None = None) -> StepResult:
+    """A guided reverse step in the caller's precision: ``(x_{t-1}, distance (N,))``, detached, and its x0.
 
     The distance is that of this step's x0 estimate, before the update. When the guidance
     skips the step for every sample, the gradient is not computed (deciding that for a tensor
@@ -130,7 +154,7 @@ def guided_step(model: Model, operator: Operator, sampler: Sampler, guidance: Gu
         return proximal_step(model, operator, sampler, guidance, x_t, i, target, noise)
     active = guidance.active(i)
     if active is False or (isinstance(active, Tensor) and not bool(active.any())):
-        return plain_step(model, sampler, x_t, i, noise), x_t.new_zeros(x_t.shape[0])
+        return unguided_step(model, sampler, x_t, i, noise)
     rows = sampler.rows(i)
     g = step_gradient(model, operator, sampler, x_t, sampler.model_timesteps(i, x_t.shape[0]), rows, target)
     return finish_step(sampler, guidance, g, noise, i, rows, scale)
