@@ -61,5 +61,5 @@ def test_stacked_guidance_applies_each_rows_own_update():
 def test_equal_guidance_is_shared_and_dsg_offsets_align_to_its_interval():
     assert stack_guidance([DPS(0.6), DPS(0.6)], [0, 10], [10, 4]) == DPS(0.6)
     assert stack_alignment([DSG(interval=3), DSG(interval=3)]) == 3 and stack_alignment([DPS()]) == 1
-    with pytest.raises(ValueError, match="only DPS and DSG"):
+    with pytest.raises(ValueError, match=r"declare their stack rows \(DPS, DSG\) stack, got \['dps', 'pir'\]"):
         StackedGuidance([DPS(), PIR()], [0, 10], [10, 4])
