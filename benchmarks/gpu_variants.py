@@ -83,6 +83,7 @@ VARIANTS = {
     "bf16-triton-gn-fwd": ("fast", _BF16, {"kernels": "triton", "triton_passes": {"groupnorm_silu": "fwd"}}),
     "bf16-triton-gdn-torch": ("fast", _BF16, {"kernels": "triton", "triton_passes": {"gdn": "none"}}),
     "bf16-triton-op-fp32": ("fast", _BF16, {"kernels": "triton", "operator_dtype": _F32}),
+    "bf16-triton-op-channels-last": ("fast", _BF16, {"kernels": "triton", "operator_channels_last": True}),
     "bf16-triton-no-cudnn-benchmark": ("fast", _BF16, {"kernels": "triton", "cudnn_benchmark": False}),
     "bf16-blocks": ("fast", _BF16, {"compile": "blocks", "compile_mode": "default"}),
     "bf16-compile": ("fast", _BF16, {"compile": "unet", "compile_mode": "default"}),
@@ -459,8 +460,8 @@ def _fmt(v, spec=".3g"):
 
 
 def print_row(row):
-    errs = (f"eps {_fmt(max(row['eps_rel_err']))} grad {_fmt(max(row['grad_rel_err']))}"
-            if row.get("eps_rel_err") else "")
+    errs = (f"eps {_fmt(max(row['eps_rel_err']))} grad {_fmt(max(row['grad_rel_err']))} "
+            f"accurate: {'yes' if row['accuracy_ok'] else 'NO'}" if row.get("eps_rel_err") else "")
     print(f"  {row['preset']:<11} {row['codec']:<10} b{row['batch']:<3} {row['variant']:<30} "
           f"{_fmt(row['step_ms'])} ms  {_fmt(row['step_ms_per_image'])} ms/img  {errs}  {row['status']}", flush=True)
 

@@ -368,9 +368,12 @@ def test_triton_kernels_need_a_codec(unet, codec):
         FastBackend(spec, device=CPU, dtype=torch.float32, kernels="triton")
 
 
-def test_compile_option(unet, codec, monkeypatch):
+def test_compile_option(unet, codec, monkeypatch, tmp_path):
     """kernels="compile" hands the UNet copy to torch.compile (here a recording stand-in: compiling
     on this CPU takes minutes; the GPU test compiles for real)."""
+    from idemrt.backends.compile_cache import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))  # the compile cache, not in the user's cache directory
     seen = {}
 
     def fake_compile(module, **kwargs):

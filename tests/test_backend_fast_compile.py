@@ -12,8 +12,12 @@ from tiny_models import tiny_unet
 pytestmark = pytest.mark.slow
 
 
-def test_compiles_once_per_shape_and_matches_the_uncompiled_step():
+def test_compiles_once_per_shape_and_matches_the_uncompiled_step(monkeypatch, tmp_path):
     from torch._dynamo.utils import counters
+
+    from idemrt.backends.compile_cache import ENV_VAR
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))  # the compile cache, not in the user's cache directory
 
     torch._dynamo.reset()
     counters.clear()

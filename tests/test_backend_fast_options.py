@@ -5,6 +5,7 @@
 * ``cudnn_benchmark``: the flag the captured and uncaptured steps run under;
 * ``compile`` / ``compile_mode``: which torch.compile is applied (a recording stand-in here; the
   real compile of the blocks is in tests/test_compile_cache.py, slow);
+* ``operator_channels_last``: the operator on a channels_last codec copy;
 * the ELIC operator in bf16/fp16 (A and its VJP against fp32), and ELIC under kernels="triton".
 
 fp16 and bf16 of the UNet and the hyperprior operator: tests/test_backend_fast.py (LOW).
@@ -226,6 +227,23 @@ def test_compile_options_compile_what_they_say(unet, codec, monkeypatch, tmp_pat
     assert (alias.kernels, alias.compile) == ("torch", "unet")
 
 
+def test_operator_channels_last(unet, codec):
+    """The CPU default runs A on a private channels_last codec copy (the same A, other kernels);
+    False runs the shared codec; a spec whose codec is not an idemrt Codec cannot be copied."""
+    spec = make_spec(unet, codec)
+    on = FastBackend(spec, device=CPU, dtype=torch.float32)
+    off = FastBackend(spec, device=CPU, dtype=torch.float32, operator_channels_last=False)
+    assert on.operator_channels_last and on.operator is not spec.operator
+    assert not off.operator_channels_last and off.operator is spec.operator
+    x0 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    assert rel_err(on.apply_operator(x0), off.apply_operator(x0)) <= 1e-5
+    foreign = StepSpec(unet=unet, operator=spec.operator, codec=None, constraint="x", sampler=spec.sampler,
+                       guidance=spec.guidance)
+    assert FastBackend(foreign, device=CPU, dtype=torch.float32).operator is spec.operator  # default: off
+    with pytest.raises(BackendError, match="idemrt Codec"):
+        FastBackend(foreign, device=CPU, dtype=torch.float32, operator_channels_last=True)
+
+
 def test_bad_compile_options(unet, codec):
     spec = make_spec(unet, codec)
     with pytest.raises(BackendError, match="compile must be None or one of"):
@@ -263,9 +281,13 @@ def test_elic_operator_in_low_precision(unet, elic, dtype, vjp_tol):
     assert got_a.dtype == torch.float32
     assert rel_err(got_a, want_a) <= 2e-2
     assert rel_err(got, want) <= vjp_tol
-    # operator_dtype=float32 computes the fp32 operator exactly, whatever the UNet's dtype
-    exact = FastBackend(spec, device=CPU, dtype=dtype, operator_dtype=torch.float32)
-    assert torch.equal(exact.apply_operator(x0), want_a.detach())
+    # operator_dtype=float32 computes the fp32 operator, whatever the UNet's dtype: exactly on the
+    # shared codec, to rounding on the channels_last copy (other convolution kernels)
+    shared = FastBackend(spec, device=CPU, dtype=dtype, operator_dtype=torch.float32, operator_channels_last=False)
+    assert torch.equal(shared.apply_operator(x0), want_a.detach())
+    copied = FastBackend(spec, device=CPU, dtype=dtype, operator_dtype=torch.float32)
+    assert copied.operator_channels_last  # the CPU default
+    assert rel_err(copied.apply_operator(x0), want_a) <= 1e-5
 
 
 def test_elic_under_triton_kernels_equals_eager(unet, elic, monkeypatch):

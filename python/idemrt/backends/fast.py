@@ -57,7 +57,7 @@ from ..models.codec import Codec
 from .base import StepRows, StepSpec, check_step_inputs, register
 from .compile_cache import CompileCache, default_directory, model_digest
 from .cuda_graphs import GraphSet, cudnn_autotune, on_device
-from .inference import DTYPES, fused_gdn_operator, inference_unet
+from .inference import DTYPES, inference_unet, operator_copy
 
 __all__ = ["COMPILES", "FastBackend", "KERNELS", "PASSES", "SLOT_COUNTS", "TRITON_KERNELS", "default_kernels",
            "default_triton_passes"]
@@ -70,6 +70,12 @@ COMPILES = ("unet", "blocks")  # torch.compile of the whole UNet copy, or of eac
 SLOT_COUNTS = (1, 2, 4, 8, 16)  # batch sizes a step scheduler pads to, so few graphs are captured
 
 
+# CUDA DEFAULTS FROM MEASUREMENT (issue 30 item 4). The fast backend's defaults on CUDA — kernels
+# (default_kernels), the Triton passes (default_triton_passes), dtype (idemrt.defaults.
+# default_fast_dtype), compile (None), cudnn_benchmark (on) and serve's max_slots (serve/config.py)
+# — are to be the fastest variant of the benchmarks/gpu_variants.py table that passes its accuracy
+# check, per GPU kind if they differ, each naming its table row (benchmarks/RESULTS.md) beside it.
+# No GPU run has measured the variants yet: what stands is the one configuration measured so far.
 def default_kernels(spec: StepSpec, device: torch.device) -> str:
     """"triton", the measured winner on CUDA (benchmarks/RESULTS.md), where its kernels fit this
     model and codec; "torch" otherwise (off CUDA Triton only runs interpreted)."""
@@ -77,14 +83,10 @@ def default_kernels(spec: StepSpec, device: torch.device) -> str:
 
 
 def default_triton_passes(device: torch.device) -> dict:
-    """The pass of each Triton kernel family that kernels="triton" runs by default.
-
-    CUDA DEFAULTS FROM MEASUREMENT (issue 30 item 4): to be chosen from the table of
-    benchmarks/gpu_variants.py (benchmarks/RESULTS.md) — the fastest variant that passes its
-    accuracy check, per GPU kind if they differ, with the table row named here. Until a GPU run
-    has measured the variants, this is the one configuration measured so far: every kernel forward
-    and backward (`fast-triton`, 9.66 ms per FFHQ-256 step at batch 1 on an H200).
-    """
+    """The pass of each Triton kernel family that kernels="triton" runs by default (see CUDA
+    DEFAULTS FROM MEASUREMENT above): every kernel forward and backward, the one configuration
+    measured so far (`fast-triton`, 9.66 ms per FFHQ-256 step at batch 1 on an H200). ``device``:
+    the choice may differ per GPU kind once measured; today it does not."""
     return {name: "fwd+bwd" for name in TRITON_KERNELS}
 
 
@@ -126,13 +128,17 @@ class FastBackend:
     a directory, None for ``$IDEMRT_COMPILE_CACHE`` or the user's cache directory, False for no cache.
     ``cudnn_benchmark``: cuDNN autotuning while shapes are warmed up and captured (default on;
     determinism, when asked for, turns it off regardless; no effect off CUDA).
+    ``operator_channels_last``: run the operator on a private channels_last copy of the codec
+    (default: on the CPU, where it measured 1.3-6.6x faster than the shared NCHW codec,
+    benchmarks/RESULTS.md; off on CUDA, where it is unmeasured); needs StepSpec.codec to be an
+    idemrt Codec.
     """
 
     def __init__(self, spec: StepSpec, *, device, dtype: Optional[torch.dtype] = None,
                  operator_dtype: Optional[torch.dtype] = None, graphs: Optional[bool] = None,
                  kernels: Optional[str] = None, triton_passes: Optional[dict] = None,
                  compile: Optional[str] = None, compile_mode: Optional[str] = None,
-                 compile_cache=None, cudnn_benchmark: bool = True):
+                 compile_cache=None, cudnn_benchmark: bool = True, operator_channels_last: Optional[bool] = None):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -179,8 +185,13 @@ class FastBackend:
         self.operator = spec.operator
         self._fused = None  # the sampler table, when the fused step kernels run
         self._fused_update = None  # the sampler table, when only the update kernel runs
-        if kernels == "triton":
-            self._use_triton_kernels()
+        gdn_backward = self._use_triton_kernels() if kernels == "triton" else None
+        if operator_channels_last is None:
+            operator_channels_last = device.type == "cpu" and isinstance(spec.codec, Codec)
+        self.operator_channels_last = bool(operator_channels_last) and spec.operator is not None
+        if spec.operator is not None and (gdn_backward is not None or self.operator_channels_last):
+            self.operator = operator_copy(spec.codec, spec.constraint, gdn_backward=gdn_backward,
+                                          channels_last=self.operator_channels_last)
         self._unet_fn = self.unet
         self._cache, self._cached_keys = None, set()
         if compile is not None:
@@ -207,6 +218,8 @@ class FastBackend:
         """A(x0) computed in ``operator_dtype`` (autocast over the shared codec), returned as float32."""
         # No autocast weight cache: it is not allowed in graph capture (the codec's weights are a
         # few MB, so recasting them every step is cheap).
+        if self.operator_channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.operator_dtype,
                             enabled=self.operator_dtype != torch.float32, cache_enabled=False):
             return self.operator(x0).float()
@@ -300,7 +313,9 @@ class FastBackend:
         return self.plain_fn, (x_t, None, noise, i_dev, scale)
 
     # -- Triton kernels ----------------------------------------------------------------------
-    def _use_triton_kernels(self) -> None:
+    def _use_triton_kernels(self) -> Optional[str]:
+        """Wire the Triton kernels as ``triton_passes`` says; returns who computes the GDN layers'
+        backward in the operator copy (None: the operator keeps compressai's GDN)."""
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise BackendError("kernels='triton' needs a CUDA device (or, for tests, the Triton interpreter: "
                                "TRITON_INTERPRET=1 set before triton is imported)")
@@ -321,8 +336,6 @@ class FastBackend:
                 return groupnorm_silu(x, norm.weight, norm.bias, scale, shift, backward=gn_backward)
 
             self.unet.set_norm_act(norm_act)
-        if self.spec.operator is not None and passes["gdn"] != "none":
-            self.operator = fused_gdn_operator(self.spec.codec, self.spec.constraint, backward=backward[passes["gdn"]])
         # The fused step kernels read the sampler's own table: usable when it has their columns
         # (DDPM's) and the update is DPS's ``sample - scale·grad``.
         if tuple(self.sampler.columns) == tuple(COEFFICIENTS) and self.spec.guidance is not None and self.spec.guidance.name == "dps":
@@ -330,6 +343,7 @@ class FastBackend:
                 self._fused = self.sampler.coefficients()
             elif passes["step"] == "fwd":
                 self._fused_update = self.sampler.coefficients()
+        return None if passes["gdn"] == "none" else backward[passes["gdn"]]
 
     def _fused_step(self, x_t, target, noise, i, scale):
         """The guided DDPM + DPS step on the fused kernels: x0 (with its clamp-masked backward),

@@ -18,7 +18,7 @@ from ..errors import BackendError
 from ..models.codec import Codec, diffusion_operator
 from ..models.unet import ADMUNet, norm_act_mixed
 
-__all__ = ["DTYPES", "fused_gdn_operator", "inference_unet"]
+__all__ = ["DTYPES", "inference_unet", "operator_copy"]
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes of the inference copies
 
@@ -68,20 +68,26 @@ def _inference_copy(module: nn.Module, dtype: torch.dtype, device: torch.device)
     return unet
 
 
-def fused_gdn_operator(codec, constraint: str, backward: str = "triton"):
-    """A (:func:`~idemrt.models.codec.diffusion_operator`) on a private codec copy whose GDN/IGDN
-    layers run the Triton kernel: the same A, computed by other kernels. ``backward``: who computes
-    the layers' input gradient (``idemrt.kernels.gdn.BACKWARDS``). A codec without GDN layers
-    (ELIC) keeps its own layers."""
+def operator_copy(codec, constraint: str, *, gdn_backward=None, channels_last: bool = False):
+    """A (:func:`~idemrt.models.codec.diffusion_operator`) on a private copy of the codec's network:
+    the same A, computed by other kernels. ``gdn_backward``: None keeps compressai's GDN/IGDN layers;
+    else they run the Triton kernel, with the input gradient by ``gdn_backward`` (one of
+    ``idemrt.kernels.gdn.BACKWARDS``; a codec without GDN layers, ELIC, keeps its own).
+    ``channels_last``: the copy's 4-D weights in channels_last, which the caller's input should
+    match (on a CPU with AMX/AVX-512-BF16, oneDNN's fast convolutions are the channels_last ones:
+    benchmarks/RESULTS.md, issue 30)."""
     from compressai.layers import GDN
 
     if not isinstance(codec, Codec):
-        raise BackendError("kernels='triton' rebuilds the operator from StepSpec.codec, which must be an idemrt Codec")
+        raise BackendError("rebuilding the operator needs StepSpec.codec to be an idemrt Codec")
     model = copy.deepcopy(codec.model)
-    for name, m in list(model.named_modules()):
-        if type(m) is GDN:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, _FusedGDN(m, backward))
+    if gdn_backward is not None:
+        for name, m in list(model.named_modules()):
+            if type(m) is GDN:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, attr, _FusedGDN(m, gdn_backward))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return diffusion_operator(Codec(codec.name, model, quality=codec.quality), constraint)
 
 
