@@ -60,8 +60,10 @@ TODO = [
     ("api.py", 'getattr(self.unet, "compute_dtype", None)'),
     # TODO(issue 29): fast backend (helper-4) — prior_traits(spec.unet).norm_act_hook.
     ("backends/fast.py", 'hasattr(spec.unet, "set_norm_act")'),
-    # argparse: --tile exists on some commands only (issue 28's options, being added).
+    # Not probes, in files being rewritten (so they may move): argparse's --tile exists on some
+    # commands only; the persistent batch copies its own buffers by name.
     ("cli_options.py", 'hasattr(args, "tile")'),
+    ("diffusion/guided_sampler.py", "getattr(self, name)"),
     # TODO(issue 29): tiling (helper-3) — native_size is prior_traits(unet).image_size.
     ("diffusion/tiling.py", 'getattr(unet, "config", None)'),
     ("diffusion/tiling.py", "getattr(config, name, None)"),
