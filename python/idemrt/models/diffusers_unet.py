@@ -71,16 +71,6 @@ class DiffusersUNet(nn.Module):
         size = size[0] if isinstance(size, (tuple, list)) else size
         return size if isinstance(size, int) and size > 0 else None
 
-    @property
-    def image_size(self) -> Optional[int]:
-        """The side it was trained at: the config's ``sample_size`` (the first of a pair)."""
-        size = self.config.get("sample_size")
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return size if isinstance(size, int) and size > 0 else None
-
-    def set_norm_act(self, fn=None):
-        raise TypeError("a diffusers prior has no norm-act hook (norm_act_hook is False)")
-
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, return_dict=False)[0]
 
