@@ -7,7 +7,7 @@ Each (size, path) runs in a fresh subprocess (``--one SIZE PATH``), so its peak 
 UNet (``models.unet_config.PRESETS["ffhq256"]``, random weights) and a bmshj2018-hyperprior codec
 of quality-1 size (N=128, M=192, random weights), compress a smooth random image of the size, and
 decode it with DDPM + DPS respaced to ``--steps`` steps (DPS: every step a UNet forward and
-backward), eager fp32. ``tiled``: ``DecodeConfig(tile=Tiling())`` (the prior's native 256
+backward; ``--start 0.4`` with ``--steps 2`` runs only the second, one guided step), eager fp32. ``tiled``: ``DecodeConfig(tile=Tiling())`` (the prior's native 256
 windows, stride 192, ramp weights, ``--chunk`` windows a UNet call); ``whole``: the UNet on the whole image.
 
 The parent watches each child's resident set and stops a child above ``--cap-gb`` (the machine's
@@ -41,7 +41,7 @@ def _status_kb(pid, key: str) -> int:
     return 0
 
 
-def run_one(size: int, path: str, steps: int, chunk: int, stride=None) -> dict:
+def run_one(size: int, path: str, steps: int, chunk: int, stride=None, start: float = 1.0) -> dict:
     """The child: one decode, its peak RSS."""
     import torch
     import torch.nn.functional as F
@@ -64,7 +64,8 @@ def run_one(size: int, path: str, steps: int, chunk: int, stride=None) -> dict:
     del image, model
     loaded_kb = _status_kb("self", "VmRSS")
     tile = Tiling(chunk=chunk, stride=stride) if path == "tiled" else None
-    cfg = DecodeConfig(steps=steps, sampler="ddpm", guidance="dps", scale=0.6, backend="eager", tile=tile)
+    cfg = DecodeConfig(steps=steps, sampler="ddpm", guidance="dps", scale=0.6, backend="eager", tile=tile,
+                       start=start)
     decoder = idemrt.Decoder(codec, unet, config=cfg, device="cpu")
     t0 = time.perf_counter()
     out = decoder.decode(data, seed=0, output="tensor")
@@ -74,7 +75,8 @@ def run_one(size: int, path: str, steps: int, chunk: int, stride=None) -> dict:
         from idemrt.diffusion.tiling import TiledModel
 
         windows = TiledModel.for_prior(unet, tile, unet).layout(size, size).count if size > 256 else 1
-    return {"size": size, "path": path, "steps": steps, "chunk": chunk if tile else None, "windows": windows,
+    return {"size": size, "path": path, "steps": steps, "steps_run": decoder.steps_run, "start": start,
+            "chunk": chunk if tile else None, "windows": windows,
             "stride": TiledModel.for_prior(unet, tile, unet).stride if tile else None,
             "peak_rss_gb": _status_kb("self", "VmHWM") / 2**20,
             "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -84,7 +86,7 @@ def run_one(size: int, path: str, steps: int, chunk: int, stride=None) -> dict:
 
 def run_child(size: int, path: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", str(size), path, "--steps", str(args.steps), "--chunk", str(args.chunk)]
-    cmd += ["--stride", str(args.stride)] if args.stride else []
+    cmd += (["--stride", str(args.stride)] if args.stride else []) + ["--start", str(args.start)]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -112,11 +114,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1)
     p.add_argument("--stride", type=int, default=None, help="tile stride (default: the Tiling's, 3/4 window)")
+    p.add_argument("--start", type=float, default=1.0,
+                   help="warm start: with --steps 2, --start 0.4 runs one guided step (at t = 0)")
     p.add_argument("--cap-gb", type=float, default=12.0, help="stop a child whose resident set passes this")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.steps, args.chunk, args.stride)))
+        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.steps, args.chunk, args.stride, args.start)))
         return 0
     rows = []
     for size in args.sizes:
