@@ -359,3 +359,29 @@ def test_a_failing_callback_or_step_fails_only_its_own_images(models, data):
     decoder = idemrt.Decoder(codec, unet, steps=3, device="cpu")
     torch.testing.assert_close(got.image, decoder.decode(small, seed=2, output="tensor"), rtol=0, atol=2e-5)
     torch.testing.assert_close(later.image, decoder.decode(large, seed=3, output="tensor"), rtol=0, atol=2e-5)
+
+
+def test_previews_cost_no_network_call(models, data):
+    """A served decode with a preview at every step calls the UNet and the codec operator exactly
+    once per network evaluation of its program: a preview is the step's own x0 estimate (it used to
+    run one more UNet forward per preview)."""
+    unet, codec = models
+    engine = DecodeEngine(ServeConfig(steps_allowed=["5"], preview_every=1, unet="in-memory"), codec, unet,
+                          device="cpu")
+    calls = {"unet": 0, "operator": 0}
+    hook = unet.register_forward_pre_hook(lambda *_: calls.__setitem__("unet", calls["unet"] + 1))
+    operator = codec.operator
+    codec.operator = lambda *a, **k: (calls.__setitem__("operator", calls["operator"] + 1), operator(*a, **k))[1]
+    events = []
+    try:
+        result = engine.submit(data[0], seed=1, on_event=events.append).result(timeout=120)
+    finally:
+        hook.remove()
+        del codec.operator
+        engine.close()
+    previews = [e for e in events if e["event"] == "preview"]
+    assert calls == {"unet": result.steps, "operator": result.steps} and result.steps == 5
+    assert [p["step"] for p in previews] == [1, 2, 3, 4] and previews[0]["image"].shape == (40, 48, 3)
+    # the preview after step k is the x0 the step predicted: close to the result at the last steps
+    last = previews[-1]["image"].astype(np.float32)
+    assert np.abs(last - result.pixels.astype(np.float32)).mean() < 40

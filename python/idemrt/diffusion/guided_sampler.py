@@ -19,6 +19,18 @@ same generator, continuing after the full previous attempt (an attempt cut short
 values draws its remaining steps' noise first, so a retry does not depend on when the failure
 was seen).
 
+Persistent batch (as vLLM's persistent input batch): images of one group — one sampler, one image
+and target shape — live in a :class:`SlotBatch`, slot-indexed device buffers of x_t, the target,
+the noise, the DPS scale and the step row. An image joining the batch writes its slot; one leaving
+(finished, failed, cancelled, or parked for another: its x_t is copied out) frees it, and the last
+slot moves into the hole, so the images always hold slots 0..n-1. A step reads the buffers as they
+are — no concatenation, no split, no host-to-device copy of per-image values: the noise is drawn
+into each image's slot from its own generator (so an image's numbers do not depend on its slot),
+the rows count down on the device beside their host copy, and scales and rows are written only when
+they change (a join, a retry). Finiteness and distances stay on the device and come back in one
+small copy every ``check_every`` steps, which includes each image's last step. Each step keeps
+its x0 estimate per image (``ImageState.x0``): a decode service's preview, at no extra cost.
+
 Programs: how an image is sampled — its respacing's rows in the backend's step table (one table
 may stack several respacings, :class:`~idemrt.diffusion.samplers.StackedSampler`), its DPS scale
 and its warm start — is the image's :class:`Program`, so images of a 1000-step, a 100-step and a
@@ -38,12 +50,13 @@ step, so a retry runs on the same backend (and the same captured graphs) as the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..backends.base import StepRows
 from .guidance import RetryPolicy
 from .schedule import WarmStart
 
@@ -67,10 +80,11 @@ class Program:
         return self.num_steps if self.warm_start is None else self.warm_start.position + 1
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageState:
     """One image being sampled. ``position`` is the next step index i (counting down to 0);
-    -1 once its attempt is over. ``x`` is x_t (1, C, H, W) until then, the sample after."""
+    -1 once its attempt is over. ``x`` is x_t (1, C, H, W) until then, the sample after — a view
+    of its slot while it holds one in a :class:`SlotBatch` (``slot``), its own tensor otherwise."""
 
     x: Tensor
     target: Tensor  # (1, ...) on the decoding device
@@ -85,6 +99,9 @@ class ImageState:
     steps_run: int = 0  # network evaluations, all attempts
     warm: Optional[Tensor] = None  # (1, C, H, W) x_mse in [-1, 1] of a warm start (each attempt restarts from it)
     program: Optional[Program] = None
+    slot: Optional[int] = None  # its slot in ``batch`` while it holds one
+    batch: Optional["SlotBatch"] = field(default=None, repr=False)
+    x0: Optional[Tensor] = field(default=None, repr=False)  # (1, C, H, W): the last step's x0 estimate (held in a batch)
 
     @property
     def row(self) -> int:
@@ -104,8 +121,73 @@ class ImageState:
         return (tuple(self.x.shape), tuple(self.target.shape), self.x.device)
 
 
+class SlotBatch:
+    """The persistent batch of one group (see the module doc): device buffers of ``capacity``
+    slots, images in slots 0..n-1 (``states``), the rows also on the host (``rows_host``)."""
+
+    def __init__(self, x_shape: tuple, target_shape: tuple, device: torch.device, noise_device: torch.device):
+        self.x_shape, self.target_shape = tuple(x_shape), tuple(target_shape)
+        self.device, self.noise_device = device, noise_device
+        self.states: list = []
+        self.capacity = 0
+        self.rows_host: list = []
+
+    def reserve(self, slots: int) -> None:
+        """Room for ``slots`` (grown by doubling; the occupied slots copied over, their views rebound)."""
+        if slots <= self.capacity:
+            return
+        old, cap = self.capacity, max(slots, 2 * self.capacity)
+        dev = self.device
+        buffers = {"x": torch.zeros((cap, *self.x_shape), device=dev),
+                   "target": torch.zeros((cap, *self.target_shape), device=dev),
+                   "noise": torch.zeros((cap, *self.x_shape), device=dev),
+                   "scale": torch.zeros(cap, device=dev),
+                   "rows": torch.zeros(cap, dtype=torch.long, device=dev),
+                   "dist": torch.zeros(cap, device=dev)}
+        if self.noise_device != dev:  # drawn where the generators are, then one copy per step
+            buffers["noise_host"] = torch.zeros((cap, *self.x_shape), device=self.noise_device,
+                                                pin_memory=self.noise_device.type == "cpu" and dev.type == "cuda")
+        for name, buf in buffers.items():
+            if old:
+                buf[:old].copy_(getattr(self, name)[:old])
+            setattr(self, name, buf)
+        self.rows_host += [0] * (cap - old)
+        self.capacity = cap
+        for k, state in enumerate(self.states):
+            state.x = self.x[k : k + 1]
+
+    def join(self, state: ImageState) -> None:
+        """Write a state into the next free slot (its x_t, target, scale and row)."""
+        k = len(self.states)
+        self.reserve(k + 1)
+        self.x[k].copy_(state.x[0])
+        self.target[k].copy_(state.target[0])
+        self.states.append(state)
+        state.slot, state.batch, state.x = k, self, self.x[k : k + 1]
+
+    def write(self, state: ImageState, scale: float) -> None:
+        """The per-image values of a state's slot that change only at a join or a retry."""
+        k = state.slot
+        self.scale[k] = scale
+        self.rows[k] = self.rows_host[k] = state.row
+
+    def leave(self, state: ImageState) -> None:
+        """Free a state's slot: its x_t copied out; the last slot moves into the hole."""
+        k = state.slot
+        state.x, state.x0, state.slot, state.batch = state.x.clone(), None, None, None
+        last = self.states.pop()
+        if last is state:
+            return
+        for buf in (self.x, self.target, self.scale, self.rows):
+            buf[k].copy_(buf[len(self.states)])
+        self.rows_host[k] = self.rows_host[len(self.states)]
+        self.states[k] = last
+        last.slot, last.x = k, self.x[k : k + 1]
+
+
 class GuidedSampler:
-    """The loop over a backend's ``step(x_t, i, target, noise, scale) -> (x_prev, distance)``.
+    """The loop over a backend's ``step(x_t, i, target, noise, scale) -> (x_prev, distance)`` and
+    the step's x0 (:class:`~idemrt.diffusion.step.StepResult`).
 
     ``num_steps``: the respaced schedule's length; ``scale``: the guidance's default DPS scale
     (None when the guidance has none: no retry then); ``check_every``: how often (in steps) the
@@ -126,6 +208,7 @@ class GuidedSampler:
         self.retry = retry
         self.check_every = max(1, int(check_every))
         self.deterministic = bool(deterministic)
+        self._batches: dict = {}  # ImageState.key() -> SlotBatch
 
     @property
     def num_steps(self) -> int:
@@ -153,11 +236,16 @@ class GuidedSampler:
         state.failed_at = None
         ws = state.program.warm_start
         if ws is None:
-            state.x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
+            x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
             state.position = state.program.num_steps - 1
-            return
-        state.x = ws.sqrt_abar * state.warm + ws.sqrt_one_minus_abar * self._noise([state], shape)
-        state.position = ws.position
+        else:
+            x = ws.sqrt_abar * state.warm + ws.sqrt_one_minus_abar * self._noise([state], shape)
+            state.position = ws.position
+        if state.slot is None:
+            state.x = x
+        else:  # a retry in place: its slot takes the new x_t, scale and row
+            state.x.copy_(x)
+            state.batch.write(state, self.step_scale(state))
 
     def _noise(self, states: Sequence[ImageState], shape: tuple) -> Tensor:
         noise = torch.stack([torch.randn(shape[1:], generator=s.generator, device=self.noise_device)
@@ -176,43 +264,79 @@ class GuidedSampler:
     def advance(self, states: Sequence[ImageState], pad_to: Optional[int] = None) -> None:
         """One step for every running state (one batch; they must share :meth:`ImageState.key`).
 
-        ``pad_to``: run a batch of this many slots, the unused ones masked — filled with a copy
-        of the first image and zero noise, their results dropped (samples are independent, so
-        they change nothing) — so that a backend with captured graphs sees few batch sizes."""
+        The states hold the slots of their group's :class:`SlotBatch`: those not in the batch yet
+        join it, and those of the batch not among ``states`` leave it (parked: their x_t is kept).
+        ``pad_to``: run a batch of this many slots, the unused ones masked — their results dropped
+        (samples are independent, so they change nothing) — so that a backend with captured
+        graphs sees few batch sizes."""
         states = [s for s in states if s.running]
         if not states:
             return
-        if len({s.key() for s in states}) != 1:
+        key = states[0].key()
+        if any(s.key() != key for s in states):
             raise ValueError("advance() batches states of one shape and target shape only")
-        n = len(states)
-        shape = (n, *states[0].x.shape[1:])
-        pad = max(0, (pad_to or n) - n)
-        x = torch.cat([s.x for s in states] + [states[0].x] * pad)
-        target = torch.cat([s.target for s in states] + [states[0].target] * pad)
-        noise = self._noise(states, shape)
-        rows = [s.row for s in states] + [states[0].row] * pad
-        scales = [self.step_scale(s) for s in states] + [self.step_scale(states[0])] * pad
-        if pad:
-            noise = torch.cat([noise, noise.new_zeros((pad, *shape[1:]))])
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = SlotBatch(key[0][1:], key[1][1:], self.device, self.noise_device)
+        stepping = {id(s) for s in states}
+        for s in [s for s in batch.states if id(s) not in stepping]:
+            batch.leave(s)
+        for s in states:
+            if s.batch is not batch:
+                batch.join(s)
+                batch.write(s, self.step_scale(s))
+        n = len(batch.states)
+        slots = max(n, pad_to or n)
+        batch.reserve(slots)
+        if slots > n:  # masked slots repeat the first row, so that a backend decides as for the images
+            batch.rows[n:slots].copy_(batch.rows[0].expand(slots - n))
+            batch.rows_host[n:slots] = [batch.rows_host[0]] * (slots - n)
+        self._draw_noise(batch)
+        rows_host = batch.rows_host[:slots]
+        x, target, noise, scale = (batch.x[:slots], batch.target[:slots], batch.noise[:slots], batch.scale[:slots])
         if self.deterministic:  # each image alone: its numbers do not depend on the batch
-            outs = [self.backend.step(x[k : k + 1], rows[k], target[k : k + 1], noise[k : k + 1],
-                                      torch.tensor(scales[k : k + 1], device=self.device)) for k in range(n)]
-            x, dist = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            for k, s in enumerate(batch.states):
+                out = self.backend.step(x[k : k + 1], rows_host[k], target[k : k + 1], noise[k : k + 1],
+                                        scale[k : k + 1])
+                x[k : k + 1].copy_(out[0])
+                batch.dist[k : k + 1].copy_(out[1])
+                s.x0 = out.x0
         else:
-            # Host ints: a backend that picks its graph from the indices (fast, ONNX) reads them
-            # without a device sync; the others put them on the device themselves.
-            i = rows[0] if len(set(rows)) == 1 else rows
-            x, dist = self.backend.step(x, i, target, noise, torch.tensor(scales, device=self.device))
-        positions = [s.position for s in states]
-        check = any(p % self.check_every == 0 for p in positions)
-        finite = (torch.isfinite(x).flatten(1).all(1) & torch.isfinite(dist)).tolist() if check else None
-        for k, s in enumerate(states):
-            s.x, s.steps_run = x[k : k + 1], s.steps_run + 1
-            if finite is not None and not finite[k]:
+            # One row for all: the int (as a lone decode always ran); else the rows on both sides.
+            i = rows_host[0] if rows_host.count(rows_host[0]) == slots else StepRows(rows_host, batch.rows[:slots])
+            out = self.backend.step(x, i, target, noise, scale)
+            x.copy_(out[0])
+            batch.dist[:slots].copy_(out[1])
+            for k, s in enumerate(batch.states):
+                s.x0 = out.x0[k : k + 1]
+        self._after_step(batch, n)
+
+    def _draw_noise(self, batch: SlotBatch) -> None:
+        """Each image's step noise into its slot, from its own generator (the documented order)."""
+        noise = batch.noise if batch.noise_device == batch.device else batch.noise_host
+        for k, s in enumerate(batch.states):
+            torch.randn(batch.x_shape, generator=s.generator, device=self.noise_device, out=noise[k])
+        if noise is not batch.noise:  # not non_blocking: the next step overwrites the host buffer
+            batch.noise[: len(batch.states)].copy_(noise[: len(batch.states)])
+
+    def _after_step(self, batch: SlotBatch, n: int) -> None:
+        """The host's bookkeeping of a step: positions and rows count down; every ``check_every``
+        steps (and at every image's last) one small copy reads finiteness and distances back."""
+        states = batch.states
+        check = any(s.position % self.check_every == 0 for s in states)
+        flags = None
+        if check:
+            finite = torch.isfinite(batch.x[:n]).flatten(1).all(1) & torch.isfinite(batch.dist[:n])
+            flags = torch.stack((finite.float(), batch.dist[:n])).tolist()
+        batch.rows[:n].sub_(1)
+        for k, s in enumerate(list(states)):
+            s.steps_run += 1
+            batch.rows_host[k] -= 1
+            if flags is not None and not flags[0][k]:
                 self._drain(s)
             s.position -= 1
             if s.done:
-                s.distance = float(dist[k])
+                s.distance = flags[1][k]
 
     def _drain(self, state: ImageState) -> None:
         """End an attempt that went non-finite at ``state.position``, drawing the noise its
@@ -224,7 +348,18 @@ class GuidedSampler:
         state.position = 0  # advance() moves it to -1: the attempt is over
 
     def release(self, state: ImageState) -> None:
-        """The state leaves for good (finished, failed, cancelled): its slot is freed."""
+        """The state leaves its slot (finished, failed, cancelled); its x is kept. A no-op
+        without one. An emptied batch gives its buffers back."""
+        batch = state.batch
+        if batch is None:
+            return
+        batch.leave(state)
+        if not batch.states:
+            self._batches = {k: b for k, b in self._batches.items() if b is not batch}
+
+    def slots_used(self) -> int:
+        """Slots held in this sampler's batches."""
+        return sum(len(b.states) for b in self._batches.values())
 
     # -- after an attempt -----------------------------------------------------------------------
     def finish(self, state: ImageState) -> bool:
@@ -237,11 +372,13 @@ class GuidedSampler:
             if not has_scale or state.nan_tries >= self.retry.nan_retries:
                 tried = f" and {state.nan_tries} retries down to scale {self.step_scale(state):g}" if has_scale else ""
                 state.error = f"the sampler produced non-finite values at step {state.failed_at}{tried}"
+                self.release(state)
                 return True
             state.nan_tries += 1
         elif has_scale and bool(self.retry.needs_retry(torch.tensor([state.distance]), state.retries)):
             state.scale, state.retries, state.nan_tries = self.retry.next_scale(state.scale), state.retries + 1, 0
         else:
+            self.release(state)
             return True
         self._begin_attempt(state, tuple(state.x.shape))
         return False

@@ -3,7 +3,8 @@
 One thread — the **core** — does every device operation of the replica: loading the models,
 entropy decoding's tensor side, g_s and the constraint target, the warm start, x_T, the steps
 and graph captures, previews, the exact refinement and the copy of each image to the host (as an
-8-bit array). Callers on any thread (the replica's asyncio loop) only parse the bitstream header
+8-bit array). A preview is the x0 estimate the step computed anyway, reduced on the device and
+copied to the host without a sync (:mod:`.previews`): no extra network call. Callers on any thread (the replica's asyncio loop) only parse the bitstream header
 (pure Python), are admitted or refused at once (:class:`~idemrt.diffusion.QueueFullError`), and
 get a :class:`concurrent.futures.Future`; progress and previews reach them through a callback
 run on the core thread.
@@ -50,6 +51,7 @@ from ..exact import symbols_equal
 from ..images import to_uint8
 from .config import ServeConfig
 from .metrics import EngineMetrics
+from .previews import PreviewCopies
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,7 @@ class DecodeEngine:
         native = max((s for s in sizes if s), default=None)
         self.native_pixels = int(native) ** 2 if native else NATIVE_PIXELS
         self._memory_pixels = None  # on CUDA: what the free memory holds, measured once
+        self.previews = PreviewCopies(config.preview_size)
         self.scheduler = StepScheduler(max_slots=config.max_slots, max_queue=config.queue,
                                        slot_counts=self._slot_counts(), pixel_budget=self._pixel_budget(),
                                        policy=config.batching, batch_wait_s=config.batch_wait_s)
@@ -252,6 +255,7 @@ class DecodeEngine:
             base = torch.cuda.memory_allocated(self.device)
             state = sampler.start(target, 0, shape, warm=decoder.warm_from_target(target), program=program)
             sampler.advance([state])
+            sampler.release(state)
             torch.cuda.synchronize(self.device)
             per_pixel = max(per_pixel, (torch.cuda.max_memory_allocated(self.device) - base) / (side * side))
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -422,6 +426,7 @@ class DecodeEngine:
                 log.exception("decode step failed")
                 self.scheduler.fail([] if out is None else out.run, exc)
                 worked = True
+            self.previews.deliver()
             self.metrics.set_gauges(self.scheduler.stats(), self._inbox.qsize())
             if not worked:
                 self._wake.wait(0.05)
@@ -506,30 +511,14 @@ class DecodeEngine:
         bs = request.bitstream
 
         def report(job) -> None:
-            done = job.state.steps_run
+            state = job.state
+            done = state.steps_run
             request.on_event({"event": "progress", "step": done, "steps": steps})
-            if job.state.running and done % every == 0:
-                image = self._preview(decoder, job.state, bs)
-                if image is not None:
-                    request.on_event({"event": "preview", "step": done, "image": image})
+            if state.running and done % every == 0:  # the step's own x0 estimate (no network call)
+                self.previews.add(state.x0[..., : bs.height, : bs.width],
+                                  lambda image: request.on_event({"event": "preview", "step": done, "image": image}))
 
         return report
-
-    def _preview(self, decoder: Decoder, state, bs) -> Optional[np.ndarray]:
-        """The current x0 estimate of one image, small: one extra UNet forward, fp32, no guidance.
-        None while the image is not finite: the sampler's check (every ``check_every`` steps)
-        decides what happens to it (a retry at a smaller scale, or a decode error)."""
-        with torch.no_grad():
-            i = state.position
-            out = decoder.unet(state.x, decoder.sampler.model_timesteps(i, 1))
-            x0 = decoder.sampler.predict(out, state.x, i).x0[..., : bs.height, : bs.width]
-            if not bool(torch.isfinite(x0).all()):
-                return None
-            side = self.config.preview_size
-            scale = min(1.0, side / max(x0.shape[-2:]))
-            if scale < 1:
-                x0 = torch.nn.functional.interpolate(x0, scale_factor=scale, mode="area")
-            return to_uint8(((x0 + 1) / 2).clamp(0, 1))
 
 
 def _group_key(decoder: Decoder) -> tuple:
