@@ -63,3 +63,45 @@ def test_equal_guidance_is_shared_and_dsg_offsets_align_to_its_interval():
     assert stack_alignment([DSG(interval=3), DSG(interval=3)]) == 3 and stack_alignment([DPS()]) == 1
     with pytest.raises(ValueError, match=r"declare their stack rows \(DPS, DSG\) stack, got \['dps', 'pir'\]"):
         StackedGuidance([DPS(), PIR()], [0, 10], [10, 4])
+
+
+# --- the one factory: a DecodeConfig becomes its program, step key and backend (idemrt.programs) -------
+
+def test_the_factory_groups_programs_by_step_key_and_the_engine_builds_no_decoder(monkeypatch):
+    """DPS and DSG programs of any respacing share a step key, PIR, another constraint or other backend
+    options do not; the engine builds its groups from the factory — no Decoder per program — and each
+    program's rows are its own table's (checked against its sampler alone)."""
+    import idemrt
+    from idemrt.decode_config import DecodeConfig
+    from idemrt.programs import DecodeProgram, build_step_group
+    from idemrt.serve.config import ServeConfig
+    from idemrt.serve.engine import DecodeEngine
+    from idemrt.speeds import SPEEDS
+    from tiny_models import tiny_codec, tiny_unet
+
+    unet, codec = tiny_unet(), tiny_codec()
+    build = lambda **kw: DecodeProgram.build(DecodeConfig(**kw), unet, "cpu")  # noqa: E731
+    paper5, paper3 = build(steps=5), build(steps=3)
+    dsg = DecodeProgram.build(SPEEDS["balanced"], unet, "cpu")
+    assert paper5.step_key() == paper3.step_key() == dsg.step_key()
+    for other in (DecodeProgram.build(SPEEDS["fast"], unet, "cpu"), build(steps=5, constraint="y"),
+                  build(steps=5, backend="fast", backend_options={"graphs": False}), build(steps=5, max_retries=2)):
+        assert other.step_key() != paper5.step_key()
+    group = build_step_group([paper5, dsg], unet, codec, names=["a", "b"])
+    assert [p.offset for p in group.programs] == [0, 5] and group.programs[1].warm_start == dsg.warm_start
+    table = group.sampler.backend.spec.sampler
+    for k in range(dsg.schedule.num_steps):
+        assert torch.equal(table.rows(5 + k), dsg.sampler.rows(k))
+
+    built = []
+    init = idemrt.Decoder.__init__
+    monkeypatch.setattr(idemrt.Decoder, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], unet="in-memory"), codec, unet, device="cpu")
+    try:
+        keys = {key[2:]: v for key, v in engine.programs.items()}
+        assert built == [] and keys["paper", "5"][2] is keys["paper", "3"][2] is keys["balanced", "50"][2]
+        assert keys["paper", "5"][0].step_key() == paper5.step_key() and len(engine.groups) == 2
+    finally:
+        engine.close()
+    decoder = idemrt.Decoder(codec, unet, steps=5, device="cpu")
+    assert decoder.program.step_key() == paper5.step_key() and decoder.steps_run == paper5.steps_run == 5

@@ -147,8 +147,8 @@ def test_no_torch_work_off_the_core_thread(models, data):
                           device="cpu")
     threads = set()
     record = lambda *_: threads.add(threading.get_ident())  # noqa: E731
-    hooks = [m.register_forward_pre_hook(record) for d, _, _ in engine.programs.values() for m in (d.unet, d.codec.model)
-             for m in m.modules()]
+    hooks = [m.register_forward_pre_hook(record) for top in (*engine.priors.values(), *(c.model for c in engine.codecs.values()))
+             for m in top.modules()]
     for sampler in engine.groups:
         step = sampler.backend.step
         sampler.backend.step = lambda *a, _step=step, **k: (record(), _step(*a, **k))[1]

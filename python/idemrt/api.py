@@ -15,15 +15,13 @@ from typing import Optional, Sequence
 import torch
 
 from . import bitstream as bsfmt
-from .backends.base import StepSpec, create_backend
-from .defaults import default_backend, resolve_device
-from .diffusion import (SAMPLERS, GuidedSampler, RetryPolicy, StepScheduler, diffusion_process, make_guidance,
-                        sample_jobs)
-from .diffusion.samplers import make_sampler
+from .defaults import resolve_device
+from .diffusion import SAMPLERS, GuidedSampler, StepScheduler, diffusion_process, sample_jobs
 from .errors import BitstreamError
 from .exact import exact_idempotence
 from .images import load_image, to_pil
 from .models.codec import diffusion_operator
+from .programs import DecodeProgram, StepFunction, build_step_function, group_sampler
 from .decode_config import DecodeConfig
 from .decode_request import check_request
 from .speeds import decode_config, speed_name
@@ -130,25 +128,17 @@ class Decoder:
         self.codec = codec.to(self.device)
         self.unet = unet.to(self.device) if unet is not None else None  # None: MSE decodes only
         self.operator = diffusion_operator(self.codec, cfg.constraint)  # A(x0) in the target's units
-        # The prior's diffusion (an ADM UNet's: 1000 linear steps; a diffusers folder's: its scheduler
-        # config), respaced by ``steps``.
-        self.process = diffusion_process(self.unet)
-        self.schedule = self.process.schedule(cfg.steps)
-        self.warm_start = self.schedule.warm_start(cfg.start)
-        # Network evaluations of one image (a warm start skips the steps above t0).
-        self.steps_run = self.schedule.num_steps if self.warm_start is None else self.warm_start.position + 1
-        self.sampler = make_sampler(cfg.sampler, self.schedule, eta=cfg.eta, process=self.process).to(self.device)
-        self.guidance = make_guidance(cfg.guidance, scale=cfg.scale, interval=cfg.interval,
-                                      options=cfg.guidance_options)
-        self.retry = RetryPolicy(threshold=cfg.retry_threshold, max_retries=cfg.max_retries,
-                                 nan_retries=cfg.nan_retries)
+        # The config made concrete for this prior (idemrt.programs, the one factory, the engine's too): the
+        # prior's diffusion (an ADM UNet's: 1000 linear steps; a diffusers folder's: its scheduler config)
+        # respaced by ``steps``, the warm start, the sampler's table, the guidance, the retry policy.
+        self.program = p = DecodeProgram.build(cfg, self.unet, self.device)
+        self.process, self.schedule, self.warm_start, self.sampler = p.process, p.schedule, p.warm_start, p.sampler
+        self.guidance, self.retry, self.steps_run = p.guidance, p.retry, p.steps_run
         self.check_every, self.progress, self.max_pixels = cfg.check_every, progress, max_pixels
         self.deterministic = cfg.deterministic
-        self.backend_name, self.backend_options = default_backend(self.device, cfg.backend), dict(cfg.backend_options)
+        self.backend_name, self.backend_options, self.dtype = p.backend_name, dict(cfg.backend_options), p.dtype
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
-        # A prior may name the dtype it computes in (a diffusers prior: float32, not the fast backend's bf16).
-        dtype = getattr(self.unet, "compute_dtype", None) if cfg.dtype is None else cfg.dtype
-        self.dtype, self._backend, self._lock, self._local = dtype, None, threading.Lock(), threading.local()
+        self._backend, self._lock, self._local = None, threading.Lock(), threading.local()
 
     @property
     def last(self) -> DecodeStats:
@@ -164,35 +154,31 @@ class Decoder:
             raise ValueError("this Decoder has no UNet: only mode='mse' decodes are possible")
         with self._lock:
             if self._backend is None:
-                self._backend = _create_backend(self)
+                self._backend = build_step_function([self.program], self.unet, self.codec).backend
             return self._backend
 
     def guided_sampler(self) -> GuidedSampler:
         """Per-image sampling over this decoder's backend (what a decode service's scheduler drives)."""
-        return GuidedSampler(self.backend, self.schedule.num_steps, device=self.device,
-                             scale=None if self.guidance is None else self.guidance.default_scale(), retry=self.retry,
-                             noise_device=self.noise_device, check_every=self.check_every,
-                             warm_start=self.warm_start, deterministic=self.deterministic)
+        fn = StepFunction(self.backend, self.schedule.num_steps, [0])
+        return group_sampler(fn, [self.program], noise_device=self.noise_device).sampler
 
     def scheduler(self, max_slots: int = 16, max_queue: int = 256) -> StepScheduler:
         """A step scheduler (continuous batching) over this decoder: see :mod:`idemrt.diffusion.scheduler`."""
         return StepScheduler(self.guided_sampler(), max_slots=max_slots, max_queue=max_queue)
 
     def step(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor, scale=None):
-        """One guided step, a pure function: ``(x_prev, distance)`` with distance per sample (N,);
-        ``i`` an int or one per sample, ``scale`` None or the (N,) DPS scales."""
+        """One guided step, a pure function: ``(x_prev, distance)`` with distance per sample (N,), and
+        the step's x0 estimate as ``.x0`` (:class:`~idemrt.diffusion.step.StepResult`); ``i`` an int or
+        one per sample, ``scale`` None or the (N,) DPS scales."""
         return self.backend.step(x_t, i, target, noise, scale)
 
     def target_from_latent(self, y_hat: torch.Tensor, constraint: Optional[str] = None) -> torch.Tensor:
         """The constraint target the reference forms: unclamped 2·g_s(y_hat) - 1, or y_hat itself."""
-        with torch.no_grad():
-            return 2 * self.codec.synthesis(y_hat) - 1 if (constraint or self.constraint) == "x" else y_hat
+        return target_from_latent(self.codec, y_hat, constraint or self.constraint)
 
     def warm_from_target(self, target: torch.Tensor) -> Optional[torch.Tensor]:
         """The warm start's x_mse in [-1, 1] (2·g_s(y_hat) - 1, clamped) from a target; None without one."""
-        if self.warm_start is None:
-            return None
-        return (target if self.constraint == "x" else self.target_from_latent(target, "x")).clamp(-1, 1)
+        return warm_from_target(self.codec, target, self.constraint, self.warm_start)
 
     def sample(self, target: torch.Tensor, seed=None, x_T: Optional[torch.Tensor] = None, shape=None):
         """Run the guided sampler for a batch of targets: ``(x, distance)``, x in [-1, 1] fp32.
@@ -235,34 +221,53 @@ class Decoder:
         """Everything before the loop: the parsed bitstream (bytes are parsed here, a
         :class:`~idemrt.bitstream.Bitstream` is taken as parsed), its latent, and for a perceptual
         decode the constraint target and the warm start."""
-        bs = bitstream if isinstance(bitstream, bsfmt.Bitstream) else read_bitstream(self.codec, bitstream, self.max_pixels)
-        y_hat = entropy_decode(self.codec, bs)
-        target = self.target_from_latent(y_hat) if mode == "perceptual" else None
-        warm = None if target is None else self.warm_from_target(target)
-        return Prepared(bs, y_hat, target, warm, int(seed))
+        return prepare_image(self.codec, bitstream, seed, mode, constraint=self.constraint,
+                             warm_start=self.warm_start, max_pixels=self.max_pixels)
 
     def finish(self, prepared: Prepared, result=None) -> tuple:
         """Everything after the loop: ``(image (1, 3, H, W) in [0, 1] on the CPU, cropped to the stored
         size; exact-refinement facts or None)``. ``result``: the sampler's
         :class:`~idemrt.diffusion.JobResult`, or None for the MSE decode."""
-        bs, extra = prepared.bitstream, None
-        if result is None:
-            with torch.no_grad():  # frozen codec: no graph
-                image = self.codec.synthesis(prepared.y_hat).clamp_(0, 1)
-        else:
-            image = ((result.x + 1) / 2).clamp_(0, 1)
-            if self.exact:
-                r = exact_idempotence(self.codec, image, prepared.y_hat)
-                image, extra = r.x, {"before": r.before, "after": r.after, "steps": r.steps}
-        return image[..., : bs.height, : bs.width].float().cpu(), extra
+        return finish_image(self.codec, prepared, result, exact=self.exact)
 
 
-def _create_backend(decoder: Decoder):
-    spec = StepSpec(unet=decoder.unet, operator=decoder.operator if decoder.guidance is not None else None,
-                    codec=decoder.codec, constraint=decoder.constraint, sampler=decoder.sampler,
-                    guidance=decoder.guidance, tile=decoder.config.tile)
-    return create_backend(decoder.backend_name, spec, device=decoder.device, dtype=decoder.dtype,
-                          **decoder.backend_options)
+# -- the two halves as functions of the codec and the program's settings (the engine calls them too) ------
+@torch.no_grad()
+def prepare_image(codec, bitstream, seed: int = 0, mode: str = "perceptual", *, constraint: str = "x",
+                  warm_start=None, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS) -> Prepared:
+    """:meth:`Decoder.prepare` of a decoder of ``codec`` with this constraint and warm start."""
+    bs = bitstream if isinstance(bitstream, bsfmt.Bitstream) else read_bitstream(codec, bitstream, max_pixels)
+    y_hat = entropy_decode(codec, bs)
+    target = target_from_latent(codec, y_hat, constraint) if mode == "perceptual" else None
+    warm = None if target is None else warm_from_target(codec, target, constraint, warm_start)
+    return Prepared(bs, y_hat, target, warm, int(seed))
+
+
+def finish_image(codec, prepared: Prepared, result=None, *, exact: bool = False) -> tuple:
+    """:meth:`Decoder.finish` of a decoder of ``codec`` (``exact``: its exact refinement)."""
+    bs, extra = prepared.bitstream, None
+    if result is None:
+        with torch.no_grad():  # frozen codec: no graph
+            image = codec.synthesis(prepared.y_hat).clamp_(0, 1)
+    else:
+        image = ((result.x + 1) / 2).clamp_(0, 1)
+        if exact:
+            r = exact_idempotence(codec, image, prepared.y_hat)
+            image, extra = r.x, {"before": r.before, "after": r.after, "steps": r.steps}
+    return image[..., : bs.height, : bs.width].float().cpu(), extra
+
+
+@torch.no_grad()
+def target_from_latent(codec, y_hat: torch.Tensor, constraint: str) -> torch.Tensor:
+    """The constraint target the reference forms: unclamped 2·g_s(y_hat) - 1, or y_hat itself."""
+    return 2 * codec.synthesis(y_hat) - 1 if constraint == "x" else y_hat
+
+
+def warm_from_target(codec, target: torch.Tensor, constraint: str, warm_start) -> Optional[torch.Tensor]:
+    """The warm start's x_mse in [-1, 1] (2·g_s(y_hat) - 1, clamped) from a target; None without one."""
+    if warm_start is None:
+        return None
+    return (target if constraint == "x" else target_from_latent(codec, target, "x")).clamp(-1, 1)
 
 
 def _sample(decoder: Decoder, targets: list, seeds: list, shapes: list, x_Ts: list, stats: DecodeStats) -> list:

@@ -98,7 +98,7 @@ class DecoderReplica:
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve's ``user_config`` (max_slots, queue, pixel_budget): applied without a restart."""
-        self.engine.reconfigure(**user_config).result(timeout=300)  # applied by the core between two steps
+        self.engine.reconfigure(**user_config)  # applied by the core between two steps
 
     def info(self) -> dict:
         return {"replica": self.replica, "weights_hash": self.engine.weights_hash.hex(), **self.engine.stats()}

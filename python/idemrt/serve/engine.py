@@ -17,15 +17,19 @@ step, update, finish or a callback, or the engine closed (:class:`EngineClosedEr
 :meth:`DecodeEngine.reconfigure` only queues the new values; the core applies them between two
 steps, in order with the requests submitted around it.
 
-Every allowed (speed, respacing) pair is a **program**: a :class:`~idemrt.diffusion.Program` — its
-rows in a step table, its DPS scale, its warm start — plus the :class:`~idemrt.Decoder` that
-prepares and finishes its images. Programs whose step functions are the same — the same sampler
-family (:meth:`Sampler.family`) and guidance step kind (:attr:`Guidance.step_kind`; DPS and DSG
-stack into one :class:`~idemrt.diffusion.guidance.StackedGuidance`) — form one **group**: one
-stacked step table, one backend (one set of CUDA graphs), one :class:`GuidedSampler`. A 1000-step,
-a 100-step and a warm-started 20-step image of one group then share a batched step. One
-:class:`~idemrt.diffusion.StepScheduler` holds the jobs of every group (priorities, deadlines,
-the pixel budget, preemption).
+Every allowed (codec, prior, speed, respacing) is a **program**, made by the one factory the
+Decoder uses too (:mod:`idemrt.programs`): a :class:`~idemrt.programs.DecodeProgram` (the
+config made concrete: table, guidance, warm start, retries) and its
+:class:`~idemrt.diffusion.Program` — its rows in a step table, its DPS scale, its warm start.
+Programs of one codec and prior with equal step keys (:meth:`DecodeProgram.step_key`: sampler
+family, guidance step kind — DPS and DSG stack into one
+:class:`~idemrt.diffusion.guidance.StackedGuidance` —, constraint, backend settings) form one
+**group**: one stacked step table, one backend (one set of CUDA graphs), one
+:class:`GuidedSampler`. A 1000-step, a 100-step and a warm-started 20-step image of one group then
+share a batched step. Images are prepared and finished by functions of the codec and the
+program's settings (:func:`idemrt.api.prepare_image`, :func:`~idemrt.api.finish_image`): no
+Decoder is built per program. One :class:`~idemrt.diffusion.StepScheduler` holds the jobs of every
+group (priorities, deadlines, the pixel budget, preemption).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -41,12 +45,12 @@ import numpy as np
 import torch
 
 from .. import bitstream as bsfmt
-from ..api import Decoder, read_bitstream
+from ..api import finish_image, prepare_image, read_bitstream, warm_from_target
 from ..errors import ModelNotFoundError
-from ..backends.base import StepSpec, create_backend
-from ..diffusion import GuidedSampler, Program, StackedSampler, StepScheduler
-from ..diffusion.guidance import stack_alignment, stack_guidance
+from ..diffusion import StepScheduler
 from ..diffusion.scheduler import EngineClosedError, Job, RequestStatus, check_budget
+from ..models.codec import diffusion_operator
+from ..programs import DecodeProgram, build_step_group
 from ..exact import symbols_equal
 from ..images import to_uint8
 from .config import ServeConfig
@@ -170,31 +174,28 @@ class DecodeEngine:
         self.default_prior = config.prior if config.models else None
         if config.models and self.default_prior is None and len(priors) == 1:
             self.default_prior = next(iter(priors))
-        # (codec id, prior id, speed, steps) -> (Decoder, Program, GuidedSampler); ids are None without a store.
+        # (codec id, prior id, speed, steps) -> (DecodeProgram, Program, GuidedSampler); ids are None without a store.
         self.programs: dict = {}
-        self.mse_decoders: dict = {}  # codec id -> Decoder
         self.weights_hashes: dict = {}  # codec id -> weights_hash (cached: check() then does no torch work)
         self.groups = []
         for codec_id, codec in codecs.items():
-            decoders = {}
-            for prior_id, unet in (priors.items() or [(None, None)]):
+            codecs[codec_id] = codec = codec.to(self.device)
+            self.weights_hashes[codec_id] = codec.weights_hash()
+            for prior_id, unet in priors.items():
+                unet = unet.to(self.device)
+                by_group: dict = {}  # programs of one codec and one prior share a step function, never across
                 for speed in config.speeds_allowed:
                     for steps in config.steps_for(speed):
-                        decoders[(codec_id, prior_id, speed, steps)] = Decoder(
-                            codec, unet, config=config.decode_config(speed, steps), device=self.device,
-                            max_pixels=config.max_pixels)
-            first = next(iter(decoders.values()))
-            self.mse_decoders[codec_id] = first
-            self.weights_hashes[codec_id] = first.codec.weights_hash()
-            by_group: dict = {}  # programs of one codec and one prior share a step function, never across
-            for key, d in decoders.items():
-                if d.unet is not None:
-                    by_group.setdefault((key[0], key[1], *_group_key(d)), []).append(key)
-            for keys in by_group.values():
-                self._build_group([(k, decoders[k]) for k in keys])
+                        program = DecodeProgram.build(config.decode_config(speed, steps), unet, self.device)
+                        by_group.setdefault(program.step_key(), []).append(((codec_id, prior_id, speed, steps), program))
+                for members in by_group.values():
+                    group = build_step_group([p for _, p in members], unet, codec,
+                                             names=[f"{key[2]}/{key[3]}" for key, _ in members])
+                    self.groups.append(group.sampler)
+                    for (key, p), program in zip(members, group.programs):
+                        self.programs[key] = (p, program, group.sampler)
         first_id = next(iter(codecs))
-        self.mse_decoder = self.mse_decoders[first_id]
-        self.codec = self.mse_decoder.codec  # the first codec: /v1/encode's without a store
+        self.codec = codecs[first_id]  # the first codec: /v1/encode's without a store
         self.weights_hash = self.weights_hashes[first_id]
         sizes = [getattr(getattr(u, "config", None), "image_size", None) for u in priors.values()]
         native = max((s for s in sizes if s), default=None)
@@ -204,27 +205,6 @@ class DecodeEngine:
         self.scheduler = StepScheduler(max_slots=config.max_slots, max_queue=config.queue,
                                        slot_counts=self._slot_counts(), pixel_budget=self._pixel_budget(),
                                        policy=config.batching, batch_wait_s=config.batch_wait_s)
-
-    def _build_group(self, members: list) -> None:
-        """One stacked step table, guidance, backend and GuidedSampler for ``members`` [(key, Decoder)]."""
-        decoders = [d for _, d in members]
-        guidances = [d.guidance for d in decoders]
-        align = stack_alignment(guidances) if len(set(guidances)) == 1 else 1
-        stacked = StackedSampler([d.sampler for d in decoders], align=align)
-        lengths = [d.schedule.num_steps for d in decoders]
-        guidance = None if guidances[0] is None else stack_guidance(guidances, stacked.offsets, lengths)
-        d0 = decoders[0]
-        spec = StepSpec(unet=d0.unet, operator=d0.operator if guidance is not None else None, codec=d0.codec,
-                        constraint=d0.constraint, sampler=stacked, guidance=guidance)
-        backend = create_backend(d0.backend_name, spec, device=d0.device, dtype=d0.dtype, **d0.backend_options)
-        sampler = GuidedSampler(backend, stacked.num_steps, device=d0.device, retry=d0.retry,
-                                noise_device=d0.noise_device, check_every=d0.check_every,
-                                deterministic=d0.deterministic)
-        self.groups.append(sampler)
-        for (key, d), offset, n in zip(members, stacked.offsets, lengths):
-            scale = None if d.guidance is None else d.guidance.default_scale()
-            program = Program(n, scale, d.warm_start, offset=offset, name=f"{key[2]}/{key[3]}")
-            self.programs[key] = (d, program, sampler)
 
     def _slot_counts(self):
         counts = [getattr(g.backend, "slot_counts", None) for g in self.groups]
@@ -247,13 +227,15 @@ class DecodeEngine:
         side = int(round(self.native_pixels ** 0.5))
         shape, per_pixel = (1, 3, side, side), 0.0
         for sampler in self.groups:
-            decoder, program = next((d, p) for d, p, s in self.programs.values() if s is sampler)
+            (codec_id, _, _, _), (plan, program, _) = next((k, v) for k, v in self.programs.items() if v[2] is sampler)
+            codec, constraint = self.codecs[codec_id], plan.config.constraint
             with torch.no_grad():
-                target = decoder.operator(torch.rand(shape, device=self.device) * 2 - 1)
+                target = diffusion_operator(codec, constraint)(torch.rand(shape, device=self.device) * 2 - 1)
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-            state = sampler.start(target, 0, shape, warm=decoder.warm_from_target(target), program=program)
+            state = sampler.start(target, 0, shape, warm=warm_from_target(codec, target, constraint, plan.warm_start),
+                                  program=program)
             sampler.advance([state])
             sampler.release(state)
             torch.cuda.synchronize(self.device)
@@ -354,18 +336,21 @@ class DecodeEngine:
         return call.future
 
     def reconfigure(self, *, max_slots: Optional[int] = None, queue: Optional[int] = None,
-                    pixel_budget: Optional[int] = None) -> Future:
+                    pixel_budget: Optional[int] = None) -> None:
         """Change the tunables that need no restart (Ray Serve's ``user_config``). Checks the values
-        and queues them (ValueError at once for bad ones); the core applies them between two steps,
-        after the requests submitted before and before those submitted after. Returns a Future of
-        that (None once applied)."""
+        (ValueError at once for bad ones) and queues them; the core applies them between two steps,
+        after the requests submitted before and before those submitted after. Returns once they
+        are applied (this thread does no torch work: on CUDA the budget's measurement runs on the core)."""
         new = {"max_slots": max_slots, "queue": queue, "pixel_budget": pixel_budget}
         merged = {k: getattr(self.config, k) if v is None else v for k, v in new.items()}
         check_budget(merged["max_slots"], merged["queue"], merged["pixel_budget"] or 0)
         values = {k: int(v) for k, v in new.items() if v is not None}
         call = _Call(lambda: self._apply_config(values), admitted=False)
         self._enqueue(call, lambda: None)
-        return call.future
+        while not wait([call.future], timeout=1.0).done:  # the core applies it after its current step
+            if not self.alive:
+                raise RuntimeError("the engine's core is not running")
+        call.future.result()
 
     def _apply_config(self, values: dict) -> None:
         """On the core: the new tunables in the config and the scheduler's budget."""
@@ -474,29 +459,31 @@ class DecodeEngine:
     def _start(self, request: DecodeRequest) -> None:
         """Prepare a request (entropy decode, target, warm start) and start its sampling; an MSE
         decode ends here."""
+        codec = self.codecs[request.codec]
         if request.mode == "mse":
-            decoder = self.mse_decoders[request.codec]
-            prepared = decoder.prepare(request.bitstream, request.seed, "mse")
-            self.scheduler.end(request, RequestStatus.FINISHED, result=self._decoded(request, decoder, prepared, None))
+            prepared = prepare_image(codec, request.bitstream, request.seed, "mse")
+            self.scheduler.end(request, RequestStatus.FINISHED, result=self._decoded(request, None, prepared, None))
             return
-        decoder, program, sampler = self.programs[request.program_key]
-        prepared = decoder.prepare(request.bitstream, request.seed)
+        plan, program, sampler = self.programs[request.program_key]
+        prepared = prepare_image(codec, request.bitstream, request.seed, constraint=plan.config.constraint,
+                                 warm_start=plan.warm_start)
         request.sampler = sampler
-        request.finish = lambda result: self._decoded(request, decoder, prepared, result)
-        request.on_step = None if request.on_event is None else self._reporter(decoder, request)
+        request.finish = lambda result: self._decoded(request, plan, prepared, result)
+        request.on_step = None if request.on_event is None else self._reporter(request)
         self.scheduler.start(request, prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
                              program=program)
 
-    def _decoded(self, request: DecodeRequest, decoder: Decoder, prepared, result) -> Decoded:
+    def _decoded(self, request: DecodeRequest, plan: Optional[DecodeProgram], prepared, result) -> Decoded:
         """Everything after sampling (exact refinement, crop, the host copy as 8-bit, the
-        re-compression check), on the core."""
-        image, _ = decoder.finish(prepared, result)
+        re-compression check), on the core. ``plan``/``result``: None for an MSE decode."""
+        codec = self.codecs[request.codec]
+        image, _ = finish_image(codec, prepared, result, exact=plan is not None and plan.config.exact)
         pixels = to_uint8(image)
         seconds = time.monotonic() - request.submitted
-        steps = 0 if result is None else self.programs[request.program_key][1].steps_run
+        steps = 0 if result is None else plan.steps_run
         self.metrics.observe_decode(request.speed, seconds)
         return Decoded(image, pixels, 0.0 if result is None else result.distance, steps, seconds, request.speed,
-                       self._recompressed(pixels, prepared.y_hat, decoder.codec))
+                       self._recompressed(pixels, prepared.y_hat, codec))
 
     def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor, codec=None) -> float:
         """The re-compression check of what the client receives: the fraction of latent symbols
@@ -505,8 +492,8 @@ class DecodeEngine:
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(codec.device, torch.float32).div_(255)
         return symbols_equal(codec, codec.pad(x)[0], y_hat)
 
-    def _reporter(self, decoder: Decoder, request: DecodeRequest):
-        steps = self.programs[request.program_key][1].steps_run
+    def _reporter(self, request: DecodeRequest):
+        steps = self.programs[request.program_key][0].steps_run
         every = self.config.preview_every or max(1, steps // 10)
         bs = request.bitstream
 
@@ -519,13 +506,3 @@ class DecodeEngine:
                                   lambda image: request.on_event({"event": "preview", "step": done, "image": image}))
 
         return report
-
-
-def _group_key(decoder: Decoder) -> tuple:
-    """Programs with equal keys share a step function (see the module doc)."""
-    g = decoder.guidance
-    kind = "none" if g is None else g.step_kind
-    # A proximal guidance's data step is part of the step function: only equal ones share it.
-    return (decoder.sampler.family(), kind, g if kind == "proximal" else None)
-
-
