@@ -30,9 +30,10 @@ SMALL = textwrap.dedent('''
     loaded = cache.load()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU())
-    x = torch.randn(1, 3, 8, 8, requires_grad=True)
-    (grad,) = torch.autograd.grad(torch.compile(model)(x).sum(), x)
-    saved = cache.save()
+    batch = int(sys.argv[2])  # one part per batch size, as the fast backend saves one per step shape
+    x = torch.randn(batch, 3, 8, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.compile(model, dynamic=False)(x).sum(), x)
+    saved = cache.save(part=batch)
     print(json.dumps({"loaded": loaded, "saved": saved, "grad": grad.sum().item(),
                       "inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"])}))
 ''')
@@ -47,12 +48,17 @@ def _run(script, cache_dir, inductor_dir, *args, timeout=600):
 
 
 def test_second_process_compiles_nothing(tmp_path):
-    first = _run(SMALL, tmp_path / "cache", tmp_path / "inductor1")
+    first = _run(SMALL, tmp_path / "cache", tmp_path / "inductor1", "1")
     assert not first["loaded"] and first["saved"]
     assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1  # it compiled
     (path,) = (tmp_path / "cache").iterdir()
     assert path.suffix == ".bin" and not list((tmp_path / "cache").glob("*.tmp"))
-    second = _run(SMALL, tmp_path / "cache", tmp_path / "inductor2")
+    # A process that runs another shape compiles it and keeps it in a part of its own ...
+    other = _run(SMALL, tmp_path / "cache", tmp_path / "inductor2", "2")
+    assert other["loaded"] and other["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    # ... and a third one, running the first shape, compiles nothing: the first part survived
+    second = _run(SMALL, tmp_path / "cache", tmp_path / "inductor3", "1")
     assert second["loaded"]
     assert second["inductor"].get("fxgraph_cache_miss", 0) == 0  # nothing compiled ...
     assert second["inductor"].get("fxgraph_cache_hit", 0) == first["inductor"]["fxgraph_cache_miss"]
@@ -96,10 +102,12 @@ def test_a_missing_file_is_a_silent_miss(tmp_path, caplog):
 def test_save_writes_atomically_and_never_raises(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"ARTIFACTS", None))
     cache = _cache(tmp_path / "deep" / "dir")
-    assert cache.save() is True
-    head, _, body = cache.path.read_bytes().partition(b"\n")
+    assert cache.save(part=("guided_fn", (1, 3, 32, 32))) is True
+    path = cache.part_path(("guided_fn", (1, 3, 32, 32)))
+    head, _, body = path.read_bytes().partition(b"\n")
     assert json.loads(head) == cache.key and body == b"ARTIFACTS"
-    assert [p.name for p in cache.path.parent.iterdir()] == [cache.path.name]  # no temporary left
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    assert path.name.startswith(cache.name) and path != cache.part_path(("guided_fn", (2, 3, 32, 32)))
     blocked = tmp_path / "file"
     blocked.write_text("a file where the directory should be")
     with caplog.at_level(logging.WARNING, logger=cc.__name__):

@@ -4,14 +4,21 @@ torch.compile's costly part is inductor's code generation (and, with max-autotun
 benchmarking); PyTorch can serialise what it produced (``torch.compiler.save_cache_artifacts``)
 and put it back into its caches in another process (``torch.compiler.load_cache_artifacts``),
 after which dynamo still traces but inductor compiles nothing (its FX-graph and AOTAutograd
-caches hit). The fast backend loads the file when it is created and saves it after the first run
-of each new step shape, so the first start pays the compile and later ones (``idemrt serve``,
+caches hit). The fast backend loads the cache when it is created and saves after the first run of
+each new step shape, so the first start pays the compile and later ones (``idemrt serve``,
 ``Decoder``, ``benchmarks/latency.py``) do not.
+
+One file per key and part (the fast backend's part: a step kind and shape): torch serialises what
+this process compiled or used, not what it loaded and did not use, so one file rewritten by a
+process that ran other shapes would lose the first process's; a file per part keeps each. Loading
+reads every part of the key.
 
 Key: the machine (GPU name, or the CPU's model name), torch, Triton and the model's digest (its
 structure and the backend's options: compiled code does not depend on weight values, which
 inductor receives as inputs). The file name is a hash of the key, and the file starts with the key
-itself, so a copied or renamed file made for another key is recognised. A missing file is a miss;
+itself, so a copied or renamed file made for another key is recognised. Concurrent writers of one
+part (replicas starting together) are harmless: the last rename wins, and both wrote the same
+shapes. A missing file is a miss;
 a mismatched, unreadable or corrupt one is ignored with one log line (never an exception); files
 are written to a temporary name and renamed, so a reader never sees half a file.
 
@@ -87,26 +94,35 @@ def _triton_version() -> Optional[str]:
 
 
 class CompileCache:
-    """One cache file: ``load()`` before the first compile, ``save()`` after a warm-up."""
+    """The cache files of one key: ``load()`` before the first compile, ``save(part)`` after a warm-up."""
 
     def __init__(self, directory, *, device: torch.device, digest: str):
         self.key = {"format": FORMAT, "machine": machine_name(device), "torch": torch.__version__,
                     "triton": _triton_version(), "model": digest}
-        name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
-        self.path = Path(directory).expanduser() / f"{name}.bin"
+        self.directory = Path(directory).expanduser()
+        self.name = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:24]
+        self.path = self.part_path(None)
+
+    def part_path(self, part) -> Path:
+        """The file of ``part`` (any value with a stable repr; None: the key's plain file)."""
+        if part is None:
+            return self.directory / f"{self.name}.bin"
+        return self.directory / f"{self.name}-{hashlib.sha256(repr(part).encode()).hexdigest()[:12]}.bin"
 
     def load(self) -> bool:
-        """Put the file's artifacts into torch's caches; False (and one log line unless the file
-        does not exist) when there is nothing usable."""
+        """Put the artifacts of every part of this key into torch's caches; False when there was
+        nothing usable (one log line per file that exists but cannot be used)."""
+        paths = sorted(self.directory.glob(f"{self.name}*.bin")) if self.directory.is_dir() else []
+        return sum(self._load(path) for path in paths) > 0
+
+    def _load(self, path: Path) -> bool:
         with _LOADED_LOCK:
-            if self.path in _LOADED:
+            if path in _LOADED:
                 return True
             try:
-                data = self.path.read_bytes()
-            except FileNotFoundError:
-                return False
+                data = path.read_bytes()
             except OSError as exc:
-                log.warning("compile cache %s unreadable (%s); ignored", self.path, exc)
+                log.warning("compile cache %s unreadable (%s); ignored", path, exc)
                 return False
             head, sep, artifacts = data.partition(b"\n")
             try:
@@ -115,7 +131,7 @@ class CompileCache:
                 key = None
             if key != self.key:
                 what = "is not a compile cache file" if key is None else f"was made for {key}, not {self.key}"
-                log.warning("compile cache %s %s; ignored", self.path, what)
+                log.warning("compile cache %s %s; ignored", path, what)
                 return False
             # torch reports unreadable artifacts by returning None after a logged traceback of its
             # own; that traceback is silenced here, the one line below says it.
@@ -130,14 +146,14 @@ class CompileCache:
             finally:
                 torch_log.setLevel(level)
             if problem is not None:
-                log.warning("compile cache %s could not be loaded (%s); ignored", self.path, problem)
+                log.warning("compile cache %s could not be loaded (%s); ignored", path, problem)
                 return False
-            _LOADED.add(self.path)
+            _LOADED.add(path)
             return True
 
-    def save(self) -> bool:
-        """Write what this process has compiled so far (atomically); False if there was nothing or
-        the directory is not writable (one log line)."""
+    def save(self, part=None) -> bool:
+        """Write what this process has compiled or used so far as ``part``'s file (atomically);
+        False if there was nothing or the directory is not writable (one log line)."""
         try:
             out = torch.compiler.save_cache_artifacts()
         except Exception as exc:  # noqa: BLE001 - saving is an optimisation, never a failure
@@ -145,19 +161,21 @@ class CompileCache:
             return False
         if out is None:
             return False
+        path = self.part_path(part)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # the temporary name does not end in .bin, so a concurrent load() never reads it
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(json.dumps(self.key, sort_keys=True).encode() + b"\n" + out[0])
-                os.replace(tmp, self.path)
+                os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)
                 raise
         except OSError as exc:
-            log.warning("compile cache %s not written (%s)", self.path, exc)
+            log.warning("compile cache %s not written (%s)", path, exc)
             return False
         with _LOADED_LOCK:
-            _LOADED.add(self.path)  # what is in the file is in this process's caches already
+            _LOADED.add(path)  # what is in the file is in this process's caches already
         return True

@@ -277,7 +277,7 @@ class FastBackend:
         compiled in the compile cache, for the next process."""
         if self._cache is not None and key not in self._cached_keys:
             self._cached_keys.add(key)
-            self._cache.save()
+            self._cache.save(part=key)
 
     @property
     def slot_counts(self):
