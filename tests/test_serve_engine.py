@@ -385,3 +385,20 @@ def test_previews_cost_no_network_call(models, data):
     # the preview after step k is the x0 the step predicted: close to the result at the last steps
     last = previews[-1]["image"].astype(np.float32)
     assert np.abs(last - result.pixels.astype(np.float32)).mean() < 40
+
+
+def test_a_preview_is_the_8bit_image_of_the_downscaled_estimate():
+    """PreviewCopies reduces on the device exactly as an area downscale followed by the service's
+    8-bit conversion (idemrt.images.to_uint8, computed here apart), and drops a non-finite estimate."""
+    from idemrt.images import to_uint8
+    from idemrt.serve.previews import PreviewCopies
+
+    x0 = torch.rand(1, 3, 100, 80, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # beyond [-1, 1] too
+    got, copies = [], PreviewCopies(64)
+    copies.add(x0, got.append)
+    small = torch.nn.functional.interpolate(x0, scale_factor=64 / 100, mode="area")
+    assert len(got) == 1 and got[0].shape == (64, 51, 3) and copies.deliver() == 0
+    assert np.array_equal(got[0], to_uint8(((small + 1) / 2).clamp(0, 1)))
+    x0[0, 1, 5, 5] = float("nan")
+    copies.add(x0, got.append)
+    assert len(got) == 1

@@ -315,7 +315,7 @@ class GuidedSampler:
         """Each image's step noise into its slot, from its own generator (the documented order)."""
         noise = batch.noise if batch.noise_device == batch.device else batch.noise_host
         for k, s in enumerate(batch.states):
-            torch.randn(batch.x_shape, generator=s.generator, device=self.noise_device, out=noise[k])
+            torch.randn(batch.x_shape, generator=s.generator, out=noise[k])  # on the generator's device, as out
         if noise is not batch.noise:  # not non_blocking: the next step overwrites the host buffer
             batch.noise[: len(batch.states)].copy_(noise[: len(batch.states)])
 

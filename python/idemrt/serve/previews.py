@@ -35,9 +35,9 @@ class PreviewCopies:
             x0 = torch.nn.functional.interpolate(x0, scale_factor=scale, mode="area")
         finite = torch.isfinite(x0).all().reshape(1)
         # 8 bits as idemrt.images.to_uint8 rounds them: floor(x·255 + 0.5), clamped
-        pixels = ((x0[0] + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        pixels = ((x0[0] + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
         if x0.device.type != "cuda":
-            self._pending.append((None, pixels.contiguous(), finite, deliver))
+            self._pending.append((None, pixels, finite, deliver))
         else:
             host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
             flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
