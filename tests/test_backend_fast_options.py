@@ -307,3 +307,43 @@ def test_elic_under_triton_kernels_equals_eager(unet, elic, monkeypatch):
     got_x, got_d = FastBackend(spec, device=CPU, dtype=torch.float32, kernels="triton").step(x, 5, target, noise)
     assert want_d.min() > 0
     assert rel_err(got_x, want_x) <= 1e-5 and rel_err(got_d, want_d) <= 1e-5
+
+
+# --- GPU (-m gpu; what a lease checks before gpu_variants.py times the same options) -------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def exact_fp32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("options", [
+    {"kernels": "triton", "triton_passes": {"groupnorm_silu": "fwd", "gdn": "fwd", "step": "fwd"}},
+    {"kernels": "triton", "triton_passes": {"groupnorm_silu": "none", "gdn": "none", "step": "none"}},
+    {"kernels": "torch", "operator_channels_last": True},
+    {"kernels": "torch", "cudnn_benchmark": False},
+    pytest.param({"kernels": "torch", "compile": "blocks"}, marks=pytest.mark.slow),
+], ids=["triton-fwd", "triton-none", "operator-channels-last", "no-cudnn-benchmark", "compile-blocks"])
+def test_gpu_options_replay_the_plain_step(unet, codec, exact_fp32, tmp_path, options):
+    """In float32 (TF32 off) each option's captured step equals the plain fast backend's, and one
+    graph serves every step."""
+    import copy as copy_module
+
+    dev = torch.device("cuda")
+    spec = make_spec(copy_module.deepcopy(unet).to(dev), copy_module.deepcopy(codec).to(dev))
+    spec.sampler = spec.sampler.to(dev)
+    x, noise, target = (t.to(dev) for t in inputs(codec))
+    plain = FastBackend(spec, device=dev, dtype=torch.float32, kernels="torch")
+    other = FastBackend(spec, device=dev, dtype=torch.float32, compile_cache=tmp_path, **options)
+    for i in (9, 0):
+        want_x, want_d = plain.step(x, i, target, noise)
+        got_x, got_d = other.step(x, i, target, noise)
+        assert rel_err(got_x, want_x) <= 1e-4 and rel_err(got_d, want_d) <= 1e-4
+    assert other.num_graphs == 1
