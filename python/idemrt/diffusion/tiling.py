@@ -47,8 +47,9 @@ from torch import Tensor
 __all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "describe_tiling", "native_size", "tile_layout"]
 
 BLEND_WEIGHTS = ("ramp", "gaussian", "uniform")
-# Windows per UNet call. An FFHQ-256 window's forward + backward holds about 2 GB of fp32 activations
-# on the CPU (benchmarks/RESULTS.md, "Tiled decoding: peak memory"): 2 keeps a step near 6 GB.
+# Windows per UNet call. On the CPU an FFHQ-256 window's forward + backward holds about 2 GB of fp32
+# activations: a 512² DPS decode peaked at 3.5 GB with 1 window a call and passed 12 GB with 8
+# (benchmarks/RESULTS.md, "Tiled decoding"); 2 sits between them (its peak was not measured).
 DEFAULT_CHUNK = 2
 
 
