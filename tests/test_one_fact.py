@@ -140,9 +140,6 @@ def test_the_ingress_config_and_deployment_need_no_torch():
                           "assert check_request('mse', choices=config, seed='7')['seed'] == 7") == []
 
 
-@pytest.mark.xfail(strict=True, reason="TODO(issue 29): engine — serve/problems.py maps QueueFullError/"
-                   "DeadlineExceeded, defined in diffusion/scheduler.py (torch); they move to idemrt.errors "
-                   "(scheduler.py imports them from there), then this passes: remove the xfail")
 def test_the_ingress_path_imports_no_torch():
     pytest.importorskip("fastapi")
     imports = "from idemrt.serve import params, problems, web"

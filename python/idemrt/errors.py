@@ -44,3 +44,18 @@ class ModelNotFoundError(CheckpointError):
     def __init__(self, message: str, *, codec=None, quality=None, weights_digest=None, model_id=None):
         super().__init__(message)
         self.codec, self.quality, self.weights_digest, self.model_id = codec, quality, weights_digest, model_id
+
+
+# The decode queue's errors (idemrt.diffusion.scheduler raises them): here, so that the service's
+# error mapping (serve/problems.py) needs no torch. Their bases are Python's, as a client expects.
+class QueueFullError(RuntimeError):
+    """The scheduler holds ``max_queue`` images already: retry later."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """An image was still being decoded when its deadline passed."""
+
+
+class EngineClosedError(QueueFullError):
+    """The scheduler (a service's engine) shut down before the image was decoded: retry elsewhere
+    (to a client it is what a full queue is: unavailable now)."""

@@ -60,22 +60,9 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 from torch import Tensor
 
-from ..errors import DecodeError
+from ..errors import DeadlineExceeded, DecodeError, EngineClosedError, QueueFullError
 from ..progress import progress_bar
 from .guided_sampler import GuidedSampler, ImageState, Program
-
-
-class QueueFullError(RuntimeError):
-    """The scheduler holds ``max_queue`` images already: retry later."""
-
-
-class DeadlineExceeded(TimeoutError):
-    """An image was still being decoded when its deadline passed."""
-
-
-class EngineClosedError(QueueFullError):
-    """The scheduler (a service's engine) shut down before the image was decoded: retry elsewhere
-    (to a client it is what a full queue is: unavailable now)."""
 
 
 class RequestStatus(str, enum.Enum):

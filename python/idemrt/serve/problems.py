@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Optional
 
-from ..diffusion import DeadlineExceeded, QueueFullError
 from ..decode_request import InvalidParameterError
-from ..errors import BitstreamError, DecodeError, ImageError, ModelNotFoundError, TooLargeError
+from ..errors import (BitstreamError, DeadlineExceeded, DecodeError, ImageError, ModelNotFoundError, QueueFullError,
+                      TooLargeError)
 from .retry import replica_lost, unwrap
 
 log = logging.getLogger(__name__)
