@@ -25,9 +25,11 @@ the noise, the DPS scale and the step row. An image joining the batch writes its
 (finished, failed, cancelled, or parked for another: its x_t is copied out) frees it, and the last
 slot moves into the hole, so the images always hold slots 0..n-1. A step reads the buffers as they
 are — no concatenation, no split, no host-to-device copy of per-image values: the noise is drawn
-into each image's slot from its own generator (so an image's numbers do not depend on its slot),
-the rows count down on the device beside their host copy, and scales and rows are written only when
-they change (a join, a retry). Finiteness and distances stay on the device and come back in one
+into each image's slot from its own generator (so an image's random numbers do not depend on its
+slot; a ``noise_device`` other than the batch's costs one copy of the noise per step), the rows
+count down on the device beside their host copy, and scales and rows are written only when they
+change (a join, a retry). Masked slots (``pad_to``) hold what their last image left and repeat the
+first image's row; their results are dropped. Finiteness and distances stay on the device and come back in one
 small copy every ``check_every`` steps, which includes each image's last step. Each step keeps
 its x0 estimate per image (``ImageState.x0``): a decode service's preview, at no extra cost.
 
