@@ -10,6 +10,9 @@ decode it with DDPM + DPS respaced to ``--steps`` steps (DPS: every step a UNet 
 backward; ``--start 0.4`` with ``--steps 2`` runs only the second, one guided step), eager fp32. ``tiled``: ``DecodeConfig(tile=Tiling())`` (the prior's native 256
 windows, stride 192, ramp weights, ``--chunk`` windows a UNet call); ``whole``: the UNet on the whole image.
 
+``operator``: the codec operator's forward and the distance's gradient through it alone, on the
+whole image (what a tiled step still does at full resolution): its peak above the process's before.
+
 The parent watches each child's resident set and stops a child above ``--cap-gb`` (the machine's
 memory is shared): such a row says "stopped above the cap" with the time it took to reach it.
 """
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 SIZES = (256, 512, 1024, 2048)
-PATHS = ("tiled", "whole")
+PATHS = ("tiled", "whole", "operator")
 
 
 def _status_kb(pid, key: str) -> int:
@@ -84,6 +87,31 @@ def run_one(size: int, path: str, steps: int, chunk: int, stride=None, start: fl
             "finite": bool(torch.isfinite(out).all()), "threads": torch.get_num_threads()}
 
 
+def run_operator(size: int) -> dict:
+    """The codec operator alone: A(x0) = 2·g_s(round(g_a((x0+1)/2))) - 1 and the gradient of the
+    distance through it on a ``size``² image, what a guided step does on the whole image whether or
+    not the UNet is tiled. Its peak above the RSS before the call."""
+    import torch
+    from compressai.models import ScaleHyperprior
+
+    import idemrt
+    from idemrt.diffusion.guidance import distance
+    from idemrt.models.codec import diffusion_operator
+
+    torch.manual_seed(0)
+    model = ScaleHyperprior(N=128, M=192)
+    model.update(force=True)
+    operator = diffusion_operator(idemrt.load_codec("bmshj2018-hyperprior", quality=1,
+                                                    checkpoint=model.state_dict()), "x")
+    x0 = (torch.rand(1, 3, size, size) * 2 - 1).requires_grad_(True)
+    target = torch.zeros(1, 3, size, size)
+    before = _status_kb("self", "VmHWM")
+    (grad,) = torch.autograd.grad(distance(target, operator(x0)).sum(), x0)
+    return {"size": size, "path": "operator", "operator_peak_above_gb": (_status_kb("self", "VmHWM") - before) / 2**20,
+            "peak_rss_gb": _status_kb("self", "VmHWM") / 2**20, "finite": bool(torch.isfinite(grad).all()),
+            "threads": torch.get_num_threads()}
+
+
 def run_child(size: int, path: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", str(size), path, "--steps", str(args.steps), "--chunk", str(args.chunk)]
     cmd += (["--stride", str(args.stride)] if args.stride else []) + ["--start", str(args.start)]
@@ -110,7 +138,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    p.add_argument("--paths", nargs="+", default=["tiled", "whole"], choices=PATHS)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--chunk", type=int, default=1)
     p.add_argument("--stride", type=int, default=None, help="tile stride (default: the Tiling's, 3/4 window)")
@@ -120,7 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.steps, args.chunk, args.stride, args.start)))
+        size, path = int(args.one[0]), args.one[1]
+        print(json.dumps(run_operator(size) if path == "operator" else
+                         run_one(size, path, args.steps, args.chunk, args.stride, args.start)))
         return 0
     rows = []
     for size in args.sizes:
