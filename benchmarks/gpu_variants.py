@@ -15,15 +15,19 @@ it measured):
    traffic); with the bf16 matmul peak and the copy bandwidth measured here, the floor
    ``max(FLOPs / peak, 2 x weight bytes / bandwidth)`` (weights read forward and backward) and the
    unfused-traffic time ``traffic / bandwidth`` — the prediction the measured step is held to.
-2. Per case, per variant (:data:`VARIANTS`, the levers of backends/fast.py): the precision check
+2. Per case (the first preset and codec at every batch — their throughput curve —, then the
+   others at batches up to 8, then their larger batches), per variant (:data:`VARIANTS`, the levers
+   of backends/fast.py; every variant on the first ``--full-cases`` cases, on later ones eager, the
+   current default bf16-triton and the two fastest accurate so far): the precision check
    against eager fp32 (TF32 off) on the same device — per-step relative error of eps (model output
    channels 0-2) and of the guidance gradient at steps 999, 500 and 20 (the gradient as the step
    applies it: ``x_prev(scale 0) - x_prev(scale 1)``, so graphs and fused kernels are included) —
    then the step time (median of --repeats CUDA-event times after --warmup; the first call, which
    captures the graph and compiles, is timed apart as ``setup_s``). ``accuracy_ok``: both errors
    within :data:`EPS_TOL` / :data:`GRAD_TOL` at every checked step.
-3. Whole decodes (``--speeds``, default fast and balanced) through ``idemrt.Decoder`` with the
-   variants of ``--decode-variants``: one warm-up decode (captures), then one timed.
+3. Once the first preset and codec are done: whole decodes (``--speeds``, default fast and
+   balanced, batch 1) through ``idemrt.Decoder`` with the variants of ``--decode-variants``: one
+   warm-up decode (captures), then one timed.
 4. The torch.compile variants last (their compile time is unknown on the GPU: max-autotune did not
    finish in 110 s in the second lease).
 
@@ -60,7 +64,6 @@ from latency import (CODECS, STEP_INDEX, UNETS, build_codec, build_unet, count_f
                      make_spec, measure_peak_tflops, sync, time_ms)
 
 from idemrt.backends.base import create_backend  # noqa: E402
-from idemrt.errors import BackendError  # noqa: E402
 
 # The accuracy targets of the fast backend (benchmarks/RESULTS.md, "Also not measured, and needed
 # before choosing defaults"): eps and guidance-gradient relative error <= 2e-2 per step.
@@ -94,14 +97,15 @@ TRITON = {name for name, (_, _, opts) in VARIANTS.items() if opts.get("kernels")
 # Scheduling guesses for the first call of a variant (graph capture, Triton JIT, compile), seconds:
 # used only to decide what still fits the budget. max-autotune: lease2 saw > 110 s.
 SETUP_ESTIMATE_S = {"eager": 2.0, "fast": 10.0, "blocks": 60.0, "compile": 90.0, "compile-max-autotune": 150.0}
-CAP_FACTOR = 2.0  # an item is interrupted after this many times its estimate (at least 30 s)
+CAP_FACTOR = 2.0  # an item is interrupted after this many times its estimate (at least --min-cap-s)
 
 
 class Budget:
     """The run's deadline, and an alarm that interrupts one item at its cap."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, min_cap: float):
         self.deadline = time.monotonic() + seconds
+        self.min_cap = min_cap
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -111,7 +115,7 @@ class Budget:
 
     @contextlib.contextmanager
     def cap(self, estimate: float):
-        seconds = max(1.0, min(self.left(), max(30.0, CAP_FACTOR * estimate)))
+        seconds = max(1.0, min(self.left(), max(self.min_cap, CAP_FACTOR * estimate)))
 
         def interrupt(signum, frame):
             raise TimeoutError(f"ran past its cap of {seconds:.0f} s")
@@ -238,9 +242,11 @@ def run_variant(name, case, spec, unet, inputs, reference, args, device, peak, b
             row["pct_peak"] = 100 * row["tflops"] / peak
     except TimeoutError as exc:
         row["status"] = f"timeout: {exc}"
-    except (BackendError, torch.OutOfMemoryError, RuntimeError) as exc:
-        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    except Exception as exc:  # noqa: BLE001 - a variant that fails (OOM, a compile error) is a result
+        row["status"] = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     finally:
+        if row["status"].startswith("timeout"):
+            torch._dynamo.reset()  # an interrupted compile leaves dynamo's caches half-filled
         backend = None  # noqa: F841 - frees its graphs and copies before the next variant
         gc.collect()
         if device.type == "cuda":
@@ -281,10 +287,10 @@ def run_decode(speed, name, unet, codec, size, device, budget, estimate) -> dict
             row["seconds_per_image"] = row["seconds"]
     except TimeoutError as exc:
         row["status"] = f"timeout: {exc}"
-    except (BackendError, torch.OutOfMemoryError, RuntimeError) as exc:
-        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    except Exception as exc:  # noqa: BLE001 - a decode that fails is a result
+        row["status"] = f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     finally:
-        decoder = None  # noqa: F841
+        decoder = None  # noqa: F841 - frees its backend before the next decode
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -295,10 +301,25 @@ def run_decode(speed, name, unet, codec, size, device, budget, estimate) -> dict
 
 
 def plan(args) -> list:
-    """(preset, codec, batch) cases in order of value: batch 1 and 8 before larger batches, the
-    first codec and preset given before the others."""
+    """(preset, codec, batch) cases in order of value: the first preset and codec given at every
+    batch (its throughput curve), then the others at batches up to 8, then the others' larger ones."""
+    first = (args.preset[0], args.codec[0])
     cases = [(p, c, b) for p in args.preset for c in args.codec for b in args.batch]
-    return sorted(cases, key=lambda pcb: (pcb[2] > 8, args.codec.index(pcb[1]), args.preset.index(pcb[0]), pcb[2]))
+    return sorted(cases, key=lambda pcb: ((pcb[0], pcb[1]) != first, pcb[2] > 8, args.codec.index(pcb[1]),
+                                          args.preset.index(pcb[0]), pcb[2]))
+
+
+def selected(rows, plain) -> list:
+    """The variants worth timing beyond the first cases: eager, the current default and the two
+    fastest per image that passed their accuracy check so far (the two fastest, if none did)."""
+    ok = [r for r in rows if r["step_ms"] is not None and r["variant"] in plain]
+    accurate = [r for r in ok if r["accuracy_ok"]] or ok
+    best = []
+    for r in sorted(accurate, key=lambda r: r["step_ms_per_image"]):
+        if r["variant"] not in best:
+            best.append(r["variant"])
+    keep = {"eager", "bf16-triton", *best[:2]}
+    return [v for v in plain if v in keep]
 
 
 LATENT_STD = 4.0  # the latent spread the random codec is scaled to (trained codecs: several units)
@@ -321,6 +342,7 @@ class Case:
     """The models and inputs of one (preset, codec, batch)."""
 
     def __init__(self, preset, codec_name, batch, args, device):
+        torch.manual_seed(0)  # the same random models in every run, whatever ran before
         self.unet = build_unet(preset, device)
         self.size = UNETS[preset].image_size
         self.codec = build_codec(codec_name, device)
@@ -344,17 +366,22 @@ def main(argv=None):
     parser.add_argument("--codec", type=csv, default=["hyperprior", "elic"], help=f"of {sorted(CODECS)}")
     parser.add_argument("--batch", type=csv, default=["1", "8", "16", "32"])
     parser.add_argument("--variants", type=csv, default=list(VARIANTS), help=f"of {list(VARIANTS)}")
+    parser.add_argument("--full-cases", type=int, default=2,
+                        help="every variant on this many of the first cases; later cases time eager, the "
+                             "default (bf16-triton) and the two fastest accurate variants so far")
     parser.add_argument("--compile-cases", type=int, default=2,
                         help="the compile variants run on this many of the first cases (last, after the decodes)")
     parser.add_argument("--speeds", type=csv, default=["fast", "balanced"], help="whole decodes (batch 1)")
     parser.add_argument("--decode-variants", type=csv, default=["eager", "bf16-triton", "fp16-triton", "bf16-triton-fwd"])
     parser.add_argument("--budget-s", type=float, default=500.0, help="the whole run's time, setup included")
+    parser.add_argument("--min-cap-s", type=float, default=30.0,
+                        help="no item is interrupted before this many seconds (its cap is 2x its estimate)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out-dir", help="default: benchmarks/gpu_<date>_<device>")
     parser.add_argument("--json-name", default="gpu_variants.json")
     args = parser.parse_args(argv)
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, args.min_cap_s)
 
     from idemrt.speeds import SPEEDS
 
@@ -427,9 +454,7 @@ def main(argv=None):
             save()
             print_row(row)
 
-    for pcb in cases:
-        run_case(pcb, plain)
-    if args.speeds and args.decode_variants:
+    def run_decodes():
         first = cases[0]
         case = Case(first[0], first[1], 1, args, device)
         for speed in args.speeds:
@@ -444,6 +469,14 @@ def main(argv=None):
                 save()
                 print(f"decode {speed:<9} {name:<24} {row['status']:<10} "
                       f"{'-' if row['seconds'] is None else format(row['seconds'], '.3f')} s", flush=True)
+
+    # Every variant on the first cases; then what they found best; the decodes once the first
+    # preset and codec have their throughput curve.
+    first_pair = sum(1 for pcb in cases if pcb[:2] == cases[0][:2])
+    for k, pcb in enumerate(cases):
+        run_case(pcb, plain if k < args.full_cases else selected(result["rows"], plain))
+        if k == first_pair - 1 and args.speeds and args.decode_variants:
+            run_decodes()
     for pcb in cases[: args.compile_cases] if compiled else []:
         run_case(pcb, compiled)
 

@@ -21,9 +21,9 @@ def _run(tmp_path, *args):
 
 
 def test_dry_run_on_the_cpu(tmp_path):
-    # A generous budget: the shared 2-core machine's speed varies several-fold with its load.
+    # A generous budget and caps: the shared 2-core machine's speed varies several-fold with its load.
     stdout, data = _run(tmp_path, "--batch", "1", "--variants", "eager,bf16,fp16", "--speeds", "fast",
-                        "--decode-variants", "bf16", "--budget-s", "600")
+                        "--decode-variants", "bf16", "--budget-s", "800", "--min-cap-s", "400")
     assert data["environment"]["device"] == "cpu" and data["peak_bf16_tflops"] > 0 and data["bandwidth_gbs"] > 0
 
     (fl,) = data["floors"]
