@@ -9,7 +9,8 @@ with its own model and operator functions):
 * **bf16 (or fp16) compute.** The copy follows ADM's fp16 convention (convolutions of the
   input, middle and output blocks in ``dtype``, channels_last; time embedding, GroupNorm and
   the output head fp32). The codec operator runs under ``torch.autocast(operator_dtype)``
-  (default: ``dtype``), which leaves the codec shared with the Decoder untouched. x_t, the x0
+  (default: ``dtype``), which leaves the codec shared with the Decoder untouched (on the CPU, by
+  default, on a private channels_last copy of it: ``operator_channels_last``). x_t, the x0
   formula, the clamp, the distance and the update stay fp32.
 * **One CUDA graph per step kind and batch shape.** UNet forward, the vector-Jacobian product
   through the operator and the UNet and the sampler update are captured together (with PIR
@@ -23,7 +24,8 @@ with its own model and operator functions):
   determinism was asked.
 
 Options (``FastBackend(spec, device=..., dtype=None, operator_dtype=None, graphs=None, kernels=None,
-triton_passes=None, compile=None, compile_mode=None, compile_cache=None, cudnn_benchmark=True)``;
+triton_passes=None, compile=None, compile_mode=None, compile_cache=None, cudnn_benchmark=True,
+operator_channels_last=None)``;
 the same names in ``DecodeConfig.backend_options``; :class:`FastBackend` says what each does;
 ``benchmarks/gpu_variants.py`` measures them against each other):
 
@@ -32,8 +34,8 @@ the same names in ``DecodeConfig.backend_options``; :class:`FastBackend` says wh
 * ``kernels``: ``"torch"``, ``"triton"`` (fused GroupNorm+SiLU in the UNet, fused GDN/IGDN
   in a private copy of the codec, and, when the sampler's table is the fused kernels' (DDPM) and
   the guidance is DPS, the fused x0 / loss-seed / sampler-update kernels: the documented
-  equivalent of the step functions, tested equal to them) or ``"compile"`` (``torch.compile`` of
-  the UNet). "triton" needs CUDA (or the Triton interpreter, for tests). The default is "triton" on
+  equivalent of the step functions, tested equal to them; ``triton_passes`` chooses per family)
+  or ``"compile"`` (``torch.compile`` of the UNet; ``compile`` chooses the scope). "triton" needs CUDA (or the Triton interpreter, for tests). The default is "triton" on
   CUDA where its kernels fit the model and codec, and "torch" elsewhere: on an H200 the Triton path halved the FFHQ-256 guided step against
   the plain torch path (9.7 vs 19.6 ms at batch 1, 55.5 vs 94.9 at batch 8; benchmarks/RESULTS.md).
 
