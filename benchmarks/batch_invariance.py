@@ -23,7 +23,7 @@ import torch
 import idemrt
 from idemrt.demo_assets import DEMO_IMAGES, DEMO_STEPS, demo_image
 from idemrt.serve.config import ServeConfig
-from idemrt.serve.engine import DecodeEngine
+from idemrt.serve.core import DecodeEngine
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

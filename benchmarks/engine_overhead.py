@@ -1,5 +1,5 @@
 """What the decode loop costs besides the networks: wall time per step of the real decode engine
-(:class:`idemrt.serve.engine.DecodeEngine`, in-process, no Ray) and of the real Decoder loop
+(:class:`idemrt.serve.core.DecodeEngine`, in-process, no Ray) and of the real Decoder loop
 (:meth:`idemrt.Decoder.decode_batch`), with a zero-cost UNet and codec.
 
 Why: on the H200 the engine's own work made batched decoding slower than unbatched (issue 27):
@@ -152,7 +152,11 @@ class EngineLoop:
 
     def __init__(self, codec, unet, slots: int, groups: int, steps: tuple, previews: bool, preview_every: int):
         from idemrt.serve.config import ServeConfig
-        from idemrt.serve.engine import DecodeEngine
+
+        try:
+            from idemrt.serve.core import DecodeEngine
+        except ImportError:  # a checkout before the rename (--source): serve/engine.py
+            from idemrt.serve.engine import DecodeEngine
 
         config = ServeConfig(unet="in-memory", speeds_allowed=["paper"], steps_allowed=[str(s) for s in steps],
                              backend="eager", max_slots=slots, queue=max(256, 2 * slots * groups),
@@ -166,16 +170,21 @@ class EngineLoop:
 
     def run(self, data: list, steps: int) -> int:
         """Decode every bitstream of ``data`` at ``steps``; the loop's iterations (None if not reported)."""
-        before = self.engine.stats().get("steps")
+        before = _iterations(self.engine.stats())
         futures = [self.engine.submit(d, seed=k, steps=str(steps), on_event=self._on_event if self.previews else None)
                    for group in data for k, d in enumerate(group)]
         for f in futures:
             f.result(timeout=3600)
-        after = self.engine.stats().get("steps")
+        after = _iterations(self.engine.stats())
         return None if before is None or after is None else after - before
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _iterations(stats: dict):
+    """The engine's loop iterations ("steps" in checkouts before the batcher's rename)."""
+    return stats.get("iterations", stats.get("steps"))
 
 
 class DecoderLoop:

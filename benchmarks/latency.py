@@ -24,7 +24,7 @@ Modes:
 Per mode: ms of the UNet forward, UNet forward+VJP (d/dx of <out, v>), operator forward+VJP, one whole
 guided step (median of --repeats after --warmup; CUDA events on CUDA; the fast modes' components are
 replayed from CUDA graphs, as in their step), and seconds of whole decodes of N steps (one run each:
-N steps of the mode's step function driven by idemrt's own sampling loop — StepScheduler over
+N steps of the mode's step function driven by idemrt's own sampling loop — StepBatcher over
 GuidedSampler, as Decoder runs it: per-image generators on the device, a finiteness check every 10
 steps; if N x step would exceed --max-decode-seconds the decode is not run and the value is the step time x
 N, marked "extrapolated"); with ``--speeds``, seconds of one whole decode per speed preset through
@@ -59,8 +59,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from idemrt.backends.base import StepSpec, create_backend
 from idemrt.backends.cuda_graphs import capture, cudnn_autotune
 from idemrt.defaults import DTYPE_CHOICES, cpu_flags, dtype_from_name, physical_cores
-from idemrt.diffusion import (GUIDANCE, SAMPLERS, GuidedSampler, Schedule, StepScheduler, distance, guided_step,
-                              sample_jobs)
+from idemrt.batching import StepBatcher, sample_jobs
+from idemrt.diffusion import GUIDANCE, SAMPLERS, GuidedSampler, Schedule, distance, guided_step
 from idemrt.errors import BackendError
 from idemrt.models.codec import diffusion_operator
 from idemrt.models.unet import PRESETS, ADMUNet, AttentionBlock, UNetConfig
@@ -351,12 +351,12 @@ class _StepOf:
 
 
 def decode(mode: Mode, n: int, target, shape, device) -> None:
-    """An n-step decode of the batch through idemrt's own loop (StepScheduler over GuidedSampler:
+    """An n-step decode of the batch through idemrt's own loop (StepBatcher over GuidedSampler:
     per-image generators on the device, the finiteness check every 10 steps), as Decoder runs it."""
     sampler = GuidedSampler(_StepOf(mode.step_fn), n, device=device, scale=0.6)
     # The steps are positions n-1 .. 0 of the mode's 1000-step schedule: any step costs the same.
     batch = shape[0]
-    sample_jobs(StepScheduler(sampler, max_slots=batch, max_queue=batch),
+    sample_jobs(StepBatcher(sampler, max_slots=batch, max_queue=batch),
                 [(target[k : k + 1], k, (1, *shape[1:]), None, None) for k in range(batch)])
 
 

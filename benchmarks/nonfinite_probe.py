@@ -70,7 +70,7 @@ def verdict(finite: dict) -> list:
 def engine_decode(device: str, speeds: list, bitstream, request: dict, paper_steps: int):
     """Decode one request through a DecodeEngine built as the load study builds it."""
     from idemrt.serve import ServeConfig
-    from idemrt.serve.engine import DecodeEngine
+    from idemrt.serve.core import DecodeEngine
 
     config = ServeConfig.demo(steps_allowed=[str(paper_steps)], speeds_allowed=speeds, max_slots=8, preview_every=5)
     engine = DecodeEngine(config, device=device)

@@ -1,7 +1,7 @@
 """Open-loop load study of the decode engine: continuous (step-level) batching against static
 (request-level) batching and against no batching, under a mixed Poisson workload.
 
-What is compared is the **engine**, in-process (:class:`idemrt.serve.engine.DecodeEngine` on the
+What is compared is the **engine**, in-process (:class:`idemrt.serve.core.DecodeEngine` on the
 demo models): no Ray, no HTTP, no client threads. The service's proxy and transport add the same
 cost to every policy, so leaving them out isolates what the batching policy changes.
 
@@ -144,7 +144,7 @@ def _percentile(values, q):
 
 def run_cell(engine, data: dict, requests: list, rate: float, *, deadline: float, drain_s: float) -> dict:
     """Submit ``requests`` open loop at their arrival times from this thread; wait for all; stats."""
-    from idemrt.diffusion import DeadlineExceeded, QueueFullError
+    from idemrt.errors import DeadlineExceeded, QueueFullError
 
     lock = threading.Lock()
     records = [dict(r, submitted=None, preview=None, done=None, status=None) for r in requests]
@@ -223,7 +223,7 @@ def run_cell(engine, data: dict, requests: list, rate: float, *, deadline: float
             "ttfp_p50_s": _percentile(ttfp, 50), "ttfp_p95_s": _percentile(ttfp, 95),
             "previewed": len(ttfp),
             "preemptions": counters["preemptions"] - counters0["preemptions"],
-            "steps": counters["steps"] - counters0["steps"],
+            "steps": counters["iterations"] - counters0["iterations"],
             "backlog_max": max(backlog), "backlog_at_last_arrival": backlog[-1],
             "backlog_q2_mean": round(growth_mid, 2), "backlog_q4_mean": round(growth_end, 2),
             "sustained": bool(sustained), "wall_s": round(time.perf_counter() - t0, 1),
@@ -240,7 +240,7 @@ def run_cell(engine, data: dict, requests: list, rate: float, *, deadline: float
 
 def build_engine(policy: str, args, speeds):
     from idemrt.serve import ServeConfig
-    from idemrt.serve.engine import DecodeEngine
+    from idemrt.serve.core import DecodeEngine
 
     config = ServeConfig.demo(steps_allowed=[args.paper_steps], speeds_allowed=list(speeds),
                               max_slots=1 if policy == "none" else args.max_slots,
@@ -257,7 +257,7 @@ def warm_up(engine, data: dict, speeds) -> float:
     function), a burst of every slot count too, so that no capture happens inside a cell.
     Seconds taken."""
     t0 = time.perf_counter()
-    counts = engine.scheduler.slot_counts or [1]
+    counts = engine.batcher.slot_counts or [1]
     for n in counts:
         futures = [engine.submit(data[size][k % len(data[size])], seed=k, speed=speed)
                    for speed in speeds for size in data for k in range(n)]

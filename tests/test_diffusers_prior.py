@@ -318,7 +318,7 @@ def test_service_engine_decodes_with_a_folder(tmp_path, codec):
     """`idemrt serve --unet FOLDER`'s engine (ServeConfig.unet a diffusers folder, loaded by the
     engine's core thread as the service does) decodes as the Decoder does with the same folder."""
     from idemrt.serve import ServeConfig
-    from idemrt.serve.engine import DecodeEngine
+    from idemrt.serve.core import DecodeEngine
 
     folder, ckpt, data = _folder_codec_stream(tmp_path, codec)
     config = ServeConfig(unet=str(folder), codec_checkpoint=str(ckpt), quality=codec.quality, steps_allowed=["3"],

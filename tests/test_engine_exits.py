@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import idemrt
-from idemrt.diffusion import DeadlineExceeded
-from idemrt.diffusion.scheduler import EngineClosedError, Job, RequestStatus
+from idemrt.errors import DeadlineExceeded
+from idemrt.batching import Job, RequestStatus
+from idemrt.errors import EngineClosedError
 from idemrt.serve.config import ServeConfig
-from idemrt.serve.engine import DecodeEngine
+from idemrt.serve.core import DecodeEngine
 from tiny_models import tiny_codec, tiny_unet
 
 
@@ -36,7 +37,7 @@ def _engine(models, **kw):
 
 def _wait(engine, futures, timeout=120):
     """Every future resolves; then the engine holds nothing: no slot, no pixel, no queued image;
-    and each request was counted once by the scheduler."""
+    and each request was counted once by the batcher."""
     deadline = time.monotonic() + timeout
     for f in futures:
         try:
@@ -57,13 +58,13 @@ def _program(engine):
 
 def _hold_core(engine):
     """Make the core's next step wait for the returned event (requests pile up meanwhile)."""
-    go, execute = threading.Event(), engine.scheduler.execute
+    go, execute = threading.Event(), engine.batcher.execute
 
     def held(out):
         go.wait(60)
         execute(out)
 
-    engine.scheduler.execute = held
+    engine.batcher.execute = held
     return go
 
 
@@ -77,7 +78,7 @@ def _raise(*_, **__):
 
 @pytest.mark.parametrize("where", ["prepare", "start", "step", "update", "finish", "callback"])
 def test_a_failure_anywhere_resolves_the_request_and_frees_everything(models, data, where, monkeypatch):
-    import idemrt.serve.engine as engine_module
+    import idemrt.serve.core as engine_module
 
     engine = _engine(models)
     _, _, sampler = _program(engine)
@@ -102,7 +103,7 @@ def test_a_failure_anywhere_resolves_the_request_and_frees_everything(models, da
         with pytest.raises(Boom):
             bad.result(timeout=120)
         _wait(engine, [bad])
-        assert sum(engine.scheduler.finished.values()) == 1 and engine.scheduler.finished["failed"] == 1
+        assert sum(engine.batcher.finished.values()) == 1 and engine.batcher.finished["failed"] == 1
         monkeypatch.setattr(engine_module, "prepare_image", prepare)
         monkeypatch.setattr(engine_module, "finish_image", finish)
         for name in ("start", "finish"):
@@ -140,7 +141,7 @@ def test_cancelled_while_queued_running_or_parked_and_deadlines(models, data):
     with pytest.raises(DeadlineExceeded):
         late.result()
     assert isinstance(doomed.exception(), DeadlineExceeded) or doomed.result().steps == 5
-    assert sum(engine.scheduler.finished.values()) == 5
+    assert sum(engine.batcher.finished.values()) == 5
 
 
 def test_close_resolves_every_outstanding_request_with_a_typed_error(models, data):
@@ -160,7 +161,7 @@ def test_close_resolves_every_outstanding_request_with_a_typed_error(models, dat
         assert f.done()
         assert f.exception(timeout=0) is None or isinstance(f.exception(timeout=0), EngineClosedError)
     assert any(isinstance(f.exception(timeout=0), EngineClosedError) for f in futures)
-    assert engine.scheduler.pending() == 0 and engine.stats()["slots_used"] == 0
+    assert engine.batcher.pending() == 0 and engine.stats()["slots_used"] == 0
     with pytest.raises(EngineClosedError):
         engine.submit(data, seed=9)
 
@@ -187,12 +188,12 @@ def test_reconfigure_does_no_torch_work_off_the_core(models, data):
             engine.reconfigure(max_slots=0)
         assert Record.calls == []
         assert budget_threads == [engine.core_thread_id]
-        assert (engine.scheduler.max_slots, engine.scheduler.pixel_budget) == (2, 2 * 64 * 64)
+        assert (engine.batcher.max_slots, engine.batcher.pixel_budget) == (2, 2 * 64 * 64)
     finally:
         engine.close()
 
 
-# --- the scheduler alone ------------------------------------------------------------------------------
+# --- the batcher alone --------------------------------------------------------------------------------
 
 def _targets(codec, n):
     g = torch.Generator().manual_seed(0)
@@ -206,7 +207,7 @@ def test_a_failing_step_resolves_the_leaving_and_the_running_jobs(models):
     unet, codec = models
     dec = idemrt.Decoder(codec, unet, steps=3, device="cpu")
     targets = _targets(codec, 2)
-    sched = dec.scheduler(max_slots=1)
+    sched = dec.batcher(max_slots=1)
     stepping, leaving = (sched.submit(t, k, (1, 3, 64, 64)) for k, t in enumerate(targets))
     leaving.cancel()
     sched.sampler.backend.step = _raise
@@ -220,7 +221,7 @@ def test_a_failing_step_resolves_the_leaving_and_the_running_jobs(models):
 def test_a_failing_start_releases_once(models):
     unet, codec = models
     dec = idemrt.Decoder(codec, unet, steps=3, device="cpu")
-    sched = dec.scheduler(max_slots=2, max_queue=4)
+    sched = dec.batcher(max_slots=2, max_queue=4)
     other = sched.admit(Job())  # held by someone else: a double release would give its room away
     sched.sampler.start = _raise
     with pytest.raises(Boom):

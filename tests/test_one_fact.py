@@ -50,12 +50,12 @@ ALLOWED = [
 # a one-line switch). May already be gone: these are not required to match.
 TODO = [
     # TODO(issue 29): engine — prior_traits(u).image_size (idemrt.models.prior.Prior).
-    ("serve/engine.py", 'getattr(getattr(u, "config", None), "image_size", None)'),
+    ("serve/core.py", 'getattr(getattr(u, "config", None), "image_size", None)'),
     # TODO(issue 29): engine — g.backend.slot_counts (idemrt.backends.base.Backend declares it).
-    ("serve/engine.py", 'getattr(g.backend, "slot_counts", None)'),
-    ("diffusion/scheduler.py", 'getattr(self.sampler.backend, "slot_counts", None)'),
+    ("serve/core.py", 'getattr(g.backend, "slot_counts", None)'),
+    ("batching.py", 'getattr(self.sampler.backend, "slot_counts", None)'),
     # TODO(issue 29): engine — reading the config's own fields by name (reflection, may stay).
-    ("serve/engine.py", "getattr(self.config, k)"),
+    ("serve/core.py", "getattr(self.config, k)"),
     # TODO(issue 29): engine — prior_traits(self.unet).compute_dtype (Decoder.__init__, api.py).
     ("api.py", 'getattr(self.unet, "compute_dtype", None)'),
     # TODO(issue 29): fast backend (helper-4) — prior_traits(spec.unet).norm_act_hook.
@@ -152,7 +152,7 @@ def test_the_ingress_app_module_imports_no_torch():
     """The deployments' module: the replicas import the engine (torch) when they start, the ingress never."""
     pytest.importorskip("ray")
     found = subprocess.run([sys.executable, "-c", "import sys, idemrt.serve.app\n"
-                            "print([m for m in sys.modules if m.startswith('idemrt.serve.engine')])"],
+                            "print([m for m in sys.modules if m.startswith('idemrt.serve.core')])"],
                            capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip().splitlines()[-1] == "[]"

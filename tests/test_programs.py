@@ -75,7 +75,7 @@ def test_the_factory_groups_programs_by_step_key_and_the_engine_builds_no_decode
     from idemrt.decode_config import DecodeConfig
     from idemrt.programs import DecodeProgram, build_step_group
     from idemrt.serve.config import ServeConfig
-    from idemrt.serve.engine import DecodeEngine
+    from idemrt.serve.core import DecodeEngine
     from idemrt.speeds import SPEEDS
     from tiny_models import tiny_codec, tiny_unet
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import idemrt
-from idemrt.diffusion import QueueFullError
+from idemrt.errors import QueueFullError
 from idemrt.serve.config import ServeConfig
-from idemrt.serve.engine import DecodeEngine
+from idemrt.serve.core import DecodeEngine
 from idemrt.serve.metrics import EngineMetrics, Metrics, merge
 from idemrt.serve.problems import problem_from
 from tiny_models import tiny_codec, tiny_unet
@@ -100,7 +100,7 @@ def test_metrics_text_is_prometheus_exposition_summed_over_replicas():
     for k, r in enumerate(replicas):
         r.observe_step(0.02, 64 * 64 * (k + 1), k + 1, k)
         r.observe_decode("paper", 3.0)
-        r.set_gauges({"waiting": 2, "running": 1, "preempted": 1, "pixel_budget": 1000}, inbox=1)
+        r.set_gauges({"waiting": 1, "running": 1, "preempted": 1, "pixel_budget": 1000}, inbox=1)
     dead = EngineMetrics()
     dead.observe_step(0.3, 10, 1, 0)
     text = m.render(merge([r.snapshot() for r in replicas] + [dead.snapshot()], [r.snapshot() for r in replicas]))
@@ -193,14 +193,14 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
     unet, codec = models
     engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], deterministic=True, unet="in-memory"), codec, unet,
                           device="cpu")
-    runs, execute, all_in = [], engine.scheduler.execute, threading.Event()
+    runs, execute, all_in = [], engine.batcher.execute, threading.Event()
 
     def recording(out):  # the first step waits until all three are submitted: from the next one, all run
         all_in.wait(60)
         runs.append({j.state.program.name for j in out.run})
         execute(out)
 
-    engine.scheduler.execute = recording
+    engine.batcher.execute = recording
     try:
         programs = {key[2:]: v for key, v in engine.programs.items()}  # (codec, prior, speed, steps) keys
         assert programs["paper", "5"][2] is programs["balanced", "50"][2]  # one step function
@@ -234,7 +234,7 @@ def test_deterministic_mode_staggered_concurrent_decodes_equal_solo_byte_for_byt
         futures = []
         for d, s in jobs:
             futures.append(engine.submit(d, seed=s))
-            while engine.stats()["steps"] == 0 or futures[-1].job.steps_done < 7:  # the next joins mid-run
+            while engine.stats()["iterations"] == 0 or futures[-1].job.steps_done < 7:  # the next joins mid-run
                 time.sleep(0.01)
         together = [f.result(timeout=900).pixels for f in futures]
     finally:
@@ -289,7 +289,7 @@ def test_the_recompression_check_counts_the_symbols_of_the_8bit_image(models, da
 def _held_until(engine, *, fail_when=None):
     """Replace the engine's execute: its first step waits for ``go`` (so that every image submitted
     before is in the batch); ``fail_when(out)`` True makes that step raise instead."""
-    go, runs, execute = threading.Event(), [], engine.scheduler.execute
+    go, runs, execute = threading.Event(), [], engine.batcher.execute
 
     def held(out):
         go.wait(60)
@@ -298,7 +298,7 @@ def _held_until(engine, *, fail_when=None):
             raise RuntimeError("step broke")
         execute(out)
 
-    engine.scheduler.execute = held
+    engine.batcher.execute = held
     return go, runs
 
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import yaml
 
-from idemrt.diffusion import DeadlineExceeded
+from idemrt.errors import DeadlineExceeded
 from idemrt.serve.config import ServeConfig
 from idemrt.serve.problems import problem_from
 from idemrt.serve.retry import call_with_retry, replica_died
@@ -197,16 +197,16 @@ def test_cli_print_config_carries_the_scaling_options(capsys):
 
 
 def test_engine_reconfigure_applies_the_tunables():
-    from idemrt.serve.engine import DecodeEngine
+    from idemrt.serve.core import DecodeEngine
     from tiny_models import tiny_codec, tiny_unet
 
     engine = DecodeEngine(ServeConfig(steps_allowed=["3", "5"], unet="in-memory", max_slots=4, queue=8),
                           tiny_codec(), tiny_unet(), device="cpu")
-    schedulers = list(getattr(engine, "schedulers", {}).values()) or [engine.scheduler]
+    batchers = [engine.batcher]
     try:
         engine.reconfigure(max_slots=2, queue=5, pixel_budget=1024)
         assert (engine.config.max_slots, engine.config.queue, engine.config.pixel_budget) == (2, 5, 1024)
-        assert all((s.max_slots, s.max_queue) == (2, 5) for s in schedulers)
+        assert all((s.max_slots, s.max_queue) == (2, 5) for s in batchers)
         engine.reconfigure(queue=6)  # None keeps the others
         assert (engine.config.max_slots, engine.config.queue) == (2, 6)
     finally:

@@ -10,7 +10,7 @@ from PIL import Image
 
 import idemrt
 from idemrt.serve.config import ServeConfig
-from idemrt.serve.engine import DecodeEngine
+from idemrt.serve.core import DecodeEngine
 from idemrt.serve.problems import problem_from
 from test_store import HYPERPRIOR, add_model
 from tiny_models import TINY_UNET, tiny_codec_state, tiny_unet_state

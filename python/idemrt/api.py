@@ -16,7 +16,8 @@ import torch
 
 from . import bitstream as bsfmt
 from .defaults import resolve_device
-from .diffusion import SAMPLERS, GuidedSampler, StepScheduler, diffusion_process, sample_jobs
+from .batching import StepBatcher, sample_jobs
+from .diffusion import SAMPLERS, GuidedSampler, diffusion_process
 from .errors import BitstreamError
 from .exact import exact_idempotence
 from .images import load_image, to_pil
@@ -158,13 +159,13 @@ class Decoder:
             return self._backend
 
     def guided_sampler(self) -> GuidedSampler:
-        """Per-image sampling over this decoder's backend (what a decode service's scheduler drives)."""
+        """Per-image sampling over this decoder's backend (what a step batcher drives)."""
         fn = StepFunction(self.backend, self.schedule.num_steps, [0])
         return group_sampler(fn, [self.program], noise_device=self.noise_device).sampler
 
-    def scheduler(self, max_slots: int = 16, max_queue: int = 256) -> StepScheduler:
-        """A step scheduler (continuous batching) over this decoder: see :mod:`idemrt.diffusion.scheduler`."""
-        return StepScheduler(self.guided_sampler(), max_slots=max_slots, max_queue=max_queue)
+    def batcher(self, max_slots: int = 16, max_queue: int = 256) -> StepBatcher:
+        """A step batcher (continuous batching) over this decoder: see :mod:`idemrt.batching`."""
+        return StepBatcher(self.guided_sampler(), max_slots=max_slots, max_queue=max_queue)
 
     def step(self, x_t: torch.Tensor, i, target: torch.Tensor, noise: torch.Tensor, scale=None):
         """One guided step, a pure function: ``(x_prev, distance)`` with distance per sample (N,), and
@@ -227,7 +228,7 @@ class Decoder:
     def finish(self, prepared: Prepared, result=None) -> tuple:
         """Everything after the loop: ``(image (1, 3, H, W) in [0, 1] on the CPU, cropped to the stored
         size; exact-refinement facts or None)``. ``result``: the sampler's
-        :class:`~idemrt.diffusion.JobResult`, or None for the MSE decode."""
+        :class:`~idemrt.batching.JobResult`, or None for the MSE decode."""
         return finish_image(self.codec, prepared, result, exact=self.exact)
 
 
@@ -271,7 +272,7 @@ def warm_from_target(codec, target: torch.Tensor, constraint: str, warm_start) -
 
 
 def _sample(decoder: Decoder, targets: list, seeds: list, shapes: list, x_Ts: list, stats: DecodeStats) -> list:
-    """Samples (1, C, H, W) in [-1, 1] of one target each, through one scheduler (images of a size
+    """Samples (1, C, H, W) in [-1, 1] of one target each, through one batcher (images of a size
     share steps, sizes take turns); ``stats`` filled."""
     requests = [(t, s, shape, x_T, decoder.warm_from_target(t))
                 for t, s, shape, x_T in zip(targets, seeds, shapes, x_Ts)]
@@ -279,8 +280,8 @@ def _sample(decoder: Decoder, targets: list, seeds: list, shapes: list, x_Ts: li
 
 
 def _sample_results(decoder: Decoder, requests: list, stats: DecodeStats) -> list:
-    """The :class:`~idemrt.diffusion.JobResult` of ``(target, seed, shape, x_T, warm)`` requests."""
-    results = sample_jobs(decoder.scheduler(len(requests), len(requests)), requests, decoder.progress)
+    """The :class:`~idemrt.batching.JobResult` of ``(target, seed, shape, x_T, warm)`` requests."""
+    results = sample_jobs(decoder.batcher(len(requests), len(requests)), requests, decoder.progress)
     stats.distance, stats.retries = [r.distance for r in results], [r.retries for r in results]
     stats.scales, stats.steps = [r.scale for r in results], decoder.steps_run
     return results

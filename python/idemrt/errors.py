@@ -46,7 +46,7 @@ class ModelNotFoundError(CheckpointError):
         self.codec, self.quality, self.weights_digest, self.model_id = codec, quality, weights_digest, model_id
 
 
-# The decode queue's errors (idemrt.diffusion.scheduler raises them): here, so that the service's
+# The decode queue's errors (idemrt.batching raises them): here, so that the service's
 # error mapping (serve/problems.py) needs no torch. Their bases are Python's, as a client expects.
 class QueueFullError(RuntimeError):
     """The scheduler holds ``max_queue`` images already: retry later."""

@@ -283,7 +283,7 @@ class FastBackend:
 
     @property
     def slot_counts(self):
-        """Batch sizes to pad to (:class:`~idemrt.diffusion.StepScheduler`): with CUDA graphs each
+        """Batch sizes to pad to (:class:`~idemrt.batching.StepBatcher`): with CUDA graphs each
         batch size is a capture, so a few sizes serve every batch; without graphs, any size."""
         return SLOT_COUNTS if self.graphs else None
 

@@ -1,6 +1,6 @@
 """Diffusion sampling: schedules, DDPM/DDIM steps, idempotence guidance (DPS, DSG), the guided
-step written once (:mod:`.step`), the per-image sampling state (:mod:`.guided_sampler`) and the
-step-level batching loop (:mod:`.scheduler`).
+step written once (:mod:`.step`) and the per-image sampling state (:mod:`.guided_sampler`). The
+step-level batching of requests is serving, not diffusion: :mod:`idemrt.batching`.
 
 Small stateless pieces in the style of diffusers' schedulers; the loop owns the random numbers.
 """
@@ -9,8 +9,6 @@ from .guided_sampler import GuidedSampler, ImageState, Program
 from .samplers import SAMPLERS, DDIMSampler, DDPMSampler, Prediction, Sampler, StackedSampler, make_sampler
 from .process import ADM_PROCESS, PREDICTIONS, VARIANCES, DiffusionProcess, diffusion_process
 from .schedule import Schedule, WarmStart, linear_betas, space_timesteps
-from .scheduler import (DeadlineExceeded, Job, JobResult, QueueFullError, RequestStatus, SchedulerOutput, StepScheduler,
-                        sample_jobs)
 from .step import (ProximalStep, StepGradient, finish_proximal, finish_step, guided_step, plain_step, proximal_step,
                    proximal_x0, step_gradient)
 
@@ -36,20 +34,12 @@ __all__ = [
     "GUIDANCE",
     "Guidance",
     "Program",
-    "RequestStatus",
-    "SchedulerOutput",
     "StackedSampler",
     "GuidedSampler",
     "ImageState",
     "Prediction",
     "RetryPolicy",
     "SAMPLERS",
-    "StepScheduler",
-    "QueueFullError",
-    "DeadlineExceeded",
-    "Job",
-    "JobResult",
-    "sample_jobs",
     "Sampler",
     "Schedule",
     "StepGradient",

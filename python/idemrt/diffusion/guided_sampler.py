@@ -5,7 +5,7 @@ schedule, its own generator, its constraint target, its DPS scale and its retrie
 need not move in lockstep: :meth:`GuidedSampler.advance` steps any list of compatible states
 (same shape and target shape) as one batch, each at its own step index, and images can join or
 leave between two calls. The loop over them — which images share a step, when they join and
-leave — is :class:`~idemrt.diffusion.scheduler.StepScheduler`'s, for a single decode as for a
+leave — is :class:`~idemrt.batching.StepBatcher`'s, for a single decode as for a
 service.
 
 Random numbers (documented order, so a decode is reproducible and the same alone, in a batch or

@@ -81,10 +81,10 @@ def metrics_hub():
 
 @serve.deployment(name=DECODER)
 class DecoderReplica:
-    """One replica: a :class:`~idemrt.serve.engine.DecodeEngine` on this replica's device."""
+    """One replica: a :class:`~idemrt.serve.core.DecodeEngine` on this replica's device."""
 
     def __init__(self, config: dict):
-        from .engine import DecodeEngine  # torch: imported by the replicas only, never by the ingress
+        from .core import DecodeEngine  # torch: imported by the replicas only, never by the ingress
 
         self.engine = DecodeEngine(ServeConfig(**config))
         self.replica = serve.get_replica_context().replica_id.unique_id

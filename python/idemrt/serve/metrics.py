@@ -99,8 +99,8 @@ class EngineMetrics:
 
     def set_gauges(self, stats: dict, inbox: int) -> None:
         with self._lock:
-            self.gauges = {"queue_depth": stats["waiting"] + inbox, "pixel_budget": stats["pixel_budget"],
-                           "images_waiting": stats["waiting"] - stats["preempted"] + inbox,
+            self.gauges = {"queue_depth": stats["waiting"] + stats["preempted"] + inbox,
+                           "pixel_budget": stats["pixel_budget"], "images_waiting": stats["waiting"] + inbox,
                            "images_running": stats["running"], "images_preempted": stats["preempted"]}
 
     def snapshot(self) -> dict:

@@ -55,7 +55,7 @@ async def call_with_retry(make_call: Callable[[], Awaitable], *, tries: int = 3,
     """``await make_call()``, retried up to ``tries`` calls in all while it fails ``retryable``
     (the replica died) and ``deadline`` (a ``clock`` time) leaves room: waits ``backoff_s``,
     then twice that, ... between calls. A retry gets what is left of the deadline (then
-    :class:`~idemrt.diffusion.DeadlineExceeded`). Any other failure, or the last one, is raised."""
+    :class:`~idemrt.errors.DeadlineExceeded`). Any other failure, or the last one, is raised."""
     for attempt in range(1, tries + 1):
         try:
             if attempt == 1 or deadline is None:
@@ -74,7 +74,7 @@ async def call_with_retry(make_call: Callable[[], Awaitable], *, tries: int = 3,
 
 async def _within(awaitable, seconds: float):
     """``await awaitable`` for at most ``seconds`` (then it is cancelled: DeadlineExceeded)."""
-    from ..diffusion import DeadlineExceeded
+    from ..errors import DeadlineExceeded
 
     async def awaited():
         return await awaitable

@@ -5,13 +5,13 @@ entropy decoding's tensor side, g_s and the constraint target, the warm start, x
 and graph captures, previews, the exact refinement and the copy of each image to the host (as an
 8-bit array). A preview is the x0 estimate the step computed anyway, reduced on the device and
 copied to the host without a sync (:mod:`.previews`): no extra network call. Callers on any thread (the replica's asyncio loop) only parse the bitstream header
-(pure Python), are admitted or refused at once (:class:`~idemrt.diffusion.QueueFullError`), and
+(pure Python), are admitted or refused at once (:class:`~idemrt.errors.QueueFullError`), and
 get a :class:`concurrent.futures.Future`; progress and previews reach them through a callback
 run on the core thread.
 
-A request is one :class:`DecodeRequest` (a :class:`~idemrt.diffusion.scheduler.Job`), made when
+A request is one :class:`DecodeRequest` (a :class:`~idemrt.batching.Job`), made when
 it is admitted: it owns its status, its slot and its future (``future.job`` is the request) until
-the scheduler releases it (:meth:`StepScheduler.end`), exactly once, whichever way it leaves —
+the batcher releases it (:meth:`StepBatcher.end`), exactly once, whichever way it leaves —
 finished, cancelled (queued, running or parked), past its deadline, failed in prepare, start,
 step, update, finish or a callback, or the engine closed (:class:`EngineClosedError`, a 503).
 :meth:`DecodeEngine.reconfigure` only queues the new values; the core applies them between two
@@ -28,7 +28,7 @@ family, guidance step kind — DPS and DSG stack into one
 :class:`GuidedSampler`. A 1000-step, a 100-step and a warm-started 20-step image of one group then
 share a batched step. Images are prepared and finished by functions of the codec and the
 program's settings (:func:`idemrt.api.prepare_image`, :func:`~idemrt.api.finish_image`): no
-Decoder is built per program. One :class:`~idemrt.diffusion.StepScheduler` holds the jobs of every
+Decoder is built per program. One :class:`~idemrt.batching.StepBatcher` holds the jobs of every
 group (priorities, deadlines, the pixel budget, preemption).
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ import torch
 from .. import bitstream as bsfmt
 from ..api import finish_image, prepare_image, read_bitstream, warm_from_target
 from ..errors import ModelNotFoundError
-from ..diffusion import StepScheduler
-from ..diffusion.scheduler import EngineClosedError, Job, RequestStatus, check_budget
+from ..batching import Job, RequestStatus, StepBatcher, check_budget
+from ..errors import EngineClosedError
 from ..models.codec import diffusion_operator
 from ..programs import DecodeProgram, build_step_group
 from ..exact import symbols_equal
@@ -202,7 +202,7 @@ class DecodeEngine:
         self.native_pixels = int(native) ** 2 if native else NATIVE_PIXELS
         self._memory_pixels = None  # on CUDA: what the free memory holds, measured once
         self.previews = PreviewCopies(config.preview_size)
-        self.scheduler = StepScheduler(max_slots=config.max_slots, max_queue=config.queue,
+        self.batcher = StepBatcher(max_slots=config.max_slots, max_queue=config.queue,
                                        slot_counts=self._slot_counts(), pixel_budget=self._pixel_budget(),
                                        policy=config.batching, batch_wait_s=config.batch_wait_s)
 
@@ -310,7 +310,7 @@ class DecodeEngine:
                                 speed=speed if mode == "perceptual" else "mse", steps=str(steps), on_event=on_event,
                                 codec=codec_id, prior=prior_id)
         request.deadline = request.submitted + timeout
-        self._enqueue(request, lambda: self.scheduler.admit(request))  # QueueFullError when full
+        self._enqueue(request, lambda: self.batcher.admit(request))  # QueueFullError when full
         return request.future
 
     def encode(self, image, codec: Optional[str] = None) -> Future:
@@ -332,7 +332,7 @@ class DecodeEngine:
             return Encoder(model).encode(load_image(image, max_pixels=self.config.max_pixels))
 
         call = _Call(run)
-        self._enqueue(call, self.scheduler.admit)
+        self._enqueue(call, self.batcher.admit)
         return call.future
 
     def reconfigure(self, *, max_slots: Optional[int] = None, queue: Optional[int] = None,
@@ -353,10 +353,10 @@ class DecodeEngine:
         call.future.result()
 
     def _apply_config(self, values: dict) -> None:
-        """On the core: the new tunables in the config and the scheduler's budget."""
+        """On the core: the new tunables in the config and the batcher's budget."""
         for name, value in values.items():
             setattr(self.config, name, value)
-        self.scheduler.configure(max_slots=self.config.max_slots, max_queue=self.config.queue,
+        self.batcher.configure(max_slots=self.config.max_slots, max_queue=self.config.queue,
                                  pixel_budget=self._pixel_budget())
 
     def _enqueue(self, item, admit) -> None:
@@ -370,7 +370,7 @@ class DecodeEngine:
         self._wake.set()
 
     def stats(self) -> dict:
-        s = self.scheduler.stats()
+        s = self.batcher.stats()
         return {**s, "slots": self.config.max_slots, "inbox": self._inbox.qsize()}
 
     @property
@@ -399,20 +399,20 @@ class DecodeEngine:
         while not self._stop.is_set():
             worked, out = self._take_requests(), None
             try:
-                out = self.scheduler.schedule()
+                out = self.batcher.plan()
                 if out.run:
-                    self.scheduler.execute(out)
-                    self.scheduler.update_from_output(out)
-                    self.metrics.observe_step(self.scheduler.step_seconds, out.pixels, len(out.run),
+                    self.batcher.execute(out)
+                    self.batcher.update_from_output(out)
+                    self.metrics.observe_step(self.batcher.step_seconds, out.pixels, len(out.run),
                                               len(out.preempted))
                 worked |= bool(out.run or out.left)
                 self.metrics.observe_deadline_misses(sum(1 for _, s in out.left if s is RequestStatus.DEADLINE))
             except Exception as exc:  # noqa: BLE001 - fail the images of this step, keep serving the others
                 log.exception("decode step failed")
-                self.scheduler.fail([] if out is None else out.run, exc)
+                self.batcher.fail([] if out is None else out.run, exc)
                 worked = True
             self.previews.deliver()
-            self.metrics.set_gauges(self.scheduler.stats(), self._inbox.qsize())
+            self.metrics.set_gauges(self.batcher.stats(), self._inbox.qsize())
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -430,8 +430,8 @@ class DecodeEngine:
             if isinstance(item, _Call):
                 item.future.set_exception(closed)
                 if item.admitted:
-                    self.scheduler.release()
-        self.scheduler.close(closed)  # the requests: admitted jobs, started or not
+                    self.batcher.release()
+        self.batcher.close(closed)  # the requests: admitted jobs, started or not
 
     def _take_requests(self) -> bool:
         took = False
@@ -444,17 +444,17 @@ class DecodeEngine:
             if isinstance(item, _Call):
                 item.run()
                 if item.admitted:
-                    self.scheduler.release()
+                    self.batcher.release()
                 continue
             status = item.due(time.monotonic())
             if status is not None:  # cancelled or past its deadline while queued
-                self.scheduler.end(item, status)
+                self.batcher.end(item, status)
                 self.metrics.observe_deadline_misses(int(status is RequestStatus.DEADLINE))
                 continue
             try:
                 self._start(item)
             except Exception as exc:  # noqa: BLE001 - this request fails, the service goes on
-                self.scheduler.end(item, RequestStatus.FAILED, error=exc)
+                self.batcher.end(item, RequestStatus.FAILED, error=exc)
 
     def _start(self, request: DecodeRequest) -> None:
         """Prepare a request (entropy decode, target, warm start) and start its sampling; an MSE
@@ -462,7 +462,7 @@ class DecodeEngine:
         codec = self.codecs[request.codec]
         if request.mode == "mse":
             prepared = prepare_image(codec, request.bitstream, request.seed, "mse")
-            self.scheduler.end(request, RequestStatus.FINISHED, result=self._decoded(request, None, prepared, None))
+            self.batcher.end(request, RequestStatus.FINISHED, result=self._decoded(request, None, prepared, None))
             return
         plan, program, sampler = self.programs[request.program_key]
         prepared = prepare_image(codec, request.bitstream, request.seed, constraint=plan.config.constraint,
@@ -470,7 +470,7 @@ class DecodeEngine:
         request.sampler = sampler
         request.finish = lambda result: self._decoded(request, plan, prepared, result)
         request.on_step = None if request.on_event is None else self._reporter(request)
-        self.scheduler.start(request, prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
+        self.batcher.start(request, prepared.target, prepared.seed, prepared.shape, warm=prepared.warm,
                              program=program)
 
     def _decoded(self, request: DecodeRequest, plan: Optional[DecodeProgram], prepared, result) -> Decoded:

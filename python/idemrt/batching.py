@@ -4,17 +4,23 @@ A guided decode is tens to hundreds of steps. Batching whole requests makes a re
 arrives one step late wait for the whole batch; here, as in LLM servers' iteration-level
 batching, images join the running batch at the next step and leave when they are done.
 
+Why here, at the package's top: batching requests is serving, not diffusion (it was
+``diffusion/scheduler.py``, beside the noise schedule, and "scheduler" is also diffusers' word for
+that), yet the API's ``Decoder.decode_batch`` drives it too, so it must import without the
+service's dependencies (Ray, Starlette) that ``idemrt.serve`` brings. ``Decoder.batcher()`` and
+the service's engine core (:mod:`idemrt.serve.core`) both make a :class:`StepBatcher`.
+
 An iteration is three parts, as in vLLM's engine core:
 
-* :meth:`StepScheduler.schedule` — pure bookkeeping, no device work: drops cancelled and
+* :meth:`StepBatcher.plan` — pure bookkeeping, no device work: drops cancelled and
   timed-out jobs, picks the **group** to step (images that can share a batch: one
   :class:`GuidedSampler` — one backend and step table — and one image and target shape), chooses
   its batch within the **budget** (``max_slots`` images and ``pixel_budget`` pixels per step) by
-  **priority**, then earliest deadline, then arrival, and returns a :class:`SchedulerOutput`: who
+  **priority**, then earliest deadline, then arrival, and returns a :class:`BatchPlan`: who
   runs, who joined, who was **preempted**.
-* :meth:`StepScheduler.execute` — the device work: one batched step of the plan's images, each
+* :meth:`StepBatcher.execute` — the device work: one batched step of the plan's images, each
   at its own row of the step table (:meth:`GuidedSampler.advance`).
-* :meth:`StepScheduler.update_from_output` — progress callbacks, finished attempts resolved or
+* :meth:`StepBatcher.update_from_output` — progress callbacks, finished attempts resolved or
   restarted for a retry.
 
 Groups: the group of the most urgent job (highest priority) steps; groups tied at the top
@@ -27,11 +33,11 @@ to the same bits as an uninterrupted run).
 Requests: a :class:`Job` is the one object of an image's request, from admission to release: it
 owns its status (:class:`RequestStatus`: waiting → running → finished, or cancelled / deadline /
 failed; running → preempted → running), its slot (its :class:`ImageState`'s, in its sampler's
-persistent batch) and its future. Admission (:meth:`StepScheduler.admit`) is atomic: the count of
+persistent batch) and its future. Admission (:meth:`StepBatcher.admit`) is atomic: the count of
 held images is checked and raised under one lock hold, so concurrent submitters cannot overfill
 the queue. Every way out — finished, failed (in start, step, update, finish or a callback),
-cancelled or past its deadline (waiting, running or parked), the scheduler closed — goes through
-:meth:`StepScheduler.end`, which releases a job exactly once: its status made final, its slot
+cancelled or past its deadline (waiting, running or parked), the batcher closed — goes through
+:meth:`StepBatcher.end`, which releases a job exactly once: its status made final, its slot
 freed, its future resolved (a result or a typed error), the held count lowered.
 
 ``policy="static"`` is the request-level baseline a load study compares against (as
@@ -41,8 +47,8 @@ freed, its future resolved (a result or a typed error), the held count lowered.
 Batches are padded to the next of ``slot_counts`` (default: the backend's ``slot_counts``, e.g.
 1, 2, 4, 8, 16 for CUDA graphs), unused slots masked, so a graph backend captures a few shapes.
 
-The scheduler has no thread of its own: :meth:`StepScheduler.run` drives it until given jobs are
-done (``Decoder.decode_batch``), :meth:`StepScheduler.step` is one iteration for a service loop.
+The batcher has no thread of its own: :meth:`StepBatcher.run` drives it until given jobs are
+done (``Decoder.decode_batch``), :meth:`StepBatcher.step` is one iteration for a service loop.
 Admitting, submitting, cancelling and reading stats are thread-safe; ending a job (:meth:`end`)
 and iterations must come from one thread (the loop's).
 """
@@ -60,9 +66,9 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 from torch import Tensor
 
-from ..errors import DeadlineExceeded, DecodeError, EngineClosedError, QueueFullError
-from ..progress import progress_bar
-from .guided_sampler import GuidedSampler, ImageState, Program
+from .errors import DeadlineExceeded, DecodeError, EngineClosedError, QueueFullError
+from .progress import progress_bar
+from .diffusion.guided_sampler import GuidedSampler, ImageState, Program
 
 
 class RequestStatus(str, enum.Enum):
@@ -109,7 +115,7 @@ class Job:
     """One image's request, from admission to release (see the module doc). ``future`` resolves to
     ``finish(JobResult)`` (default: the :class:`JobResult`), or raises DecodeError /
     CancelledError / DeadlineExceeded / EngineClosedError, or the error of the part that failed.
-    ``state`` and ``sampler`` are None until the job is started (:meth:`StepScheduler.start`)."""
+    ``state`` and ``sampler`` are None until the job is started (:meth:`StepBatcher.start`)."""
 
     state: Optional[ImageState] = None
     sampler: Optional[GuidedSampler] = None
@@ -157,8 +163,8 @@ class Job:
 
 
 @dataclass
-class SchedulerOutput:
-    """The plan of one iteration (what :meth:`StepScheduler.schedule` decided)."""
+class BatchPlan:
+    """The plan of one iteration (what :meth:`StepBatcher.plan` decided)."""
 
     run: list = field(default_factory=list)  # the jobs of this step's batch, in slot order
     slots: int = 0  # the padded batch size
@@ -171,7 +177,7 @@ class SchedulerOutput:
         return sum(job.pixels for job in self.run)
 
 
-class StepScheduler:
+class StepBatcher:
     """Continuous batching of :class:`Job`s (see the module doc).
 
     ``sampler``: the default :class:`GuidedSampler` (a job may name another one: a service keeps
@@ -195,7 +201,7 @@ class StepScheduler:
         self._held_jobs: set = set()  # admitted jobs not yet released (started or not)
         self._reserved = 0  # admitted room that is not a job (admit() without one)
         self.closed = False  # close() was called: admit() refuses
-        self.steps = 0  # iterations run
+        self.iterations = 0  # iterations run (each one batched step of one group)
         self.step_seconds = 0.0  # of the last iteration
         self.preemptions = 0
         self.deadline_misses = 0
@@ -211,7 +217,7 @@ class StepScheduler:
             self.max_slots, self.max_queue, self.pixel_budget = max_slots, max_queue, pixel_budget
             counts = self._slot_counts_given
             if counts is None and self.sampler is not None:
-                counts = getattr(self.sampler.backend, "slot_counts", None)
+                counts = self.sampler.backend.slot_counts  # declared by every backend (backends.base.Backend)
             self.slot_counts = sorted({c for c in counts or () if c <= max_slots} | ({max_slots} if counts else set()))
 
     # -- admitting, starting, ending -------------------------------------------------------------
@@ -238,7 +244,7 @@ class StepScheduler:
     def start(self, job: Job, target: Tensor, seed: int, shape: Sequence[int], *, x_T: Optional[Tensor] = None,
               warm: Optional[Tensor] = None, program: Optional[Program] = None) -> Job:
         """Start an admitted job (``target`` (1, ...), ``shape`` (1, C, H, W)) with its sampler
-        (default: the scheduler's); it joins a running batch at the next step of its group. If the
+        (default: the batcher's); it joins a running batch at the next step of its group. If the
         sampler cannot start it, the job ends failed and the error is raised."""
         job.sampler = self.sampler if job.sampler is None else job.sampler
         try:
@@ -260,7 +266,7 @@ class StepScheduler:
                sampler: Optional[GuidedSampler] = None, program: Optional[Program] = None) -> Job:
         """Admit and start one image (:meth:`admit`, :meth:`start`). ``timeout``: seconds until
         :class:`DeadlineExceeded`; ``warm``: the MSE decode (1, C, H, W) in [-1, 1], for a
-        warm-started program; ``sampler``/``program``: the image's (default: the scheduler's
+        warm-started program; ``sampler``/``program``: the image's (default: the batcher's
         sampler and its program)."""
         job = Job(sampler=sampler, on_step=on_step, priority=int(priority),
                   deadline=None if timeout is None else time.monotonic() + timeout)
@@ -318,20 +324,21 @@ class StepScheduler:
             jobs = [j for group in self._jobs.values() for j in group]
             by_status = collections.Counter(j.status.value for j in jobs)
             running = [j for j in jobs if j.status is RequestStatus.RUNNING]  # the images holding a slot
-            return {"waiting": by_status["waiting"] + by_status["preempted"], "running": by_status["running"],
+            # each started image is in exactly one of waiting (never ran), running, preempted (parked)
+            return {"waiting": by_status["waiting"], "running": by_status["running"],
                     "preempted": by_status["preempted"], "held": self._held_count(), "max_slots": self.max_slots,
                     "pixel_budget": self.pixel_budget, "slots_used": len(running),
-                    "pixels_used": sum(j.pixels for j in running), "steps": self.steps,
+                    "pixels_used": sum(j.pixels for j in running), "iterations": self.iterations,
                     "step_seconds": self.step_seconds,
                     "preemptions": self.preemptions, "deadline_misses": self.deadline_misses,
                     "finished": dict(self.finished)}
 
-    # -- one iteration: schedule (bookkeeping), execute (device), update ---------------------------
-    def schedule(self) -> SchedulerOutput:
+    # -- one iteration: plan (bookkeeping), execute (device), update ---------------------------
+    def plan(self) -> BatchPlan:
         """Decide the next step (see the module doc). Jobs cancelled or past their deadline are
         released here (:meth:`end`: their slots freed, their futures resolved) and listed in
         ``left``; otherwise bookkeeping only."""
-        out = SchedulerOutput()
+        out = BatchPlan()
         now = time.monotonic()
         with self._lock:
             out.left = [(job, status) for jobs in self._jobs.values() for job in jobs
@@ -342,7 +349,7 @@ class StepScheduler:
             if not self._turn:
                 return out
             if self.policy == "static":
-                return self._schedule_static(out, now)
+                return self._plan_static(out, now)
             top = max(max(j.priority for j in self._jobs[g]) for g in self._turn)
             group = next(g for g in self._turn if max(j.priority for j in self._jobs[g]) == top)
             self._turn.remove(group)
@@ -365,7 +372,7 @@ class StepScheduler:
             out.slots = self._slots(len(chosen))
         return out
 
-    def _schedule_static(self, out: SchedulerOutput, now: float) -> SchedulerOutput:
+    def _plan_static(self, out: BatchPlan, now: float) -> BatchPlan:
         """Request-level batching (under the lock): the first group in turn whose batch runs or is
         ready — full, or its oldest image waited ``batch_wait_s`` — steps; nobody joins a running batch."""
         for group in list(self._turn):
@@ -387,16 +394,16 @@ class StepScheduler:
             return out
         return out
 
-    def execute(self, out: SchedulerOutput) -> None:
+    def execute(self, out: BatchPlan) -> None:
         """The plan's device work: one batched step of its images. If it raises, the caller
         fails the plan's images (:meth:`step` does)."""
         if out.run:
             t0 = time.perf_counter()
             out.run[0].sampler.advance([job.state for job in out.run], out.slots)
             self.step_seconds = time.perf_counter() - t0
-            self.steps += 1
+            self.iterations += 1
 
-    def update_from_output(self, out: SchedulerOutput) -> None:
+    def update_from_output(self, out: BatchPlan) -> None:
         """After :meth:`execute`: progress callbacks, finished attempts resolved or restarted for
         a retry. A callback or an end that raises fails its own image only."""
         for job in out.run:
@@ -411,9 +418,9 @@ class StepScheduler:
                 self.end(job, RequestStatus.FAILED, error=exc)
 
     def step(self) -> bool:
-        """One iteration (schedule, execute, update). Returns False when there was nothing to do.
+        """One iteration (plan, execute, update). Returns False when there was nothing to do.
         A failing step fails its images (their futures hold the error) and raises."""
-        out = self.schedule()
+        out = self.plan()
         if not out.run and not out.left:
             return False
         try:
@@ -430,7 +437,7 @@ class StepScheduler:
         bar = progress_bar(total, progress, "decoding", "step")
         while not all(job.future.done() for job in jobs):
             if not self.step():
-                raise RuntimeError("the scheduler went idle with unresolved jobs")
+                raise RuntimeError("the batcher went idle with unresolved jobs")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(distance=f"{max(job.state.distance for job in jobs):.4g}", refresh=False)
@@ -479,14 +486,14 @@ def check_budget(max_slots, max_queue, pixel_budget) -> tuple:
     return max_slots, max_queue, pixel_budget
 
 
-def sample_jobs(scheduler: StepScheduler, requests: Sequence[tuple], progress: bool = False) -> list:
-    """Decode images through ``scheduler`` until all are done: ``requests`` are ``(target (1, ...),
+def sample_jobs(batcher: StepBatcher, requests: Sequence[tuple], progress: bool = False) -> list:
+    """Decode images through ``batcher`` until all are done: ``requests`` are ``(target (1, ...),
     seed, shape (1, C, H, W), x_T or None[, warm])``; returns their :class:`JobResult` in order.
     Images of one shape share steps, shapes take turns. The first failure is raised (naming its
     image) once every job is resolved."""
-    jobs = [scheduler.submit(target, seed, shape, x_T=x_T, warm=warm[0] if warm else None)
+    jobs = [batcher.submit(target, seed, shape, x_T=x_T, warm=warm[0] if warm else None)
             for target, seed, shape, x_T, *warm in requests]
-    scheduler.run(jobs, progress)
+    batcher.run(jobs, progress)
     errors = [(k, job.future.exception()) for k, job in enumerate(jobs) if job.future.exception() is not None]
     if errors:
         k, exc = errors[0]

@@ -1,4 +1,4 @@
-"""The step scheduler (continuous batching): images joining and leaving a running batch decode
+"""The step batcher (continuous batching): images joining and leaving a running batch decode
 exactly as they would alone; cancellation, deadlines, a bounded queue and fair turns.
 
 The reference for every image is its decode alone (``Decoder.sample`` of one target with the same
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import idemrt
-from idemrt.diffusion import DeadlineExceeded, QueueFullError, StepScheduler
+from idemrt.batching import StepBatcher
+from idemrt.errors import DeadlineExceeded, QueueFullError
 from tiny_models import tiny_codec, tiny_unet
 
 TOL = 2e-5
@@ -46,7 +47,7 @@ def test_images_joining_mid_run_equal_their_decode_alone(models, kw):
     every result equals that image decoded alone with its seed."""
     dec = _decoder(models, **kw)
     targets = _targets(dec.codec, 3)
-    sched = dec.scheduler(max_slots=4)
+    sched = dec.batcher(max_slots=4)
     shape = (1, 3, 64, 64)
     jobs = [sched.submit(targets[0], 10, shape)]
     batch_sizes = []
@@ -74,7 +75,7 @@ def test_images_joining_mid_run_equal_their_decode_alone(models, kw):
 def test_cancelled_image_leaves_at_the_next_step_and_frees_its_slot(models):
     dec = _decoder(models, steps=8)
     targets = _targets(dec.codec, 2)
-    sched = dec.scheduler(max_slots=1)  # one slot: B waits for it
+    sched = dec.batcher(max_slots=1)  # one slot: B waits for it
     a = sched.submit(targets[0], 1, (1, 3, 64, 64))
     b = sched.submit(targets[1], 2, (1, 3, 64, 64))
     sched.step()
@@ -92,7 +93,7 @@ def test_cancelled_image_leaves_at_the_next_step_and_frees_its_slot(models):
 def test_groups_of_different_shapes_take_turns(models):
     dec = _decoder(models, steps=3)
     small, large = _targets(dec.codec, 2, 64), _targets(dec.codec, 1, 128)
-    sched = dec.scheduler()
+    sched = dec.batcher()
     turns = []
     advance = sched.sampler.advance
     sched.sampler.advance = lambda states, pad_to=None: (turns.append(states[0].x.shape[-1]),
@@ -108,7 +109,7 @@ def test_padded_slots_are_masked(models):
     """With slot counts (1, 2, 4), three images run as a batch of four; the filler changes nothing."""
     dec = _decoder(models, steps=3)
     targets = _targets(dec.codec, 3)
-    sched = StepScheduler(dec.guided_sampler(), max_slots=4, slot_counts=(1, 2, 4))
+    sched = StepBatcher(dec.guided_sampler(), max_slots=4, slot_counts=(1, 2, 4))
     seen = []
     step = dec.backend.step
 
@@ -130,7 +131,7 @@ def test_padded_slots_are_masked(models):
 def test_bounded_queue_and_deadline(models):
     dec = _decoder(models, steps=50)
     target = _targets(dec.codec, 1)[0]
-    sched = dec.scheduler(max_slots=2, max_queue=2)
+    sched = dec.batcher(max_slots=2, max_queue=2)
     first = sched.submit(target, 0, (1, 3, 64, 64), timeout=0.0)  # already late at its first step
     sched.submit(target, 1, (1, 3, 64, 64))
     with pytest.raises(QueueFullError):
@@ -141,11 +142,11 @@ def test_bounded_queue_and_deadline(models):
     sched.submit(target, 3, (1, 3, 64, 64))  # the late image's place is free again
 
 
-def test_a_service_thread_drives_the_scheduler(models):
+def test_a_service_thread_drives_the_batcher(models):
     """The pattern the decode service uses: one loop thread steps, other threads submit and wait."""
     dec = _decoder(models, steps=4)
     targets = _targets(dec.codec, 2)
-    sched = dec.scheduler()
+    sched = dec.batcher()
     stop = threading.Event()
 
     def loop():
@@ -169,7 +170,7 @@ def test_a_service_thread_drives_the_scheduler(models):
 
 
 def test_fast_backend_with_graphs_sees_only_its_slot_counts(models):
-    """On the fast backend with graphs, the scheduler pads batches to the slot counts (1, 2, 4, 8,
+    """On the fast backend with graphs, the batcher pads batches to the slot counts (1, 2, 4, 8,
     16): three, then five images run as batches of four and eight — two captures, not one per size."""
     from test_backend_fast import _RecordingGraphs
 
@@ -180,7 +181,7 @@ def test_fast_backend_with_graphs_sees_only_its_slot_counts(models):
     fast.graphs, fast._graphs = True, _RecordingGraphs()  # the graph path, without CUDA
     targets = _targets(codec, 5)
     for n in (3, 5):
-        sched = dec.scheduler(max_slots=16)
+        sched = dec.batcher(max_slots=16)
         jobs = [sched.submit(t, k, (1, 3, 64, 64)) for k, t in enumerate(targets[:n])]
         sched.run(jobs)
     assert sorted({key[1][0] for key in fast._graphs.keys}) == [4, 8] and fast.num_graphs == 2
@@ -189,7 +190,7 @@ def test_fast_backend_with_graphs_sees_only_its_slot_counts(models):
     torch.testing.assert_close(jobs[4].future.result().x, _alone(want, targets[4], 4), rtol=0, atol=TOL)
 
 
-# --- budget, states, priorities, preemption (the serving engine's scheduler) -------------------------
+# --- budget, states, priorities, preemption (the serving engine's batcher) ---------------------------
 
 def _record_batches(sched):
     """Wrap execute(): the list of (job ids, slots) of every step run."""
@@ -206,11 +207,11 @@ def _record_batches(sched):
 def test_pixel_budget_limits_the_batch_by_pixels_not_images(models):
     dec = _decoder(models)
     targets = _targets(dec.codec, 4)
-    sched = dec.scheduler(max_slots=16)
+    sched = dec.batcher(max_slots=16)
     sched.configure(pixel_budget=2 * 64 * 64 + 100)  # room for two 64x64 images per step
     runs = _record_batches(sched)
     jobs = [sched.submit(t, s, (1, 3, 64, 64)) for s, t in enumerate(targets)]
-    out = sched.schedule()
+    out = sched.plan()
     assert len(out.run) == 2 and out.pixels == 2 * 64 * 64 and [j.status.value for j in jobs] == [
         "running", "running", "waiting", "waiting"]
     sched.execute(out)
@@ -220,7 +221,7 @@ def test_pixel_budget_limits_the_batch_by_pixels_not_images(models):
     # an image larger than the whole budget still runs, alone
     sched.configure(pixel_budget=100)
     job = sched.submit(targets[0], 9, (1, 3, 64, 64))
-    assert len(sched.schedule().run) == 1 and job.status.value == "running"
+    assert len(sched.plan().run) == 1 and job.status.value == "running"
 
 
 def test_priority_preempts_and_the_parked_image_resumes_to_the_same_bits(models):
@@ -230,13 +231,13 @@ def test_priority_preempts_and_the_parked_image_resumes_to_the_same_bits(models)
     dec = _decoder(models, deterministic=True)
     low_t, high_t = _targets(dec.codec, 2)
     want_low, want_high = _alone(dec, low_t, 1), _alone(dec, high_t, 2)
-    sched = dec.scheduler(max_slots=1)
+    sched = dec.batcher(max_slots=1)
     runs = _record_batches(sched)
     low = sched.submit(low_t, 1, (1, 3, 64, 64))
     for _ in range(3):
         sched.step()
     high = sched.submit(high_t, 2, (1, 3, 64, 64), priority=5)
-    out = sched.schedule()
+    out = sched.plan()
     assert out.run == [high] and out.preempted == [low] and low.status.value == "preempted"
     sched.execute(out)
     sched.update_from_output(out)
@@ -251,25 +252,25 @@ def test_priority_preempts_and_the_parked_image_resumes_to_the_same_bits(models)
 def test_equal_priorities_keep_their_slots_and_order_by_deadline(models):
     dec = _decoder(models)
     targets = _targets(dec.codec, 3)
-    sched = dec.scheduler(max_slots=1)
+    sched = dec.batcher(max_slots=1)
     first = sched.submit(targets[0], 0, (1, 3, 64, 64), timeout=1000)
     sched.step()
     later = sched.submit(targets[1], 1, (1, 3, 64, 64), timeout=500)
     urgent = sched.submit(targets[2], 2, (1, 3, 64, 64), timeout=100)
-    out = sched.schedule()
+    out = sched.plan()
     assert out.run == [first] and not out.preempted  # a running image is not displaced by equals
     sched.execute(out)
     sched.update_from_output(out)
     while not first.future.done():
         sched.step()
-    assert sched.schedule().run == [urgent]  # earliest deadline first among the waiting
+    assert sched.plan().run == [urgent]  # earliest deadline first among the waiting
     assert later.status.value == "waiting"
 
 
 def test_groups_take_turns_unless_one_holds_a_higher_priority(models):
     dec = _decoder(models)
     a, b = _targets(dec.codec, 1, size=64)[0], _targets(dec.codec, 1, size=128)[0]
-    sched = dec.scheduler(max_slots=4)
+    sched = dec.batcher(max_slots=4)
     runs = _record_batches(sched)
     ja = sched.submit(a, 0, (1, 3, 64, 64))
     jb = sched.submit(b, 1, (1, 3, 128, 128))
@@ -286,7 +287,7 @@ def test_admission_is_atomic_under_concurrent_submitters(models):
     """Eight threads race to submit into a queue of five: exactly five are admitted."""
     dec = _decoder(models)
     targets = _targets(dec.codec, 8)
-    sched = dec.scheduler(max_slots=2, max_queue=5)
+    sched = dec.batcher(max_slots=2, max_queue=5)
     barrier, admitted, refused = threading.Barrier(8), [], []
 
     def submit(k):
@@ -309,7 +310,7 @@ def test_admission_is_atomic_under_concurrent_submitters(models):
 def test_deadline_and_cancel_end_in_their_states(models):
     dec = _decoder(models)
     targets = _targets(dec.codec, 2)
-    sched = dec.scheduler(max_slots=2)
+    sched = dec.batcher(max_slots=2)
     late = sched.submit(targets[0], 0, (1, 3, 64, 64), timeout=0.0)
     gone = sched.submit(targets[1], 1, (1, 3, 64, 64))
     gone.cancel()
@@ -322,7 +323,7 @@ def test_deadline_and_cancel_end_in_their_states(models):
 def test_static_policy_runs_whole_batches_without_joins(models):
     dec = _decoder(models)
     targets = _targets(dec.codec, 3)
-    sched = StepScheduler(dec.guided_sampler(), max_slots=2, policy="static", batch_wait_s=3600)
+    sched = StepBatcher(dec.guided_sampler(), max_slots=2, policy="static", batch_wait_s=3600)
     runs = _record_batches(sched)
     first = sched.submit(targets[0], 0, (1, 3, 64, 64))
     assert not sched.step()  # not full, not waited long enough: the batch does not start
