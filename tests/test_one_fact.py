@@ -26,6 +26,7 @@ ALLOWED = [
     ("decode_config.py", "getattr(self, f.name)", "its own fields by name"),
     ("diffusion/guidance.py", "getattr(self, name)", "RetryPolicy's own fields by name"),
     ("diffusion/tiling.py", "getattr(self, name)", "Tiling's own fields by name"),
+    ("diffusion/guided_sampler.py", "getattr(self, name)", "SlotBatch's own buffers by name, when it grows"),
     ("models/unet_config.py", "getattr(self, name)", "UNetConfig's own fields by name"),
     ("psc/stream.py", "getattr(self, name)", "PSC Params' own fields by name"),
     ("serve/config.py", "getattr(self, name)", "ServeConfig's own fields by name"),
@@ -49,21 +50,9 @@ ALLOWED = [
 # Capability probes in files other engineers are rewriting (the declared properties exist; each is
 # a one-line switch). May already be gone: these are not required to match.
 TODO = [
-    # TODO(issue 29): engine — prior_traits(u).image_size (idemrt.models.prior.Prior).
-    ("serve/core.py", 'getattr(getattr(u, "config", None), "image_size", None)'),
-    # TODO(issue 29): engine — g.backend.slot_counts (idemrt.backends.base.Backend declares it).
-    ("serve/core.py", 'getattr(g.backend, "slot_counts", None)'),
-    ("batching.py", 'getattr(self.sampler.backend, "slot_counts", None)'),
-    # TODO(issue 29): engine — reading the config's own fields by name (reflection, may stay).
-    ("serve/core.py", "getattr(self.config, k)"),
-    # TODO(issue 29): engine — prior_traits(self.unet).compute_dtype (Decoder.__init__, api.py).
-    ("api.py", 'getattr(self.unet, "compute_dtype", None)'),
-    # TODO(issue 29): fast backend (helper-4) — prior_traits(spec.unet).norm_act_hook.
-    ("backends/fast.py", 'hasattr(spec.unet, "set_norm_act")'),
     # Not probes, in files being rewritten (so they may move): argparse's --tile exists on some
-    # commands only; the persistent batch copies its own buffers by name.
+    # commands only.
     ("cli_options.py", 'hasattr(args, "tile")'),
-    ("diffusion/guided_sampler.py", "getattr(self, name)"),
     # TODO(issue 29): tiling (helper-3) — native_size is prior_traits(unet).image_size.
     ("diffusion/tiling.py", 'getattr(unet, "config", None)'),
     ("diffusion/tiling.py", "getattr(config, name, None)"),
@@ -290,3 +279,34 @@ def test_a_diffusers_prior_declares_its_facts():
     assert isinstance(prior, Prior) and prior_traits(prior) is prior and diffusion_process(prior) is process
     assert (prior.image_size, prior.size_multiple, prior.compute_dtype, prior.norm_act_hook) == (16, 1, torch.float32,
                                                                                                 False)
+
+
+# -- small functions, a small Decoder (issue 29: "Decoder <= 120 lines, and no function over 80") --------
+
+MAX_FUNCTION_LINES, MAX_DECODER_LINES = 80, 120
+
+
+def _lengths(source: str):
+    """``(kind, name, lines)`` of every function and class of ``source``, decorators excluded."""
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            kind = "class" if isinstance(node, ast.ClassDef) else "function"
+            yield kind, node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_over_80_lines_and_the_decoder_within_120():
+    long = [f"{path.relative_to(PACKAGE)}: {name} ({n} lines)" for path in sorted(PACKAGE.rglob("*.py"))
+            for kind, name, n in _lengths(path.read_text(encoding="utf-8"))
+            if kind == "function" and n > MAX_FUNCTION_LINES]
+    assert not long, "functions over 80 lines (split them):\n" + "\n".join(long)
+    decoder = [n for kind, name, n in _lengths((PACKAGE / "api.py").read_text(encoding="utf-8"))
+               if (kind, name) == ("class", "Decoder")]
+    assert len(decoder) == 1 and decoder[0] <= MAX_DECODER_LINES, f"idemrt.Decoder has {decoder} lines"
+
+
+def test_the_length_scan_counts_lines():
+    body = "".join(f"    x{k} = {k}\n" for k in range(MAX_FUNCTION_LINES))
+    assert ("function", "f", MAX_FUNCTION_LINES + 1) in list(_lengths("def f():\n" + body))
+    assert ("class", "C", 3) in list(_lengths("class C:\n    def g(self):\n        pass\n"))

@@ -56,6 +56,7 @@ from ..diffusion.tiling import TiledModel
 from ..defaults import default_fast_dtype
 from ..errors import BackendError
 from ..models.codec import Codec
+from ..models.prior import prior_traits
 from .base import StepRows, StepSpec, check_step_inputs, register
 from .compile_cache import CompileCache, default_directory, model_digest
 from .cuda_graphs import GraphSet, cudnn_autotune, on_device
@@ -96,7 +97,7 @@ def _triton_misfit(spec: StepSpec) -> Optional[str]:
     """Why the fused kernels cannot run this spec, or None."""
     from idemrt.kernels.groupnorm_silu import EPS, NUM_GROUPS
 
-    if not hasattr(spec.unet, "set_norm_act"):
+    if not prior_traits(spec.unet).norm_act_hook:
         return "the fused GroupNorm kernel is wired through idemrt's ADM UNet (set_norm_act)"
     for m in spec.unet.modules():
         if isinstance(m, nn.GroupNorm) and (m.num_groups != NUM_GROUPS or m.eps != EPS):
