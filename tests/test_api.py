@@ -243,3 +243,27 @@ def test_backend_choice_and_options(models, data):
     assert torch.allclose(fast, eager, atol=1e-4)
     with pytest.raises(idemrt.BackendError, match="options"):
         idemrt.Decoder(codec, unet, steps=3, device="cpu", backend_options={"warp": 9}).decode(data, seed=0)
+
+
+def test_the_old_signature_is_one_config_and_one_warning(models):
+    """The Decoder's deprecated options (positional, in the old order, or loose keywords) become
+    one DecodeConfig through api.deprecated_options, with one DeprecationWarning naming them all;
+    a twice-given or unknown option is a TypeError, as Python's own signature check was."""
+    from idemrt.api import deprecated_options
+    from idemrt.speeds import SPEEDS
+
+    unet, codec = models
+    assert deprecated_options((5, "ddim"), {"exact": 1}) == (
+        {"steps": 5, "sampler": "ddim", "exact": True, "deterministic": None}, None)
+    assert deprecated_options((5, None, None, None, "x", "cpu"), {})[1] == "cpu"  # device was 6th
+    with pytest.raises(TypeError, match=r"multiple values for \['steps'\]"):
+        deprecated_options((5,), {"steps": 6})
+    with pytest.raises(TypeError, match=r"multiple values for \['device'\]"):
+        deprecated_options((5, None, None, None, "x", "cpu"), {}, device="cpu")
+    with pytest.raises(TypeError, match=r"unexpected \['stpes'\]"):
+        idemrt.Decoder(codec, unet, stpes=5)
+    with pytest.warns(DeprecationWarning, match=r"Decoder\(sampler=, start=, steps=\)") as caught:
+        old = idemrt.Decoder(codec, unet, 4, "ddim", start=0.5, device="cpu")
+    assert len([w for w in caught if w.category is DeprecationWarning]) == 1
+    assert old.config == SPEEDS["paper"].replace(steps=4, sampler="ddim", start=0.5)
+    assert old.device == torch.device("cpu") and old.speed == "paper"

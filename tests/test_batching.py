@@ -79,10 +79,10 @@ def test_cancelled_image_leaves_at_the_next_step_and_frees_its_slot(models):
     a = sched.submit(targets[0], 1, (1, 3, 64, 64))
     b = sched.submit(targets[1], 2, (1, 3, 64, 64))
     sched.step()
-    assert a.steps_done == 1 and b.steps_done == 0
+    assert a.evaluations == 1 and b.evaluations == 0
     a.cancel()
     sched.step()  # A leaves, B takes its slot in the same iteration
-    assert a.future.cancelled() and a.steps_done == 1 and b.steps_done == 1
+    assert a.future.cancelled() and a.evaluations == 1 and b.evaluations == 1
     sched.run([b])
     with pytest.raises(CancelledError):
         a.future.result()
@@ -239,6 +239,8 @@ def test_priority_preempts_and_the_parked_image_resumes_to_the_same_bits(models)
     high = sched.submit(high_t, 2, (1, 3, 64, 64), priority=5)
     out = sched.plan()
     assert out.run == [high] and out.preempted == [low] and low.status.value == "preempted"
+    stats = sched.stats()  # each image counted once: a parked image is preempted, not waiting
+    assert (stats["waiting"], stats["running"], stats["preempted"], stats["held"]) == (0, 1, 1, 2)
     sched.execute(out)
     sched.update_from_output(out)
     sched.run([low, high])

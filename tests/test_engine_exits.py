@@ -110,7 +110,7 @@ def test_a_failure_anywhere_resolves_the_request_and_frees_everything(models, da
             sampler.__dict__.pop(name, None)
         sampler.backend.__dict__.pop("step", None)
         good = engine.submit(data, seed=2).result(timeout=120)  # still serving
-        assert good.steps == 3
+        assert good.evaluations == 3
     finally:
         engine.close()
 
@@ -136,11 +136,11 @@ def test_cancelled_while_queued_running_or_parked_and_deadlines(models, data):
         _wait(engine, [running, queued, late, high, doomed])
     finally:
         engine.close()
-    assert result.steps == 5
+    assert result.evaluations == 5
     assert queued.cancelled() and parked.cancelled()
     with pytest.raises(DeadlineExceeded):
         late.result()
-    assert isinstance(doomed.exception(), DeadlineExceeded) or doomed.result().steps == 5
+    assert isinstance(doomed.exception(), DeadlineExceeded) or doomed.result().evaluations == 5
     assert sum(engine.batcher.finished.values()) == 5
 
 

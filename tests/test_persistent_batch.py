@@ -86,7 +86,7 @@ def test_an_image_does_not_depend_on_its_slot():
     while a2.running:
         mixed.advance([a2, b])
     assert mixed.finish(a2) and a2.slot is None and mixed.slots_used() == 1
-    assert torch.equal(a2.x, a.x) and a2.distance == a.distance and a2.steps_run == a.steps_run == 30
+    assert torch.equal(a2.x, a.x) and a2.distance == a.distance and a2.evaluations == a.evaluations == 30
     mixed.release(b)
     assert mixed.slots_used() == 0 and b.x.shape == SHAPE  # a parked or released image keeps its x_t
 

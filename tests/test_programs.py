@@ -104,4 +104,32 @@ def test_the_factory_groups_programs_by_step_key_and_the_engine_builds_no_decode
     finally:
         engine.close()
     decoder = idemrt.Decoder(codec, unet, steps=5, device="cpu")
-    assert decoder.program.step_key() == paper5.step_key() and decoder.steps_run == paper5.steps_run == 5
+    assert decoder.program.step_key() == paper5.step_key() and decoder.steps_run == paper5.evaluations == 5
+
+
+@pytest.mark.parametrize("changes", [
+    {"constraint": "y"}, {"dtype": torch.float64}, {"backend": "fast"}, {"max_retries": 2}, {"nan_retries": 0},
+    {"retry_threshold": 0.5}, {"check_every": 3}, {"deterministic": True}, {"tile": True},
+    {"backend_options": {"graphs": False}}, {"device": "meta"}])
+def test_a_group_takes_no_setting_from_its_first_member(changes):
+    """Every setting a step group takes from its first member (the operator's constraint, dtype,
+    backend and its options, tiling, the retry policy, the check interval, determinism, the device)
+    is in the step key: programs that differ in one never stack — build_step_group and its halves
+    refuse them, in either order."""
+    from idemrt.decode_config import DecodeConfig
+    from idemrt.programs import DecodeProgram, build_step_function, build_step_group, group_sampler
+    from tiny_models import tiny_codec, tiny_unet
+
+    unet, codec = tiny_unet(), tiny_codec()
+    device = changes.pop("device", "cpu")
+    base = DecodeProgram.build(DecodeConfig(steps=5), unet, "cpu")
+    other = DecodeProgram.build(DecodeConfig(steps=3, **changes), unet, device)
+    assert other.step_key() != base.step_key()
+    for members in ([base, other], [other, base]):
+        with pytest.raises(ValueError, match="one step key"):
+            build_step_group(members, unet, codec)
+        with pytest.raises(ValueError, match="one step key"):
+            build_step_function(members, unet, codec)
+        fn = build_step_function([base], unet, codec)
+        with pytest.raises(ValueError, match="one step key"):
+            group_sampler(fn, members)

@@ -42,7 +42,7 @@ def test_decodes_equal_the_decoder_for_every_allowed_step_count(models, data):
     for (k, s), future in futures.items():
         got = future.result(timeout=120)
         want = idemrt.Decoder(codec, unet, steps=int(s), device="cpu").decode(data[k], seed=7, output="tensor")
-        assert got.image.shape == want.shape and got.steps == int(s)
+        assert got.image.shape == want.shape and got.evaluations == int(s)
         torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
     mse = engine.submit(data[0], mode="mse").result(timeout=10)
     torch.testing.assert_close(mse.image, idemrt.Decoder(codec, None, device="cpu").decode(data[0], mode="mse",
@@ -88,7 +88,7 @@ def test_cancelling_frees_the_slot(data, engine):
     deadline = time.monotonic() + 30
     while not future.done() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert future.cancelled() and engine.stats()["running"] == 0 and future.job.steps_done < 5
+    assert future.cancelled() and engine.stats()["running"] == 0 and future.job.evaluations < 5
 
 
 def test_metrics_text_is_prometheus_exposition_summed_over_replicas():
@@ -126,7 +126,7 @@ def test_speed_preset_with_warm_start_and_exact_refinement_equals_the_decoder(mo
         got = engine.submit(data[0], seed=3).result(timeout=120)
         decoder = idemrt.Decoder(codec, unet, speed="fast", device="cpu")
         want = decoder.decode(data[0], seed=3, output="tensor")
-        assert got.steps == decoder.steps_run < 50  # the warm start skips the steps above t0
+        assert got.evaluations == decoder.steps_run < 50  # the warm start skips the steps above t0
         torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
     finally:
         engine.close()
@@ -234,7 +234,7 @@ def test_deterministic_mode_staggered_concurrent_decodes_equal_solo_byte_for_byt
         futures = []
         for d, s in jobs:
             futures.append(engine.submit(d, seed=s))
-            while engine.stats()["iterations"] == 0 or futures[-1].job.steps_done < 7:  # the next joins mid-run
+            while engine.stats()["iterations"] == 0 or futures[-1].job.evaluations < 7:  # the next joins mid-run
                 time.sleep(0.01)
         together = [f.result(timeout=900).pixels for f in futures]
     finally:
@@ -250,7 +250,7 @@ def test_engine_metrics_count_steps_preemptions_and_deadline_misses(models, data
     engine = DecodeEngine(ServeConfig(steps_allowed=["5"], max_slots=1, unet="in-memory"), codec, unet, device="cpu")
     try:
         low = engine.submit(data[0], seed=1)
-        while low.job.steps_done < 2:
+        while low.job.evaluations < 2:
             time.sleep(0.005)
         high = engine.submit(data[0], seed=2, priority=5)
         late = engine.submit(data[0], seed=3, timeout=1e-6)
@@ -263,7 +263,7 @@ def test_engine_metrics_count_steps_preemptions_and_deadline_misses(models, data
     assert snap["counters"]["preemptions"] >= 1 and snap["counters"]["deadline_misses"] == 1
     assert snap["counters"]["step_images"] == 10 and snap["counters"]["steps"] == 10  # one image per step
     assert snap["counters"]["step_pixels"] == 10 * 64 * 64
-    assert sum(snap["decode_seconds"]["paper"]["counts"]) == 2 and all(r.steps == 5 for r in results)
+    assert sum(snap["decode_seconds"]["paper"]["counts"]) == 2 and all(r.evaluations == 5 for r in results)
 
 
 def test_the_recompression_check_counts_the_symbols_of_the_8bit_image(models, data):
@@ -380,7 +380,7 @@ def test_previews_cost_no_network_call(models, data):
         del codec.operator
         engine.close()
     previews = [e for e in events if e["event"] == "preview"]
-    assert calls == {"unet": result.steps, "operator": result.steps} and result.steps == 5
+    assert calls == {"unet": result.evaluations, "operator": result.evaluations} and result.evaluations == 5
     assert [p["step"] for p in previews] == [1, 2, 3, 4] and previews[0]["image"].shape == (40, 48, 3)
     # the preview after step k is the x0 the step predicted: close to the result at the last steps
     last = previews[-1]["image"].astype(np.float32)

@@ -97,7 +97,7 @@ def test_engine_without_a_default_prior_needs_one(store, local):
     try:
         with pytest.raises(idemrt.ModelNotFoundError, match="choose one with prior=ID"):
             engine.submit(local[2]["q1"])
-        assert engine.submit(local[2]["q1"], mode="mse").result(timeout=30).steps == 0
+        assert engine.submit(local[2]["q1"], mode="mse").result(timeout=30).evaluations == 0
     finally:
         engine.close()
 

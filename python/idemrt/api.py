@@ -17,7 +17,7 @@ import torch
 from . import bitstream as bsfmt
 from .defaults import resolve_device
 from .batching import StepBatcher, sample_jobs
-from .diffusion import SAMPLERS, GuidedSampler, diffusion_process
+from .diffusion import GuidedSampler
 from .errors import BitstreamError
 from .exact import exact_idempotence
 from .images import load_image, to_pil
@@ -83,61 +83,68 @@ class Prepared:
         return (1, 3, self.bitstream.padded_height, self.bitstream.padded_width)
 
 
+# The Decoder's deprecated options: its old positional order, and every loose keyword (each a
+# DecodeConfig field, or ``speed``, a preset's name). ``device`` was positional, and stays a keyword.
+_POSITIONAL = ("steps", "sampler", "guidance", "scale", "constraint", "device", "dtype", "backend")
+_DEPRECATED = frozenset(_POSITIONAL) - {"device"} | {
+    "speed", "start", "exact", "guidance_options", "backend_options", "eta", "interval", "max_retries",
+    "retry_threshold", "nan_retries", "check_every", "deterministic"}
+
+
+def deprecated_options(args: tuple, options: dict, device=None) -> tuple:
+    """``(loose options, device)`` of a Decoder given the old signature's positional ``args`` and
+    loose keyword ``options``: what :func:`idemrt.speeds.decode_config` (which warns once, naming
+    them) turns into a DecodeConfig. TypeError for an unknown or twice-given option."""
+    if len(args) > len(_POSITIONAL):
+        raise TypeError(f"Decoder() takes at most {2 + len(_POSITIONAL)} positional arguments")
+    named = dict(zip(_POSITIONAL, args))
+    twice = sorted(named.keys() & (options.keys() | ({"device"} if device is not None else set())))
+    unknown = sorted(options.keys() - _DEPRECATED)
+    if twice or unknown:
+        raise TypeError(f"Decoder() got {'multiple values for' if twice else 'unexpected'} {twice or unknown}")
+    loose = {**options, **named}
+    device = loose.pop("device", device)
+    for flag in ("exact", "deterministic"):  # a truthy value as the bool the config holds
+        loose[flag] = None if loose.get(flag) is None else bool(loose[flag])
+    return loose, device
+
+
 class Decoder:
     """Decode ``.idm`` bitstreams to the MSE image or to a perceptual image.
 
     The perceptual decode samples the UNet's diffusion process under the idempotence constraint
     (``constraint="x"``: ||2·g_s(round(g_a(x0)))-1 - (2·g_s(y_hat)-1)||, target unclamped as in the
-    reference; ``"y"``: ||round(g_a(x0)) - y_hat||). ``speed``: a preset of :data:`idemrt.speeds.SPEEDS`
-    (default "paper": DPS, 1000 steps) that ``steps``, ``sampler``, ``guidance`` (:data:`SAMPLERS`,
-    ``GUIDANCE`` or "none"), ``scale`` (DPS's), ``start`` (warm start from the MSE decode at t0 =
-    round(start·T), T the prior's training steps, 1000 for ADM; 1: pure noise) and ``guidance_options``
-    (e.g. PIR's iters, lam, zeta) override; ``interval``: DSG's, ``eta``: DDIM's. ``exact``: refine
-    each image until it re-encodes to the received latent (:mod:`idemrt.exact`; ``last.exact``).
-    ``deterministic``: each image's step is its own backend call, so its result does not depend on
-    the other images of its batch (see :class:`idemrt.diffusion.GuidedSampler`; slower).
-
-    ``config``: a :class:`~idemrt.decode_config.DecodeConfig` holding all of these at once, or a preset
-    name (default: "paper"). The loose keyword arguments (``speed``, ``steps``, ``sampler``, ...) are
-    deprecated aliases (a DeprecationWarning) that override it. ``decoder.config`` is the resolved
-    configuration (``Decoder(codec, unet, config=decoder.config)`` decodes the same).
+    reference; ``"y"``: ||round(g_a(x0)) - y_hat||). ``config``: a
+    :class:`~idemrt.decode_config.DecodeConfig` — the preset, respacing (``steps``), sampler,
+    guidance, scale, warm start, exact refinement, backend, retries — or a preset name of
+    :data:`idemrt.speeds.SPEEDS` (default: "paper"). ``decoder.config`` is the resolved configuration
+    (``Decoder(codec, unet, config=decoder.config)`` decodes the same). The loose keyword arguments of
+    earlier releases (``speed``, ``steps``, ``sampler``, ...; :func:`deprecated_options`) still work,
+    with a DeprecationWarning, and override ``config``.
 
     ``unet``: an ADM UNet or a diffusers prior (:func:`idemrt.load_unet` of a folder); the schedule,
     prediction and variance types the samplers use are the prior's
-    (:func:`idemrt.diffusion.diffusion_process`), ``steps`` a respacing of its training steps."""
+    (:func:`idemrt.diffusion.diffusion_process`), ``steps`` a respacing of its training steps.
+    ``steps_run`` (and ``last.steps``): the network evaluations of one image."""
 
-    def __init__(self, codec, unet=None, steps: int | str | None = None, sampler: Optional[str] = None,
-                 guidance: Optional[str] = None, scale: Optional[float] = None, constraint: Optional[str] = None,
-                 device=None, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, *,
-                 config: DecodeConfig | str | None = None, speed: Optional[str] = None, start: Optional[float] = None,
-                 exact: Optional[bool] = None, guidance_options: Optional[dict] = None,
-                 backend_options: Optional[dict] = None, noise_device=None, eta: Optional[float] = None,
-                 interval: Optional[int] = None, max_retries: Optional[int] = None,
-                 retry_threshold: Optional[float] = None, nan_retries: Optional[int] = None,
-                 check_every: Optional[int] = None, progress: bool = False,
-                 max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS, deterministic: Optional[bool] = None):
-        cfg = self.config = decode_config(
-            config, owner="Decoder", speed=speed, steps=steps, sampler=sampler, guidance=guidance, scale=scale,
-            start=start, guidance_options=guidance_options, exact=None if exact is None else bool(exact),
-            constraint=constraint, dtype=dtype, backend=backend, backend_options=backend_options, eta=eta,
-            interval=interval, max_retries=max_retries, retry_threshold=retry_threshold, nan_retries=nan_retries,
-            check_every=check_every, deterministic=None if deterministic is None else bool(deterministic))
-        # the preset the config came from, if any
+    def __init__(self, codec, unet=None, *args, config: DecodeConfig | str | None = None, device=None,
+                 noise_device=None, progress: bool = False, max_pixels: int = bsfmt.DEFAULT_MAX_PIXELS, **deprecated):
+        loose, device = deprecated_options(args, deprecated, device)
+        cfg = self.config = decode_config(config, owner="Decoder", **loose)
+        speed = loose.get("speed")  # the preset the config came from, if any
         self.speed = config if isinstance(config, str) else None if config is not None else speed_name(speed)
-        self.start, self.exact, self.constraint = cfg.start, cfg.exact, cfg.constraint
         self.device = resolve_device(device)
         self.codec = codec.to(self.device)
         self.unet = unet.to(self.device) if unet is not None else None  # None: MSE decodes only
         self.operator = diffusion_operator(self.codec, cfg.constraint)  # A(x0) in the target's units
-        # The config made concrete for this prior (idemrt.programs, the one factory, the engine's too): the
-        # prior's diffusion (an ADM UNet's: 1000 linear steps; a diffusers folder's: its scheduler config)
-        # respaced by ``steps``, the warm start, the sampler's table, the guidance, the retry policy.
+        # The config made concrete for this prior by the one factory (idemrt.programs, the engine's too).
         self.program = p = DecodeProgram.build(cfg, self.unet, self.device)
         self.process, self.schedule, self.warm_start, self.sampler = p.process, p.schedule, p.warm_start, p.sampler
-        self.guidance, self.retry, self.steps_run = p.guidance, p.retry, p.steps_run
-        self.check_every, self.progress, self.max_pixels = cfg.check_every, progress, max_pixels
-        self.deterministic = cfg.deterministic
-        self.backend_name, self.backend_options, self.dtype = p.backend_name, dict(cfg.backend_options), p.dtype
+        self.guidance, self.retry, self.steps_run, self.dtype = p.guidance, p.retry, p.evaluations, p.dtype
+        self.start, self.exact, self.constraint, self.check_every = cfg.start, cfg.exact, cfg.constraint, cfg.check_every
+        self.deterministic, self.backend_name, self.backend_options = cfg.deterministic, p.backend_name, dict(
+            cfg.backend_options)
+        self.progress, self.max_pixels = progress, max_pixels
         self.noise_device = torch.device(noise_device) if noise_device is not None else self.device
         self._backend, self._lock, self._local = None, threading.Lock(), threading.local()
 
@@ -187,13 +194,7 @@ class Decoder:
         ``seed``: an int (one image; consecutive seeds for a batch) or one int per image.
         ``shape``: the image shape (N, 3, H, W), needed with ``constraint="y"``. Retries and the
         noise order: :class:`~idemrt.diffusion.GuidedSampler`."""
-        if shape is None and self.constraint != "x":
-            raise ValueError("shape is required with constraint='y'")
-        target, n = target.to(self.device), target.shape[0]
-        stats = self._local.stats = DecodeStats.for_images(n)
-        xs = _sample(self, list(target.split(1)), _seeds(seed, n), [(1, *(shape or target.shape)[1:])] * n,
-                     [None] * n if x_T is None else list(x_T.split(1)), stats)
-        return torch.cat(xs), torch.tensor(stats.distance)
+        return _sample_targets(self, target, seed, x_T, shape)
 
     def decode(self, bitstream, seed=None, mode: str = "perceptual", output: str = "pil"):
         """Decode one bitstream. ``mode``: "perceptual" or "mse"; ``output``: "pil" or "tensor"."""
@@ -201,20 +202,7 @@ class Decoder:
 
     def decode_batch(self, bitstreams: Sequence, seeds=None, mode: str = "perceptual", output: str = "pil"):
         """Decode several bitstreams; images of the same padded size run as one batch."""
-        check_request(mode, output=output)  # the ingress's and the engine's check too
-        t0 = time.perf_counter()
-        parsed = [read_bitstream(self.codec, b, self.max_pixels) for b in bitstreams]
-        prepared = [self.prepare(bs, seed, mode) for bs, seed in zip(parsed, _seeds(seeds, len(parsed)))]
-        t1 = time.perf_counter()
-        stats = self._local.stats = DecodeStats.for_images(len(parsed))
-        results = [None] * len(prepared)
-        if mode == "perceptual":
-            results = _sample_results(self, [(p.target, p.seed, p.shape, None, p.warm) for p in prepared], stats)
-        images = [self.finish(p, r) for p, r in zip(prepared, results)]
-        t2 = time.perf_counter()
-        stats.exact = [extra for _, extra in images if extra is not None]
-        stats.timings = {"entropy_decode": t1 - t0, "sample": t2 - t1, "total": time.perf_counter() - t0}
-        return [to_pil(img) if output == "pil" else img for img, _ in images]
+        return _decode_batch(self, bitstreams, seeds, mode, output)
 
     # -- the two halves around the sampling loop (Decoder.decode_batch and the decode service) -------
     @torch.no_grad()
@@ -271,12 +259,37 @@ def warm_from_target(codec, target: torch.Tensor, constraint: str, warm_start) -
     return (target if constraint == "x" else target_from_latent(codec, target, "x")).clamp(-1, 1)
 
 
-def _sample(decoder: Decoder, targets: list, seeds: list, shapes: list, x_Ts: list, stats: DecodeStats) -> list:
-    """Samples (1, C, H, W) in [-1, 1] of one target each, through one batcher (images of a size
-    share steps, sizes take turns); ``stats`` filled."""
-    requests = [(t, s, shape, x_T, decoder.warm_from_target(t))
-                for t, s, shape, x_T in zip(targets, seeds, shapes, x_Ts)]
-    return [r.x for r in _sample_results(decoder, requests, stats)]
+def _decode_batch(decoder: Decoder, bitstreams: Sequence, seeds, mode: str, output: str) -> list:
+    """:meth:`Decoder.decode_batch`: prepare each, sample the perceptual ones through one batcher,
+    finish each; ``decoder.last`` filled."""
+    check_request(mode, output=output)  # the ingress's and the engine's check too
+    t0 = time.perf_counter()
+    parsed = [read_bitstream(decoder.codec, b, decoder.max_pixels) for b in bitstreams]
+    prepared = [decoder.prepare(bs, seed, mode) for bs, seed in zip(parsed, _seeds(seeds, len(parsed)))]
+    t1 = time.perf_counter()
+    stats = decoder._local.stats = DecodeStats.for_images(len(parsed))
+    results = [None] * len(prepared)
+    if mode == "perceptual":
+        results = _sample_results(decoder, [(p.target, p.seed, p.shape, None, p.warm) for p in prepared], stats)
+    images = [decoder.finish(p, r) for p, r in zip(prepared, results)]
+    t2 = time.perf_counter()
+    stats.exact = [extra for _, extra in images if extra is not None]
+    stats.timings = {"entropy_decode": t1 - t0, "sample": t2 - t1, "total": time.perf_counter() - t0}
+    return [to_pil(img) if output == "pil" else img for img, _ in images]
+
+
+def _sample_targets(decoder: Decoder, target: torch.Tensor, seed, x_T, shape) -> tuple:
+    """:meth:`Decoder.sample`: ``(x, distance)``, one image a target, through one batcher (images of
+    a size share steps, sizes take turns); ``decoder.last`` filled."""
+    if shape is None and decoder.constraint != "x":
+        raise ValueError("shape is required with constraint='y'")
+    target, n = target.to(decoder.device), target.shape[0]
+    stats = decoder._local.stats = DecodeStats.for_images(n)
+    shapes, x_Ts = [(1, *(shape or target.shape)[1:])] * n, [None] * n if x_T is None else list(x_T.split(1))
+    requests = [(t, s, sh, x, decoder.warm_from_target(t))
+                for t, s, sh, x in zip(target.split(1), _seeds(seed, n), shapes, x_Ts)]
+    xs = [r.x for r in _sample_results(decoder, requests, stats)]
+    return torch.cat(xs), torch.tensor(stats.distance)
 
 
 def _sample_results(decoder: Decoder, requests: list, stats: DecodeStats) -> list:

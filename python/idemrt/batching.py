@@ -133,8 +133,8 @@ class Job:
         self.future = JobFuture(self)
 
     @property
-    def steps_done(self) -> int:
-        return 0 if self.state is None else self.state.steps_run
+    def evaluations(self) -> int:
+        return 0 if self.state is None else self.state.evaluations
 
     @property
     def pixels(self) -> int:
@@ -301,7 +301,7 @@ class StepBatcher:
             Future.cancel(future) or future.done() or future.set_exception(CancelledError())
         else:
             if error is None and status is RequestStatus.DEADLINE:
-                error = DeadlineExceeded(f"not decoded within its deadline ({job.steps_done} steps run)")
+                error = DeadlineExceeded(f"not decoded within its deadline ({job.evaluations} network evaluations run)")
             future.set_exception(error)
         return True
 
@@ -433,7 +433,7 @@ class StepBatcher:
 
     def run(self, jobs: Sequence[Job], progress: bool = False) -> None:
         """Iterate until every one of ``jobs`` is resolved (other jobs advance meanwhile)."""
-        total = max((job.state.program.steps_run for job in jobs), default=0)
+        total = max((job.state.program.evaluations for job in jobs), default=0)
         bar = progress_bar(total, progress, "decoding", "step")
         while not all(job.future.done() for job in jobs):
             if not self.step():
@@ -446,7 +446,7 @@ class StepBatcher:
 
     def fail(self, jobs: Sequence[Job], exc: BaseException) -> None:
         """End ``jobs`` with ``exc`` — after their step failed, their states are no longer
-        trustworthy; the other jobs are not touched. The scheduler stays usable."""
+        trustworthy; the other jobs are not touched. The batcher stays usable."""
         for job in jobs:
             self.end(job, RequestStatus.FAILED, error=exc)
 

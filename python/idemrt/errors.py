@@ -49,7 +49,7 @@ class ModelNotFoundError(CheckpointError):
 # The decode queue's errors (idemrt.batching raises them): here, so that the service's
 # error mapping (serve/problems.py) needs no torch. Their bases are Python's, as a client expects.
 class QueueFullError(RuntimeError):
-    """The scheduler holds ``max_queue`` images already: retry later."""
+    """The batcher holds ``max_queue`` images already: retry later."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -57,5 +57,5 @@ class DeadlineExceeded(TimeoutError):
 
 
 class EngineClosedError(QueueFullError):
-    """The scheduler (a service's engine) shut down before the image was decoded: retry elsewhere
+    """The batcher (a service's engine core) shut down before the image was decoded: retry elsewhere
     (to a client it is what a full queue is: unavailable now)."""

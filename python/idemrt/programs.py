@@ -68,7 +68,7 @@ class DecodeProgram:
                    dtype=prior_traits(unet).compute_dtype if config.dtype is None else config.dtype)
 
     @property
-    def steps_run(self) -> int:
+    def evaluations(self) -> int:
         """Network evaluations of one image (a warm start skips the steps above t0)."""
         return self.schedule.num_steps if self.warm_start is None else self.warm_start.position + 1
 
@@ -81,12 +81,14 @@ class DecodeProgram:
         return Program(self.schedule.num_steps, self.scale, self.warm_start, offset=offset, name=name)
 
     def step_key(self) -> tuple:
-        """Programs with equal keys share one step function and one GuidedSampler (module doc)."""
+        """Programs with equal keys share one step function and one GuidedSampler (module doc). It
+        holds every setting a group takes from its first member (:func:`build_step_function`,
+        :func:`group_sampler`), so a group never takes one that its other members do not share."""
         g, c = self.guidance, self.config
         kind = "none" if g is None else g.step_kind
-        return (self.sampler.family(), kind, g if kind == "proximal" else None, c.constraint, self.backend_name,
-                self.dtype, repr(sorted(c.backend_options.items())), repr(c.tile), self.retry, c.check_every,
-                c.deterministic)
+        return (self.sampler.family(), kind, g if kind == "proximal" else None, c.constraint, self.device,
+                self.backend_name, self.dtype, repr(sorted(c.backend_options.items())), repr(c.tile), self.retry,
+                c.check_every, c.deterministic)
 
 
 class StepFunction(NamedTuple):
@@ -98,8 +100,7 @@ class StepFunction(NamedTuple):
 def build_step_function(members: Sequence[DecodeProgram], unet, codec) -> StepFunction:
     """One backend for ``members`` (programs of one step key): their tables stacked (each
     program's rows from its offset), or a lone program's own table."""
-    if len({m.step_key() for m in members}) != 1:
-        raise ValueError("build_step_function() takes programs of one step key")
+    _one_key(members, "build_step_function")
     first, guidances = members[0], [m.guidance for m in members]
     if len(members) == 1:
         table, guidance, offsets = first.sampler, first.guidance, [0]
@@ -125,6 +126,7 @@ class StepGroup(NamedTuple):
 def group_sampler(fn: StepFunction, members: Sequence[DecodeProgram], names=None, noise_device=None) -> StepGroup:
     """The GuidedSampler of ``fn`` (built for ``members`` by :func:`build_step_function`) and each
     member's Program; a lone member's is also the sampler's default program."""
+    _one_key(members, "group_sampler")
     first = members[0]
     c = first.config
     sampler = GuidedSampler(fn.backend, fn.num_steps, device=first.device,
@@ -134,6 +136,12 @@ def group_sampler(fn: StepFunction, members: Sequence[DecodeProgram], names=None
                             deterministic=c.deterministic)
     names = names or [""] * len(members)
     return StepGroup(sampler, [m.program(off, name) for m, off, name in zip(members, fn.offsets, names)])
+
+
+def _one_key(members: Sequence[DecodeProgram], who: str) -> None:
+    """ValueError unless ``members`` share one step key (a group takes its settings from the first)."""
+    if len({m.step_key() for m in members}) != 1:
+        raise ValueError(f"{who}() takes programs of one step key")
 
 
 def build_step_group(members: Sequence[DecodeProgram], unet, codec, names=None, noise_device=None) -> StepGroup:

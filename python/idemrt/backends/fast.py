@@ -70,7 +70,7 @@ KERNELS = ("torch", "triton", "compile")
 TRITON_KERNELS = ("groupnorm_silu", "gdn", "step")
 PASSES = ("fwd+bwd", "fwd", "none")
 COMPILES = ("unet", "blocks")  # torch.compile of the whole UNet copy, or of each ResBlock/AttentionBlock
-SLOT_COUNTS = (1, 2, 4, 8, 16)  # batch sizes a step scheduler pads to, so few graphs are captured
+SLOT_COUNTS = (1, 2, 4, 8, 16)  # batch sizes a step batcher pads to, so few graphs are captured
 
 
 # CUDA DEFAULTS FROM MEASUREMENT (issue 30 item 4). The fast backend's defaults on CUDA — kernels

@@ -35,7 +35,7 @@ class GraphStepBackend:
     :meth:`_batch_bucket` if a runner serves only some batch sizes.
     """
 
-    slot_counts = None  # the scheduler's batches run as they come (runners bucket batch sizes themselves)
+    slot_counts = None  # the batcher's batches run as they come (runners bucket batch sizes themselves)
 
     def __init__(self, spec, *, device, cache_dir=None, dynamic_hw: bool = False):
         from idemrt.export.graph_cache import StepGraphs

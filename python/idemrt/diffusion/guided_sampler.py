@@ -77,7 +77,7 @@ class Program:
     name: str = ""
 
     @property
-    def steps_run(self) -> int:
+    def evaluations(self) -> int:
         """Network evaluations of one attempt."""
         return self.num_steps if self.warm_start is None else self.warm_start.position + 1
 
@@ -98,7 +98,7 @@ class ImageState:
     nan_tries: int = 0  # non-finite retries used in this attempt
     failed_at: Optional[int] = None  # step index at which this attempt went non-finite
     error: Optional[str] = None  # set when the image cannot be decoded (retries spent)
-    steps_run: int = 0  # network evaluations, all attempts
+    evaluations: int = 0  # network evaluations, all attempts
     warm: Optional[Tensor] = None  # (1, C, H, W) x_mse in [-1, 1] of a warm start (each attempt restarts from it)
     program: Optional[Program] = None
     slot: Optional[int] = None  # its slot in ``batch`` while it holds one
@@ -332,7 +332,7 @@ class GuidedSampler:
             flags = torch.stack((finite.float(), batch.dist[:n])).tolist()
         batch.rows[:n].sub_(1)
         for k, s in enumerate(list(states)):
-            s.steps_run += 1
+            s.evaluations += 1
             batch.rows_host[k] -= 1
             if flags is not None and not flags[0][k]:
                 self._drain(s)

@@ -117,7 +117,7 @@ class DecoderReplica:
         result = await _await(self._submit(bs, params))
         self.hub.push.remote(self.replica, self.engine.metrics.snapshot())
         image = await asyncio.to_thread(encode_image, result.pixels, params["format"])
-        return {"image": image, "distance": result.distance, "steps": result.steps,
+        return {"image": image, "distance": result.distance, "steps": result.evaluations,
                 "seconds": result.seconds, "replica": self.replica, "symbols_equal": result.symbols_equal}
 
     async def decode_stream(self, bs: bsfmt.Bitstream, params: dict):
@@ -140,7 +140,7 @@ class DecoderReplica:
             result = future.result()
             image = await asyncio.to_thread(encode_image, result.pixels, fmt)
             yield {"event": "result", "format": fmt, "image": base64.b64encode(image).decode(),
-                   "distance": result.distance, "steps": result.steps, "seconds": result.seconds,
+                   "distance": result.distance, "steps": result.evaluations, "seconds": result.seconds,
                    "replica": self.replica, "symbols_equal": result.symbols_equal}
         except asyncio.CancelledError:
             future.cancel()  # the client went away: the core frees the slot

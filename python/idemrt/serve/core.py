@@ -1,11 +1,14 @@
-"""The decode engine of one service replica (no Ray here): an engine core that owns the device.
+"""The decode engine core of one service replica (no Ray here): the thread that owns the device.
+(Not the top-level ``engine/`` folder, which is the C++ entropy coder.)
 
 One thread — the **core** — does every device operation of the replica: loading the models,
 entropy decoding's tensor side, g_s and the constraint target, the warm start, x_T, the steps
 and graph captures, previews, the exact refinement and the copy of each image to the host (as an
 8-bit array). A preview is the x0 estimate the step computed anyway, reduced on the device and
-copied to the host without a sync (:mod:`.previews`): no extra network call. Callers on any thread (the replica's asyncio loop) only parse the bitstream header
-(pure Python), are admitted or refused at once (:class:`~idemrt.errors.QueueFullError`), and
+copied to the host without a sync (:mod:`.previews`): no extra network call. Callers on any
+thread (the replica's asyncio loop) only parse and route the bitstream header
+(:func:`idemrt.bitstream.route`) and check the request (:func:`idemrt.decode_request.check_request`,
+the ingress's check too; the prior by :func:`idemrt.store.choose_prior`), all pure Python, are admitted or refused at once (:class:`~idemrt.errors.QueueFullError`), and
 get a :class:`concurrent.futures.Future`; progress and previews reach them through a callback
 run on the core thread.
 
@@ -23,13 +26,17 @@ config made concrete: table, guidance, warm start, retries) and its
 :class:`~idemrt.diffusion.Program` — its rows in a step table, its DPS scale, its warm start.
 Programs of one codec and prior with equal step keys (:meth:`DecodeProgram.step_key`: sampler
 family, guidance step kind — DPS and DSG stack into one
-:class:`~idemrt.diffusion.guidance.StackedGuidance` —, constraint, backend settings) form one
-**group**: one stacked step table, one backend (one set of CUDA graphs), one
+:class:`~idemrt.diffusion.guidance.StackedGuidance` —, constraint, device, backend settings,
+retries, checks) form one **group** (:func:`~idemrt.programs.build_step_group`): one stacked step table, one backend (one set of CUDA graphs), one
 :class:`GuidedSampler`. A 1000-step, a 100-step and a warm-started 20-step image of one group then
 share a batched step. Images are prepared and finished by functions of the codec and the
 program's settings (:func:`idemrt.api.prepare_image`, :func:`~idemrt.api.finish_image`): no
 Decoder is built per program. One :class:`~idemrt.batching.StepBatcher` holds the jobs of every
 group (priorities, deadlines, the pixel budget, preemption).
+
+Names: a request's ``steps`` (HTTP and :meth:`DecodeEngine.submit`) is a **respacing**
+(``DecodeRequest.respacing``); ``Decoded.evaluations`` counts its network evaluations (the HTTP
+answer's "steps"); the batcher's ``iterations`` count batched steps.
 """
 from __future__ import annotations
 
@@ -45,21 +52,22 @@ import numpy as np
 import torch
 
 from .. import bitstream as bsfmt
-from ..api import finish_image, prepare_image, read_bitstream, warm_from_target
-from ..errors import ModelNotFoundError
+from ..api import finish_image, prepare_image, warm_from_target
 from ..batching import Job, RequestStatus, StepBatcher, check_budget
-from ..errors import EngineClosedError
+from ..decode_request import check_request
+from ..errors import EngineClosedError, ModelNotFoundError
 from ..models.codec import diffusion_operator
+from ..models.prior import prior_traits
 from ..programs import DecodeProgram, build_step_group
 from ..exact import symbols_equal
 from ..images import to_uint8
+from ..store import choose_prior
 from .config import ServeConfig
 from .metrics import EngineMetrics
 from .previews import PreviewCopies
 
 log = logging.getLogger(__name__)
 
-MODES = ("perceptual", "mse")
 NATIVE_PIXELS = 256 * 256  # an image at the shipped UNets' training size: the pixel budget's unit
 
 
@@ -68,7 +76,7 @@ class Decoded:
     image: torch.Tensor  # (1, 3, H, W) in [0, 1] on the CPU, cropped to the stored size
     pixels: np.ndarray  # the same as 8-bit (H, W, 3): what the service encodes, without torch
     distance: float  # final constraint distance (0 for MSE decodes)
-    steps: int  # network steps of the program (0 for MSE decodes)
+    evaluations: int  # network evaluations of the program (0 for MSE decodes): the HTTP API's "steps"
     seconds: float  # from submission to the result
     speed: str = "mse"
     symbols_equal: float = 0.0  # fraction of latent symbols the 8-bit image re-encodes to (1: idempotent)
@@ -83,14 +91,14 @@ class DecodeRequest(Job):
     mode: str = "perceptual"
     seed: int = 0
     speed: str = "mse"
-    steps: str = "None"
+    respacing: Optional[str] = None  # the program's respacing (the HTTP steps=), None for an MSE decode
     on_event: Optional[Callable[[dict], None]] = None
     codec: Optional[str] = None  # the id of the codec that decodes it (None: the one codec without a store)
     prior: Optional[str] = None  # the id of its prior (a model store's; None without a store)
 
     @property
     def program_key(self) -> tuple:
-        return (self.codec, self.prior, self.speed, self.steps)
+        return (self.codec, self.prior, self.speed, self.respacing)
 
 
 class _Call:
@@ -171,12 +179,10 @@ class DecodeEngine:
                 codec, unet = load_models(config, self.device)
             codecs, priors = {None: codec}, ({} if unet is None else {None: unet})
         self.codecs, self.priors = codecs, priors
-        self.default_prior = config.prior if config.models else None
-        if config.models and self.default_prior is None and len(priors) == 1:
-            self.default_prior = next(iter(priors))
-        # (codec id, prior id, speed, steps) -> (DecodeProgram, Program, GuidedSampler); ids are None without a store.
+        self.default_prior = config.prior if config.models else None  # the configured one (store.choose_prior)
+        # (codec id, prior id, speed, respacing) -> (DecodeProgram, Program, GuidedSampler); ids are None without a store.
         self.programs: dict = {}
-        self.weights_hashes: dict = {}  # codec id -> weights_hash (cached: check() then does no torch work)
+        self.weights_hashes: dict = {}  # codec id -> weights_hash (cached: routing then does no torch work)
         self.groups = []
         for codec_id, codec in codecs.items():
             codecs[codec_id] = codec = codec.to(self.device)
@@ -185,9 +191,10 @@ class DecodeEngine:
                 unet = unet.to(self.device)
                 by_group: dict = {}  # programs of one codec and one prior share a step function, never across
                 for speed in config.speeds_allowed:
-                    for steps in config.steps_for(speed):
-                        program = DecodeProgram.build(config.decode_config(speed, steps), unet, self.device)
-                        by_group.setdefault(program.step_key(), []).append(((codec_id, prior_id, speed, steps), program))
+                    for respacing in config.steps_for(speed):
+                        program = DecodeProgram.build(config.decode_config(speed, respacing), unet, self.device)
+                        key = (codec_id, prior_id, speed, respacing)
+                        by_group.setdefault(program.step_key(), []).append((key, program))
                 for members in by_group.values():
                     group = build_step_group([p for _, p in members], unet, codec,
                                              names=[f"{key[2]}/{key[3]}" for key, _ in members])
@@ -197,7 +204,9 @@ class DecodeEngine:
         first_id = next(iter(codecs))
         self.codec = codecs[first_id]  # the first codec: /v1/encode's without a store
         self.weights_hash = self.weights_hashes[first_id]
-        sizes = [getattr(getattr(u, "config", None), "image_size", None) for u in priors.values()]
+        self.identities = {cid: bsfmt.CodecIdentity(c.name, c.quality, bytes(self.weights_hashes[cid]))
+                           for cid, c in codecs.items()}  # what bitstream.route compares a header with
+        sizes = [prior_traits(u).image_size for u in priors.values()]
         native = max((s for s in sizes if s), default=None)
         self.native_pixels = int(native) ** 2 if native else NATIVE_PIXELS
         self._memory_pixels = None  # on CUDA: what the free memory holds, measured once
@@ -207,7 +216,7 @@ class DecodeEngine:
                                        policy=config.batching, batch_wait_s=config.batch_wait_s)
 
     def _slot_counts(self):
-        counts = [getattr(g.backend, "slot_counts", None) for g in self.groups]
+        counts = [g.backend.slot_counts for g in self.groups]  # declared (backends.base.Backend)
         return next((c for c in counts if c), None)
 
     def _pixel_budget(self) -> int:
@@ -244,33 +253,19 @@ class DecodeEngine:
         return int(0.8 * free / max(per_pixel, 1.0))
 
     # -- any thread ------------------------------------------------------------------------------
-    def check(self, data) -> bsfmt.Bitstream:
-        """The parsed bitstream, if this server's codec made it (BitstreamError / TooLargeError;
-        with a model store, ModelNotFoundError naming the codec it needs); pure Python (the weights
-        hashes were computed on the core when the engine was built)."""
-        return self._route(data)[0]
-
     def _route(self, data) -> tuple:
-        """``(bitstream, codec id)``: the codec whose name, quality and weights digest the header names."""
-        if not self.config.models:
-            return read_bitstream(self.codec, data, self.config.max_pixels), None
+        """``(bitstream, codec id)`` (:func:`idemrt.bitstream.route`, pure Python: the weights hashes
+        were computed on the core when the engine was built). BitstreamError / TooLargeError; with
+        a model store, ModelNotFoundError naming the codec the stream needs."""
         bs = bsfmt.parse(data, max_pixels=self.config.max_pixels)
-        for codec_id, codec in self.codecs.items():
-            if (codec.name, codec.quality, self.weights_hashes[codec_id]) == (bs.codec, bs.quality, bs.weights_hash):
-                return read_bitstream(codec, bs, self.config.max_pixels), codec_id
-        label = bsfmt.codec_label(bs.codec, bs.quality)
-        raise ModelNotFoundError(f"this server has no codec for this stream: it needs {label} with weights digest "
-                                 f"{bytes(bs.weights_hash).hex()} (GET /v1/models lists the codecs it has)",
-                                 codec=bs.codec, quality=bs.quality, weights_digest=bytes(bs.weights_hash).hex())
+        return bs, bsfmt.route(bs, self.identities, where="this server", store=bool(self.config.models))
 
-    def _prior_id(self, prior: Optional[str]):
-        """The id of the prior a request chose (None: the server's default), if this server has it."""
-        prior_id = self.default_prior if prior is None else prior
-        if prior_id not in self.priors:
-            known = ", ".join(str(p) for p in self.priors if p is not None) or "none"
-            what = "choose one with prior=ID" if prior is None else f"no prior {str(prior)[:40]!r}"
-            raise ModelNotFoundError(f"{what}; this server's priors: {known}", model_id=prior)
-        return prior_id
+    def _served_default(self):
+        """The prior a request without ``prior=`` gets (:func:`idemrt.store.choose_prior`), or None."""
+        try:
+            return choose_prior(self.priors, None, self.default_prior)
+        except ModelNotFoundError:
+            return None
 
     def models(self) -> dict:
         """What a model store gave this engine: ``{"codecs", "priors", "unavailable"}`` (ids and facts,
@@ -279,8 +274,9 @@ class DecodeEngine:
             return {"codecs": [], "priors": [], "unavailable": []}
         codecs = [{"id": cid, "codec": c.name, "quality": c.quality, "weights_digest": self.weights_hashes[cid].hex()}
                   for cid, c in self.codecs.items()]
-        priors = [{"id": pid, "image_size": getattr(getattr(u, "config", None), "image_size", None),
-                   "default": pid == self.default_prior} for pid, u in self.priors.items()]
+        default = self._served_default()
+        priors = [{"id": pid, "image_size": prior_traits(u).image_size, "default": pid == default}
+                  for pid, u in self.priors.items()]
         return {"codecs": codecs, "priors": priors, "unavailable": list(self.unavailable)}
 
     def submit(self, data, *, mode: str = "perceptual", seed: int = 0, speed: Optional[str] = None,
@@ -288,27 +284,19 @@ class DecodeEngine:
                on_event: Optional[Callable[[dict], None]] = None, prior: Optional[str] = None) -> Future:
         """Queue one decode (``data``: the .idm bytes or a parsed Bitstream); the Future resolves to
         :class:`Decoded`. Raises at once what can be known at once: a bad or foreign bitstream, an
-        unknown program, a full queue. ``on_event`` receives ``{"event": "progress", "step",
-        "steps"}`` and ``{"event": "preview", "step", "image": (h, w, 3) uint8}`` on the core thread.
+        unknown program, a full queue. ``steps``: a respacing ``speed`` allows (default: its first).
+        ``on_event`` receives ``{"event": "progress", "step", "steps"}`` (network evaluations done and
+        in all) and ``{"event": "preview", "step", "image": (h, w, 3) uint8}`` on the core thread.
         ``prior``: with a model store, the id of the prior (default: the server's ``prior``)."""
         bs, codec_id = self._route(data)
-        prior_id = None
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        speed, steps = (self.config.speed if speed is None else speed), (None if steps is None else str(steps))
-        if mode == "perceptual":
-            if not self.groups:
-                raise ValueError("this server has no diffusion model: only mode=mse")
-            prior_id = self._prior_id(prior)
-            if speed not in self.config.speeds_allowed:
-                raise ValueError(f"speed must be one of {self.config.speeds_allowed}, got {speed!r}")
-            steps = self.config.steps_for(speed)[0] if steps is None else steps
-            if (codec_id, prior_id, speed, steps) not in self.programs:
-                raise ValueError(f"steps must be one of {self.config.steps_for(speed)} with speed={speed}, got {steps!r}")
+        # the ingress's and the API's check too (InvalidParameterError, a ValueError)
+        req = check_request(mode, choices=self.config, speed=speed, steps=steps, seed=seed, priority=priority)
+        perceptual = mode == "perceptual"
+        prior_id = choose_prior(self.priors, prior, self.default_prior) if perceptual else None
         timeout = self.config.timeout_s if timeout is None else float(timeout)
-        request = DecodeRequest(priority=int(priority), bitstream=bs, mode=mode, seed=int(seed),
-                                speed=speed if mode == "perceptual" else "mse", steps=str(steps), on_event=on_event,
-                                codec=codec_id, prior=prior_id)
+        request = DecodeRequest(priority=req["priority"], bitstream=bs, mode=mode, seed=req["seed"],
+                                speed=req["speed"] if perceptual else "mse", respacing=req["steps"],
+                                on_event=on_event, codec=codec_id, prior=prior_id)
         request.deadline = request.submitted + timeout
         self._enqueue(request, lambda: self.batcher.admit(request))  # QueueFullError when full
         return request.future
@@ -341,9 +329,10 @@ class DecodeEngine:
         (ValueError at once for bad ones) and queues them; the core applies them between two steps,
         after the requests submitted before and before those submitted after. Returns once they
         are applied (this thread does no torch work: on CUDA the budget's measurement runs on the core)."""
+        c = self.config
+        check_budget(c.max_slots if max_slots is None else max_slots, c.queue if queue is None else queue,
+                     (c.pixel_budget if pixel_budget is None else pixel_budget) or 0)
         new = {"max_slots": max_slots, "queue": queue, "pixel_budget": pixel_budget}
-        merged = {k: getattr(self.config, k) if v is None else v for k, v in new.items()}
-        check_budget(merged["max_slots"], merged["queue"], merged["pixel_budget"] or 0)
         values = {k: int(v) for k, v in new.items() if v is not None}
         call = _Call(lambda: self._apply_config(values), admitted=False)
         self._enqueue(call, lambda: None)
@@ -480,9 +469,9 @@ class DecodeEngine:
         image, _ = finish_image(codec, prepared, result, exact=plan is not None and plan.config.exact)
         pixels = to_uint8(image)
         seconds = time.monotonic() - request.submitted
-        steps = 0 if result is None else plan.steps_run
+        evaluations = 0 if result is None else plan.evaluations
         self.metrics.observe_decode(request.speed, seconds)
-        return Decoded(image, pixels, 0.0 if result is None else result.distance, steps, seconds, request.speed,
+        return Decoded(image, pixels, 0.0 if result is None else result.distance, evaluations, seconds, request.speed,
                        self._recompressed(pixels, prepared.y_hat, codec))
 
     def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor, codec=None) -> float:
@@ -493,14 +482,14 @@ class DecodeEngine:
         return symbols_equal(codec, codec.pad(x)[0], y_hat)
 
     def _reporter(self, request: DecodeRequest):
-        steps = self.programs[request.program_key][0].steps_run
-        every = self.config.preview_every or max(1, steps // 10)
+        evaluations = self.programs[request.program_key][0].evaluations
+        every = self.config.preview_every or max(1, evaluations // 10)
         bs = request.bitstream
 
         def report(job) -> None:
             state = job.state
-            done = state.steps_run
-            request.on_event({"event": "progress", "step": done, "steps": steps})
+            done = state.evaluations
+            request.on_event({"event": "progress", "step": done, "steps": evaluations})  # the stream's names
             if state.running and done % every == 0:  # the step's own x0 estimate (no network call)
                 self.previews.add(state.x0[..., : bs.height, : bs.width],
                                   lambda image: request.on_event({"event": "preview", "step": done, "image": image}))
