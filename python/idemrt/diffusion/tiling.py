@@ -51,6 +51,9 @@ BLEND_WEIGHTS = ("ramp", "gaussian", "uniform")
 # activations: a 512² DPS decode peaked at 3.5 GB with 1 window a call and passed 12 GB with 8
 # (benchmarks/RESULTS.md, "Tiled decoding"); 2 sits between them (its peak was not measured).
 DEFAULT_CHUNK = 2
+# The codec operator's tile side: images up to 512² keep the whole-image operator (bit for bit); a
+# multiple of every codec's pad multiple (16 or 64), as tile origins must be.
+DEFAULT_OPERATOR_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,18 @@ class Tiling:
     ``window``: the window side in pixels (None: the prior's native size, :func:`native_size`);
     ``stride``: the distance between window offsets (None: ¾ of the window, a quarter overlap);
     ``weights``: one of :data:`BLEND_WEIGHTS`; ``chunk``: at most this many windows per UNet call
-    (with the guided step's backward, the memory the UNet's activations take)."""
+    (with the guided step's backward, the memory the UNet's activations take); ``operator_tile``:
+    the codec operator runs in tiles of this many pixels a side (plus a halo) on images larger than
+    that (:mod:`idemrt.diffusion.tiled_operator`; None: always on the whole image)."""
 
     window: Optional[int] = None
     stride: Optional[int] = None
     weights: str = "ramp"
     chunk: int = DEFAULT_CHUNK
+    operator_tile: Optional[int] = DEFAULT_OPERATOR_TILE
 
     def __post_init__(self):
-        for name in ("window", "stride", "chunk"):
+        for name in ("window", "stride", "chunk", "operator_tile"):
             value = getattr(self, name)
             if value is None and name != "chunk":
                 continue
@@ -77,6 +83,9 @@ class Tiling:
                                  f"got {value!r}")
         if self.window is not None and self.stride is not None and self.stride > self.window:
             raise ValueError(f"tile stride {self.stride} is larger than the window {self.window}: pixels would be missed")
+        if self.operator_tile is not None and self.operator_tile % 64:
+            raise ValueError(f"tile operator_tile must be a multiple of 64 (the codecs' pad multiple), "
+                             f"got {self.operator_tile}")
         if self.weights not in BLEND_WEIGHTS:
             raise ValueError(f"tile weights must be one of {BLEND_WEIGHTS}, got {self.weights!r}")
 
