@@ -185,3 +185,54 @@ def test_eager_backend_tiles_the_operator_of_a_tiled_decode():
     # latents sit far from .5 boundaries here: no flips)
     whole = guided_step(model, op, sampler, spec.guidance, x, 7, target, noise)
     torch.testing.assert_close(got[0], whole[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("operator_dtype", [torch.float32, torch.bfloat16])
+def test_fast_backend_tiles_the_operator_like_eager(operator_dtype):
+    """The fast backend wraps its operator (its autocast copy) the same way: a bf16 operator's tiled
+    step stays near its whole-image one, a float32 one equals eager's to float error."""
+    from idemrt.backends.base import StepSpec, create_backend
+    from idemrt.diffusion import DDPMSampler, DPS, Schedule
+    from tiny_models import tiny_unet
+
+    codec, unet = tiny_codec(), tiny_unet().eval()
+    op = diffusion_operator(codec, "x")
+    sampler = DDPMSampler(Schedule.create(1000, 10))
+    g = torch.Generator().manual_seed(6)
+    x, noise = torch.randn(1, 3, 128, 192, generator=g), torch.randn(1, 3, 128, 192, generator=g)
+    with torch.no_grad():
+        target = op(torch.rand(1, 3, 128, 192, generator=g) * 2 - 1)
+    steps = []
+    for operator_tile in (64, None):
+        spec = StepSpec(unet=unet, operator=op, codec=codec, constraint="x", sampler=sampler, guidance=DPS(0.6),
+                        tile=Tiling(window=32, stride=24, chunk=4, operator_tile=operator_tile))
+        fast = create_backend("fast", spec, device=torch.device("cpu"), dtype=torch.float32,
+                              operator_dtype=operator_dtype)
+        assert isinstance(fast.operator, TiledOperator) == (operator_tile is not None)
+        steps.append(fast.step(x, 7, target, noise))
+    tol = 1e-4 if operator_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(steps[0][0], steps[1][0], rtol=tol, atol=tol)
+    if operator_dtype == torch.float32:
+        spec = StepSpec(unet=unet, operator=op, codec=codec, constraint="x", sampler=sampler, guidance=DPS(0.6),
+                        tile=Tiling(window=32, stride=24, chunk=4, operator_tile=64))
+        eager = create_backend("eager", spec, device=torch.device("cpu")).step(x, 7, target, noise)
+        torch.testing.assert_close(steps[0][0], eager[0], rtol=1e-4, atol=1e-4)
+
+
+def test_backward_recomputes_under_the_forwards_autocast(codec64):
+    # The fast backend's bf16 operator: the graph is taken after apply_operator has left autocast, so
+    # the tiles' recomputation must re-enter it, or their VJP would be float32's, not the forward's.
+    codec = tiny_codec()
+    op = diffusion_operator(codec, "x")
+    seen = []
+
+    def recording(x):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return op(x)
+
+    tiled = TiledOperator(recording, TILE, 64, 64)
+    x = (torch.rand(1, 3, 256, 256) * 2 - 1).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiled(x)
+    torch.autograd.grad(out.float().sum(), x)
+    assert seen == [(False, True)] * 4 + [(True, True)] * 4

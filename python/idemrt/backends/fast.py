@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from ..diffusion.step import StepResult, finish_step, proximal_step, step_gradient, unguided_step
+from ..diffusion.tiled_operator import tiled_operator
 from ..diffusion.tiling import TiledModel
 from ..defaults import default_fast_dtype
 from ..errors import BackendError
@@ -195,6 +196,8 @@ class FastBackend:
         if spec.operator is not None and (gdn_backward is not None or self.operator_channels_last):
             self.operator = operator_copy(spec.codec, spec.constraint, gdn_backward=gdn_backward,
                                           channels_last=self.operator_channels_last)
+        if spec.tile is not None:  # a large image's operator in tiles (idemrt.diffusion.tiled_operator)
+            self.operator = tiled_operator(self.operator, spec.codec, spec.tile.operator_tile)
         self._unet_fn = self.unet
         self._cache, self._cached_keys = None, set()
         if compile is not None:

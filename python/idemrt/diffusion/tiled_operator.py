@@ -108,18 +108,22 @@ class _TiledOperatorFn(torch.autograd.Function):
             y0, y1, x0, x1 = interior
             full[..., round(y0 * sy):round(y1 * sy), round(x0 * sx):round(x1 * sx)] = part
         ctx.tiled = tiled
+        # The backward's recomputation runs under the forward's autocast (the fast backend's bf16/fp16
+        # operator), which has been left by the time the gradient is taken.
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(x)
         return full
 
     @staticmethod
     def backward(ctx, grad_full: Tensor):
         (x,) = ctx.saved_tensors
-        tiled, (sy, sx) = ctx.tiled, ctx.scale
+        tiled, (sy, sx), (device, dtype, enabled) = ctx.tiled, ctx.scale, ctx.autocast
         grad_x = torch.zeros_like(x)
         for interior, crop in tiled.regions(*x.shape[-2:]):
             (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = interior, crop
             g = grad_full[..., round(y0 * sy):round(y1 * sy), round(x0 * sx):round(x1 * sx)]
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=False):
                 xc = x[..., cy0:cy1, cx0:cx1].detach().requires_grad_(True)
                 part = TiledOperator._interior(tiled.operator(xc), interior, crop)
                 (g_crop,) = torch.autograd.grad(part, xc, g.to(part.dtype))
