@@ -389,16 +389,27 @@ def test_previews_cost_no_network_call(models, data):
 
 def test_a_preview_is_the_8bit_image_of_the_downscaled_estimate():
     """PreviewCopies reduces on the device exactly as an area downscale followed by the service's
-    8-bit conversion (idemrt.images.to_uint8, computed here apart), and drops a non-finite estimate."""
+    8-bit conversion (idemrt.images.to_uint8, computed here apart), each image as if alone although
+    an iteration's previews are reduced together, and drops a non-finite estimate only."""
     from idemrt.images import to_uint8
     from idemrt.serve.previews import PreviewCopies
 
-    x0 = torch.rand(1, 3, 100, 80, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2  # beyond [-1, 1] too
-    got, copies = [], PreviewCopies(64)
-    copies.add(x0, got.append)
-    small = torch.nn.functional.interpolate(x0, scale_factor=64 / 100, mode="area")
-    assert len(got) == 1 and got[0].shape == (64, 51, 3) and copies.deliver() == 0
-    assert np.array_equal(got[0], to_uint8(((small + 1) / 2).clamp(0, 1)))
-    x0[0, 1, 5, 5] = float("nan")
-    copies.add(x0, got.append)
-    assert len(got) == 1
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(1, 3, 100, 80, generator=gen) * 2.4 - 1.2 for _ in range(2))  # beyond [-1, 1] too
+    c = torch.rand(1, 3, 40, 48, generator=gen) * 2 - 1  # another size, no downscale
+    got, copies = {}, PreviewCopies(64)
+    for name, x0 in (("a", a), ("b", b), ("c", c)):
+        copies.add(x0, lambda image, name=name: got.setdefault(name, image))
+    assert not got  # reduced with the iteration's others, at deliver()
+    assert copies.deliver() == 0 and sorted(got) == ["a", "b", "c"]
+    for name, x0 in (("a", a), ("b", b)):
+        small = torch.nn.functional.interpolate(x0, scale_factor=64 / 100, mode="area")
+        assert got[name].shape == (64, 51, 3)
+        assert np.array_equal(got[name], to_uint8(((small + 1) / 2).clamp(0, 1)))
+    assert np.array_equal(got["c"], to_uint8(((c + 1) / 2).clamp(0, 1)))
+    a[0, 1, 5, 5] = float("nan")
+    got.clear()
+    for name, x0 in (("a", a), ("b", b)):
+        copies.add(x0, lambda image, name=name: got.setdefault(name, image))
+    copies.deliver()
+    assert sorted(got) == ["b"]
