@@ -309,7 +309,7 @@ def main(argv=None) -> dict:
     p.add_argument("--loops", default="engine,decoder", help="engine, decoder or both")
     p.add_argument("--slots", default="1,8,32", help="images per step")
     p.add_argument("--groups", default="1,4", help="step groups in flight (1 to 4)")
-    p.add_argument("--previews", default="on,off", help="engine cells: on, off or both")
+    p.add_argument("--previews", default="on,off", help="engine cells: on, off or on,off")
     p.add_argument("--size", type=int, default=16, help="image side, pixels (a multiple of 16)")
     p.add_argument("--steps-lo", type=int, default=5)
     p.add_argument("--steps-hi", type=int, default=45)
