@@ -11,7 +11,9 @@ backward; ``--start 0.4`` with ``--steps 2`` runs only the second, one guided st
 windows, stride 192, ramp weights, ``--chunk`` windows a UNet call); ``whole``: the UNet on the whole image.
 
 ``operator``: the codec operator's forward and the distance's gradient through it alone, on the
-whole image (what a tiled step still does at full resolution): its peak above the process's before.
+whole image (what a tiled step did at full resolution before the operator was tiled): its peak above
+the process's before. ``operator-tiled``: the same through the tiled operator of a tiled decode
+(:mod:`idemrt.diffusion.tiled_operator`, ``--operator-tile`` pixels a tile, default the Tiling's).
 
 The parent watches each child's resident set and stops a child above ``--cap-gb`` (the machine's
 memory is shared): such a row says "stopped above the cap" with the time it took to reach it.
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 SIZES = (256, 512, 1024, 2048)
-PATHS = ("tiled", "whole", "operator")
+PATHS = ("tiled", "whole", "operator", "operator-tiled")
 
 
 def _status_kb(pid, key: str) -> int:
@@ -87,10 +89,11 @@ def run_one(size: int, path: str, steps: int, chunk: int, stride=None, start: fl
             "finite": bool(torch.isfinite(out).all()), "threads": torch.get_num_threads()}
 
 
-def run_operator(size: int) -> dict:
+def run_operator(size: int, tile=None) -> dict:
     """The codec operator alone: A(x0) = 2·g_s(round(g_a((x0+1)/2))) - 1 and the gradient of the
     distance through it on a ``size``² image, what a guided step does on the whole image whether or
-    not the UNet is tiled. Its peak above the RSS before the call."""
+    not the UNet is tiled (``tile``: None; else the tiled operator in ``tile``-pixel tiles). Its peak
+    above the RSS before the call."""
     import torch
     from compressai.models import ScaleHyperprior
 
@@ -101,13 +104,18 @@ def run_operator(size: int) -> dict:
     torch.manual_seed(0)
     model = ScaleHyperprior(N=128, M=192)
     model.update(force=True)
-    operator = diffusion_operator(idemrt.load_codec("bmshj2018-hyperprior", quality=1,
-                                                    checkpoint=model.state_dict()), "x")
+    codec = idemrt.load_codec("bmshj2018-hyperprior", quality=1, checkpoint=model.state_dict())
+    operator = diffusion_operator(codec, "x")
+    if tile is not None:
+        from idemrt.diffusion.tiled_operator import tiled_operator
+
+        operator = tiled_operator(operator, codec, tile)
     x0 = (torch.rand(1, 3, size, size) * 2 - 1).requires_grad_(True)
     target = torch.zeros(1, 3, size, size)
     before = _status_kb("self", "VmHWM")
     (grad,) = torch.autograd.grad(distance(target, operator(x0)).sum(), x0)
-    return {"size": size, "path": "operator", "operator_peak_above_gb": (_status_kb("self", "VmHWM") - before) / 2**20,
+    return {"size": size, "path": "operator" if tile is None else "operator-tiled", "operator_tile": tile,
+            "operator_peak_above_gb": (_status_kb("self", "VmHWM") - before) / 2**20,
             "peak_rss_gb": _status_kb("self", "VmHWM") / 2**20, "finite": bool(torch.isfinite(grad).all()),
             "threads": torch.get_num_threads()}
 
@@ -115,6 +123,7 @@ def run_operator(size: int) -> dict:
 def run_child(size: int, path: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", str(size), path, "--steps", str(args.steps), "--chunk", str(args.chunk)]
     cmd += (["--stride", str(args.stride)] if args.stride else []) + ["--start", str(args.start)]
+    cmd += ["--operator-tile", str(args.operator_tile)] if args.operator_tile else []
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peak = 0
@@ -144,13 +153,20 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=None, help="tile stride (default: the Tiling's, 3/4 window)")
     p.add_argument("--start", type=float, default=1.0,
                    help="warm start: with --steps 2, --start 0.4 runs one guided step (at t = 0)")
+    p.add_argument("--operator-tile", type=int, default=None,
+                   help="operator-tiled: the tile side (default: Tiling().operator_tile)")
     p.add_argument("--cap-gb", type=float, default=12.0, help="stop a child whose resident set passes this")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.one:
         size, path = int(args.one[0]), args.one[1]
-        print(json.dumps(run_operator(size) if path == "operator" else
-                         run_one(size, path, args.steps, args.chunk, args.stride, args.start)))
+        if path.startswith("operator"):
+            from idemrt.diffusion.tiling import Tiling
+
+            tile = None if path == "operator" else args.operator_tile or Tiling().operator_tile
+            print(json.dumps(run_operator(size, tile)))
+        else:
+            print(json.dumps(run_one(size, path, args.steps, args.chunk, args.stride, args.start)))
         return 0
     rows = []
     for size in args.sizes:
