@@ -87,10 +87,11 @@ class TiledOperator:
 def tiled_operator(operator: Callable[[Tensor], Tensor], codec, tile: Optional[int]) -> Callable[[Tensor], Tensor]:
     """``operator`` (codec's A) tiled in ``tile``-pixel interiors, or ``operator`` itself where
     ``tile`` is None or the codec's receptive field was not measured (:data:`OPERATOR_HALO`)."""
-    name = getattr(codec, "name", None)
-    if tile is None or operator is None or name not in OPERATOR_HALO:
+    from ..models.codec import Codec
+
+    if tile is None or operator is None or not isinstance(codec, Codec) or codec.name not in OPERATOR_HALO:
         return operator
-    return TiledOperator(operator, tile, OPERATOR_HALO[name], codec.pad_multiple)
+    return TiledOperator(operator, tile, OPERATOR_HALO[codec.name], codec.pad_multiple)
 
 
 class _TiledOperatorFn(torch.autograd.Function):

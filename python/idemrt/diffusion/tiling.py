@@ -12,7 +12,9 @@ replaces the *model function* of the step, and nothing else::
 The codec operator A(x) = g_s(round(g_a(x))) is fully convolutional and cheap, so the constraint
 stays global: :func:`idemrt.diffusion.step.step_gradient` forms x̂0 from the blended output on the
 whole image, measures ‖target − A(x̂0)‖ on the whole image and differentiates back through the blend
-into every window's UNet. DPS, DSG, PIR, warm start and exact refinement therefore work unchanged.
+into every window's UNet (A itself runs in tiles with halos above ``Tiling.operator_tile``, the
+same function: :mod:`idemrt.diffusion.tiled_operator`). DPS, DSG, PIR, warm start and exact
+refinement therefore work unchanged.
 All output channels are blended (ε, and the variance interpolation where the prior learns it).
 
 Windows: ``window`` pixels a side (default: the prior's native size), ``K = Ky·Kx`` of them with
