@@ -37,6 +37,7 @@ from compressai.models.google import get_scale_table
 
 import idemrt
 import idemrt.entropy as E
+from idemrt.defaults import cpu_model
 
 M = 192  # y channels of bmshj2018-hyperprior, qualities 1-5
 
@@ -58,17 +59,6 @@ def best_time(fn, repeats):
         out = fn()
         best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
     return best, out
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():

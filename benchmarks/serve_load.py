@@ -343,8 +343,10 @@ def main(argv=None) -> int:
     if args.requests < 1 or min(rates) <= 0:
         p.error("--requests must be >= 1 and --rates > 0")
 
+    from idemrt.defaults import cpu_model
+
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    environment = {"device": device, "cpu": _cpu_model(), "threads": torch.get_num_threads(),
+    environment = {"device": device, "cpu": cpu_model(), "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "python": platform.python_version(),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     data = _bitstreams(sizes)
@@ -395,17 +397,6 @@ def _loadavg():
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

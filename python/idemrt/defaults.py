@@ -35,16 +35,25 @@ def dtype_name(dtype) -> str:
     raise ValueError(f"dtype must be one of {', '.join(map(str, _dtypes().values()))}, got {dtype!r}")
 
 
-def cpu_flags() -> set:
-    """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty elsewhere."""
+def _cpuinfo(field: str) -> Optional[str]:
+    """The first ``field`` line of /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     except OSError:
-        pass
-    return set()
+        return None
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty elsewhere."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a user's thread count, which idemrt keeps

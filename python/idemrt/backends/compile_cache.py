@@ -31,13 +31,14 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..defaults import cpu_model
 
 __all__ = ["ENV_VAR", "CompileCache", "default_directory", "machine_name", "model_digest"]
 
@@ -62,14 +63,7 @@ def machine_name(device: torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def model_digest(*modules: torch.nn.Module, options=()) -> str:
