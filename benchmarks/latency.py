@@ -346,6 +346,8 @@ def measure(mode: Mode, inputs, args, device, useful_flops, peak) -> dict:
 class _StepOf:
     """A mode's step as the backend the sampling loop drives (the reference mode has no backend)."""
 
+    slot_counts = None  # the Backend protocol's: the batch runs at its own size
+
     def __init__(self, step_fn):
         self.step = lambda x, i, target, noise, scale=None: step_fn(x, i, target, noise)
 
