@@ -216,11 +216,8 @@ def run_variant(name, case, spec, unet, inputs, reference, args, device, peak, b
     row = {**case, "variant": name, "backend": kind, "dtype": str(dtype).replace("torch.", ""),
            "options": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in options.items()},
            "status": "ok", "step_ms": None, "step_ms_per_image": None, "accuracy_ok": None}
-    if name in TRITON and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        row["status"] = "skipped: Triton needs CUDA (or TRITON_INTERPRET=1)"
-        return row
-    if not budget.fits(estimate):
-        row["status"] = f"skipped: estimated {estimate:.0f} s, {max(budget.left(), 0):.0f} s left"
+    row["status"] = _skipped(name, device, budget, estimate) or "ok"
+    if row["status"] != "ok":
         return row
     x, target, noise = inputs
     try:
@@ -265,11 +262,8 @@ def run_decode(speed, name, unet, codec, size, device, budget, estimate) -> dict
 
     kind, dtype, options = VARIANTS[name]
     row = {"speed": speed, "variant": name, "batch": 1, "status": "ok", "seconds": None}
-    if name in TRITON and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        row["status"] = "skipped: Triton needs CUDA (or TRITON_INTERPRET=1)"
-        return row
-    if not budget.fits(estimate):
-        row["status"] = f"skipped: estimated {estimate:.0f} s, {max(budget.left(), 0):.0f} s left"
+    row["status"] = _skipped(name, device, budget, estimate) or "ok"
+    if row["status"] != "ok":
         return row
     try:
         with budget.cap(estimate):
@@ -356,6 +350,15 @@ class Case:
         noise = torch.randn(shape, device=device, generator=gen)
         self.inputs = (x, target, noise)
         self.key = {"preset": preset, "codec": codec_name, "batch": batch, "size": self.size}
+
+
+def _skipped(name: str, device, budget, estimate: float):
+    """Why a variant's row is not run (recorded as its status), or None."""
+    if name in TRITON and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "skipped: Triton needs CUDA (or TRITON_INTERPRET=1)"
+    if not budget.fits(estimate):
+        return f"skipped: estimated {estimate:.0f} s, {max(budget.left(), 0):.0f} s left"
+    return None
 
 
 def main(argv=None):

@@ -14,36 +14,16 @@ import pytest
 import torch
 from compressai.models.sensetime import Elic2022Chandelier
 
-import adm_reference as ref
 import idemrt.backends.fast as fast_module
 from idemrt.backends.base import StepSpec, create_backend
 from idemrt.backends.cuda_graphs import cudnn_autotune
 from idemrt.backends.fast import PASSES, TRITON_KERNELS, FastBackend, default_triton_passes
 from idemrt.errors import BackendError
 from idemrt.models.codec import Codec, diffusion_operator
-from idemrt.models.unet import ADMUNet, AttentionBlock, ResBlock, UNetConfig
-from test_backend_fast import TINY, inputs, make_spec, rel_err
+from idemrt.models.unet import AttentionBlock, ResBlock
+from test_backend_fast import codec, inputs, make_spec, rel_err, unet  # noqa: F401 - fixtures
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def unet():
-    model = ADMUNet(UNetConfig(**TINY))
-    model.load_state_dict(ref.random_state({k: v.shape for k, v in model.state_dict().items()}, seed=0))
-    return model
-
-
-@pytest.fixture(scope="module")
-def codec():
-    from compressai.models import ScaleHyperprior
-
-    torch.manual_seed(0)
-    model = ScaleHyperprior(N=16, M=16)
-    model.update(force=True)
-    with torch.no_grad():
-        model.g_a[-1].weight.mul_(20)
-    return Codec("bmshj2018-hyperprior", model)
 
 
 @pytest.fixture(scope="module")
