@@ -53,9 +53,9 @@ def test_images_joining_mid_run_equal_their_decode_alone(models, kw):
     batch_sizes = []
     advance = sched.sampler.advance
 
-    def recording(states, pad_to=None):
+    def recording(states, pad_to=None, pixel_budget=None):
         batch_sizes.append(len([s for s in states if s.running]))
-        advance(states, pad_to)
+        advance(states, pad_to, pixel_budget)
 
     sched.sampler.advance = recording
     for _ in range(2):
@@ -96,8 +96,8 @@ def test_groups_of_different_shapes_take_turns(models):
     sched = dec.batcher()
     turns = []
     advance = sched.sampler.advance
-    sched.sampler.advance = lambda states, pad_to=None: (turns.append(states[0].x.shape[-1]),
-                                                          advance(states, pad_to))
+    sched.sampler.advance = lambda states, pad_to=None, pixel_budget=None: (
+        turns.append(states[0].x.shape[-1]), advance(states, pad_to, pixel_budget))
     jobs = [sched.submit(t, k, (1, 3, 64, 64)) for k, t in enumerate(small)]
     jobs.append(sched.submit(large[0], 5, (1, 3, 128, 128)))
     sched.run(jobs)

@@ -261,12 +261,12 @@ def test_serve_config_builds_decode_configs_and_prints_its_default():
 
     config = ServeConfig(unet="u.pt", speed="fast", steps_allowed=["20", "ddim10"], backend="eager",
                          deterministic=True)
-    assert config.decode_config() == SPEEDS["fast"].replace(steps=20, backend="eager", deterministic=True)
+    assert config.decode_config() == SPEEDS["fast"].replace(steps=20, backend="eager", deterministic=True, tile=True)
     assert config.decode_config("fast", "ddim10").steps == "ddim10"
-    assert config.decode_config("paper") == SPEEDS["paper"].replace(backend="eager", deterministic=True)
+    assert config.decode_config("paper") == SPEEDS["paper"].replace(backend="eager", deterministic=True, tile=True)
     own = ServeConfig(unet="u.pt", guidance="dps", scale=0.3)  # the server's own options: its default speed only
-    assert own.decode_config() == SPEEDS["paper"].replace(scale=0.3)
-    assert own.decode_config("fast") == SPEEDS["fast"]
+    assert own.decode_config() == SPEEDS["paper"].replace(scale=0.3, tile=True)  # tiling: server-wide, on by default
+    assert own.decode_config("fast") == SPEEDS["fast"].replace(tile=True)
     text = deploy_config(config)
     header = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#   "))
     assert DecodeConfig.from_yaml(header) == config.decode_config()

@@ -32,7 +32,9 @@ def data(models):
 
 def _engine(models, **kw):
     unet, codec = models
-    return DecodeEngine(ServeConfig(**{"steps_allowed": ["3"], "unet": "in-memory", **kw}), codec, unet, device="cpu")
+    # whole images by default: the failures are injected in backend.step (tiled steps: test_tiled_service.py)
+    return DecodeEngine(ServeConfig(**{"steps_allowed": ["3"], "unet": "in-memory", "tile": False, **kw}), codec, unet,
+                        device="cpu")
 
 
 def _wait(engine, futures, timeout=120):

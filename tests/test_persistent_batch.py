@@ -5,7 +5,7 @@ The step's x0 estimate is kept per image (what a preview shows)."""
 import torch
 from torch.overrides import TorchFunctionMode
 
-from idemrt.backends.base import StepRows
+from idemrt.backends.base import StepRows, StepSpec
 from idemrt.diffusion import GuidedSampler, Program
 from idemrt.diffusion.step import StepResult
 
@@ -17,6 +17,7 @@ class RowBackend:
     scale), elementwise, so that any mix-up of slots changes the numbers; x0 = 2·x_t."""
 
     slot_counts = None
+    spec = StepSpec(unet=None, operator=None, codec=None, constraint="x", sampler=None, guidance=None)
 
     def __init__(self):
         self.calls = []

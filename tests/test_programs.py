@@ -96,7 +96,7 @@ def test_the_factory_groups_programs_by_step_key_and_the_engine_builds_no_decode
     built = []
     init = idemrt.Decoder.__init__
     monkeypatch.setattr(idemrt.Decoder, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
-    engine = DecodeEngine(ServeConfig(steps_allowed=["5", "3"], unet="in-memory"), codec, unet, device="cpu")
+    engine = DecodeEngine(ServeConfig(tile=False, steps_allowed=["5", "3"], unet="in-memory"), codec, unet, device="cpu")
     try:
         keys = {key[2:]: v for key, v in engine.programs.items()}
         assert built == [] and keys["paper", "5"][2] is keys["paper", "3"][2] is keys["balanced", "50"][2]

@@ -27,7 +27,7 @@ def test_the_shorthands_are_the_map():
                          respacings={"fast": ["20", "ddim10"]}, backend="eager", deterministic=True)
     assert short == mapped and short.speed == "fast" and short.speeds_allowed == ["fast", "paper"]
     assert short.steps_allowed == ["20", "ddim10"] and short.steps_for("paper") == ["1000"]
-    server = dict(backend="eager", deterministic=True)
+    server = dict(backend="eager", deterministic=True, tile=True)  # the server-wide fields (tiling on by default)
     assert short.decode_config() == SPEEDS["fast"].override(guidance="dsg", steps=20, **server)
     assert short.decode_config("fast", "ddim10") == SPEEDS["fast"].override(guidance="dsg", steps="ddim10", **server)
     assert short.decode_config("paper") == SPEEDS["paper"].replace(**server)
@@ -46,7 +46,7 @@ def test_a_speed_of_its_own():
     mine = SPEEDS["fast"].replace(steps=20, start=0.6)
     config = ServeConfig(unet="u.pt", speeds={"mine": mine})
     assert config.speed == "mine" and config.speeds_allowed == ["mine"] and config.steps_allowed == ["20"]
-    assert config.decode_config() == mine
+    assert config.decode_config() == mine.replace(tile=True)  # the server-wide fields apply: tiling on
     assert ServeConfig(**config.to_dict()) == config
 
 
@@ -74,4 +74,4 @@ def test_print_config_writes_the_map(capsys):
     args = yaml.safe_load(deploy_config(config))["applications"][0]["args"]
     assert list(args["speeds"]) == ["fast", "balanced"] and args["respacings"] == {"fast": ["20"], "balanced": ["50"]}
     assert ServeConfig(**args) == config
-    assert DecodeConfig.from_dict(args["speeds"]["balanced"]) == SPEEDS["balanced"]
+    assert DecodeConfig.from_dict(args["speeds"]["balanced"]) == SPEEDS["balanced"].replace(tile=True)

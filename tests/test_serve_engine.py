@@ -37,11 +37,14 @@ def engine(models):
 
 def test_decodes_equal_the_decoder_for_every_allowed_step_count(models, data):
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(steps_allowed=["3", "5"], unet="in-memory"), codec, unet, device="cpu")
+    config = ServeConfig(steps_allowed=["3", "5"], unet="in-memory")
+    engine = DecodeEngine(config, codec, unet, device="cpu")
     futures = {(k, s): engine.submit(d, seed=7, steps=s) for k, d in enumerate(data) for s in ("3", "5")}
     for (k, s), future in futures.items():
         got = future.result(timeout=120)
-        want = idemrt.Decoder(codec, unet, steps=int(s), device="cpu").decode(data[k], seed=7, output="tensor")
+        # the service's config (its images, 64x64 and 64x88 padded, in the 32-pixel prior's windows)
+        want = idemrt.Decoder(codec, unet, config=config.decode_config(steps=s), device="cpu").decode(
+            data[k], seed=7, output="tensor")
         assert got.image.shape == want.shape and got.evaluations == int(s)
         torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
     mse = engine.submit(data[0], mode="mse").result(timeout=10)
@@ -120,11 +123,12 @@ def test_speed_preset_with_warm_start_and_exact_refinement_equals_the_decoder(mo
     """A server with --speed fast decodes as Decoder(speed="fast"): warm start, codec-gradient
     guidance and the exact-idempotence refinement included."""
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(speed="fast", unet="in-memory"), codec, unet, device="cpu")
+    config = ServeConfig(speed="fast", unet="in-memory")
+    engine = DecodeEngine(config, codec, unet, device="cpu")
     try:
         assert engine.config.steps_allowed == ["50"]
         got = engine.submit(data[0], seed=3).result(timeout=120)
-        decoder = idemrt.Decoder(codec, unet, speed="fast", device="cpu")
+        decoder = idemrt.Decoder(codec, unet, config=config.decode_config(), device="cpu")  # fast, in windows
         want = decoder.decode(data[0], seed=3, output="tensor")
         assert got.evaluations == decoder.steps_run < 50  # the warm start skips the steps above t0
         torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
@@ -213,8 +217,8 @@ def test_one_batch_holds_every_respacing_and_speed(models, data):
     finally:
         engine.close()
     assert {"paper/5", "paper/3", "balanced/50"} in runs  # all three in one step
-    for (speed, steps), result in got.items():
-        want = idemrt.Decoder(codec, unet, speed=speed, steps=int(steps), device="cpu").decode(
+    for (speed, steps), result in got.items():  # 64x64 in the 32-pixel prior's windows, as the server's config
+        want = idemrt.Decoder(codec, unet, config=engine.config.decode_config(speed, steps), device="cpu").decode(
             data[0], seed=4, output="tensor")
         assert torch.equal(result.image, want), (speed, steps)
 
@@ -247,7 +251,7 @@ def test_engine_metrics_count_steps_preemptions_and_deadline_misses(models, data
     """One slot: a priority-5 decode parks a running priority-0 one (a preemption), a decode with
     a deadline already passed is dropped (a deadline miss); the counters say exactly that."""
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(steps_allowed=["5"], max_slots=1, unet="in-memory"), codec, unet, device="cpu")
+    engine = DecodeEngine(ServeConfig(tile=False, steps_allowed=["5"], max_slots=1, unet="in-memory"), codec, unet, device="cpu")
     try:
         low = engine.submit(data[0], seed=1)
         while low.job.evaluations < 2:
@@ -308,7 +312,7 @@ def test_a_non_finite_image_fails_alone_and_never_as_a_preview(models, data):
     preview used to raise ImageError, and the engine then failed every image in flight), and the
     image stepped in the same batch ends exactly as its Decoder alone."""
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(steps_allowed=["5"], scale=1e38, preview_every=1, deterministic=True,
+    engine = DecodeEngine(ServeConfig(tile=False, steps_allowed=["5"], scale=1e38, preview_every=1, deterministic=True,
                                       unet="in-memory"), codec, unet, device="cpu")
     events = {"paper": [], "balanced": []}
     go, runs = _held_until(engine)
@@ -334,7 +338,8 @@ def test_a_failing_callback_or_step_fails_only_its_own_images(models, data):
     """An exception in one request's event callback fails that request only; an exception in a
     batched step fails the images of that step, not those of another shape waiting their turn."""
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(steps_allowed=["3"], unet="in-memory"), codec, unet, device="cpu")
+    # whole images (tile=False), so that the two sizes are two groups taking turns
+    engine = DecodeEngine(ServeConfig(tile=False, steps_allowed=["3"], unet="in-memory"), codec, unet, device="cpu")
     small, large = data[0], idemrt.Encoder(codec).encode(torch.rand(1, 3, 100, 48))  # 64x64 and 128x64 padded
 
     def broken(event):
@@ -366,7 +371,7 @@ def test_previews_cost_no_network_call(models, data):
     once per network evaluation of its program: a preview is the step's own x0 estimate (it used to
     run one more UNet forward per preview)."""
     unet, codec = models
-    engine = DecodeEngine(ServeConfig(steps_allowed=["5"], preview_every=1, unet="in-memory"), codec, unet,
+    engine = DecodeEngine(ServeConfig(tile=False, steps_allowed=["5"], preview_every=1, unet="in-memory"), codec, unet,
                           device="cpu")
     calls = {"unet": 0, "operator": 0}
     hook = unet.register_forward_pre_hook(lambda *_: calls.__setitem__("unet", calls["unet"] + 1))

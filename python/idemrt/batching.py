@@ -128,6 +128,7 @@ class Job:
     cancelled: bool = False
     preemptions: int = 0
     seq: int = field(default_factory=lambda: next(_arrival))
+    reported: int = 0  # network evaluations already reported to on_step
 
     def __post_init__(self):
         self.future = JobFuture(self)
@@ -142,7 +143,12 @@ class Job:
 
     @property
     def group(self) -> tuple:
-        return (id(self.sampler), *self.state.key())
+        return (id(self.sampler), *self.sampler.group_key(self.state))
+
+    @property
+    def cost(self) -> int:
+        """Pixels this job's next iteration takes at least (a tiled image's: one unit of windows)."""
+        return self.sampler.cost(self.state)
 
     def rank(self) -> tuple:
         """Sort key, most urgent first: priority, then running before waiting (a running image
@@ -171,6 +177,7 @@ class BatchPlan:
     joined: list = field(default_factory=list)  # started or resumed running with this step
     preempted: list = field(default_factory=list)  # parked to make room for higher-priority jobs
     left: list = field(default_factory=list)  # (job, status): cancelled or past their deadline, released
+    pixel_budget: Optional[int] = None  # pixels of windows left for tiled images (None: their whole steps)
 
     @property
     def pixels(self) -> int:
@@ -355,10 +362,8 @@ class StepBatcher:
             self._turn.remove(group)
             self._turn.append(group)
             ranked = sorted(self._jobs[group], key=Job.rank)
-            room = self.max_slots
-            if self.pixel_budget:
-                room = min(room, max(1, self.pixel_budget // ranked[0].pixels))  # one image always runs
-            chosen, rest = ranked[:room], ranked[room:]
+            chosen, out.pixel_budget = self._choose(ranked)
+            rest = ranked[len(chosen):]
             for job in chosen:
                 if job.status is not RequestStatus.RUNNING:
                     job.status = RequestStatus.RUNNING
@@ -371,6 +376,23 @@ class StepBatcher:
             out.run = chosen
             out.slots = self._slots(len(chosen))
         return out
+
+    def _choose(self, ranked: list) -> tuple[list, Optional[int]]:
+        """The most urgent jobs that fit ``max_slots`` and the pixel budget — each costs its pixels,
+        a tiled image one unit of its windows (:attr:`Job.cost`); the first always runs — and the
+        budget left for tiled images' windows (None: no budget)."""
+        if not self.pixel_budget:
+            return ranked[: self.max_slots], None
+        chosen, used = [], 0
+        for job in ranked[: self.max_slots]:
+            cost = job.cost
+            if chosen and used + cost > self.pixel_budget:
+                break
+            chosen.append(job)
+            used += cost
+        tiled = [j for j in chosen if j.sampler.tiled(j.state)]
+        whole = sum(j.cost for j in chosen if j not in tiled)
+        return chosen, (max(0, self.pixel_budget - whole) if tiled else None)
 
     def _plan_static(self, out: BatchPlan, now: float) -> BatchPlan:
         """Request-level batching (under the lock): the first group in turn whose batch runs or is
@@ -399,7 +421,7 @@ class StepBatcher:
         fails the plan's images (:meth:`step` does)."""
         if out.run:
             t0 = time.perf_counter()
-            out.run[0].sampler.advance([job.state for job in out.run], out.slots)
+            out.run[0].sampler.advance([job.state for job in out.run], self._slots, out.pixel_budget)
             self.step_seconds = time.perf_counter() - t0
             self.iterations += 1
 
@@ -410,7 +432,8 @@ class StepBatcher:
             if job.status.final:  # ended meanwhile (a callback of another image cannot, but be safe)
                 continue
             try:
-                if job.on_step is not None:
+                if job.on_step is not None and job.state.evaluations != job.reported:  # a step ended
+                    job.reported = job.state.evaluations
                     job.on_step(job)
                 if job.state.done:
                     self._finished(job)

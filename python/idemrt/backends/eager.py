@@ -26,6 +26,17 @@ class EagerBackend:
         self.operator = spec.operator if spec.tile is None else \
             tiled_operator(spec.operator, spec.codec, spec.tile.operator_tile)
 
+    # The pieces a tiled image's windowed steps use (idemrt.diffusion.window_steps).
+    @property
+    def sampler(self):
+        return self.spec.sampler
+
+    def model_output(self, x_t, t):
+        return self.model(x_t, t)
+
+    def apply_operator(self, x0):
+        return self.operator(x0)
+
     def step(self, x_t, i, target, noise, scale=None):
         s = self.spec
         i = step_index(i, s.sampler.device)  # one index per sample: on the device

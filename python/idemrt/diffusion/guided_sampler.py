@@ -61,6 +61,7 @@ from torch import Tensor
 from ..backends.base import StepRows
 from .guidance import RetryPolicy
 from .schedule import WarmStart
+from .window_steps import WindowSteps
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class ImageState:
     slot: Optional[int] = None  # its slot in ``batch`` while it holds one
     batch: Optional["SlotBatch"] = field(default=None, repr=False)
     x0: Optional[Tensor] = field(default=None, repr=False)  # (1, C, H, W): the last step's x0 estimate (held in a batch)
+    window_work: object = field(default=None, repr=False)  # a tiled image's step in progress (window_steps.WindowWork)
 
     @property
     def row(self) -> int:
@@ -211,6 +213,8 @@ class GuidedSampler:
         self.check_every = max(1, int(check_every))
         self.deterministic = bool(deterministic)
         self._batches: dict = {}  # ImageState.key() -> SlotBatch
+        # A tiling backend's images larger than its window step in windows (window_steps), the others as before.
+        self.windows = WindowSteps(backend) if backend.spec.tile is not None else None
 
     @property
     def num_steps(self) -> int:
@@ -235,7 +239,7 @@ class GuidedSampler:
         return state
 
     def _begin_attempt(self, state: ImageState, shape: tuple, x_T: Optional[Tensor] = None) -> None:
-        state.failed_at = None
+        state.failed_at, state.window_work = None, None
         ws = state.program.warm_start
         if ws is None:
             x = self._noise([state], shape) if x_T is None else x_T.to(self.device, torch.float32)
@@ -263,20 +267,51 @@ class GuidedSampler:
         return state.scale * self.retry.nan_factor ** state.nan_tries
 
     # -- one step of a batch --------------------------------------------------------------------
-    def advance(self, states: Sequence[ImageState], pad_to: Optional[int] = None) -> None:
-        """One step for every running state (one batch; they must share :meth:`ImageState.key`).
+    def group_key(self, state: ImageState) -> tuple:
+        """States of one group can share an iteration (:class:`~idemrt.batching.StepBatcher`): of one
+        key (:meth:`ImageState.key`); with a tiling backend, of any size (each size its own step call,
+        tiled images in windows)."""
+        return state.key() if self.windows is None else ("any size", state.target.device)
 
-        The states hold the slots of their group's :class:`SlotBatch`: those not in the batch yet
+    def tiled(self, state: ImageState) -> bool:
+        """Whether the state's image steps in windows (larger than a tiling backend's window)."""
+        return self.windows is not None and self.windows.tiles(*state.x.shape[-2:])
+
+    def cost(self, state: ImageState) -> int:
+        """Pixels the state's next iteration takes at least: its own, or a tiled image's next unit of
+        windows (:mod:`.window_steps`)."""
+        if not self.tiled(state):
+            return int(state.x.shape[-2] * state.x.shape[-1])
+        return self.windows.unit_windows(state) * self.windows.tiled.window ** 2
+
+    def advance(self, states: Sequence[ImageState], pad_to=None, pixel_budget: Optional[int] = None) -> None:
+        """One iteration for every running state: one batched step of each image size, and units of
+        tiled images' steps (:mod:`.window_steps`) within ``pixel_budget`` pixels of windows (None:
+        each tiled image's whole step).
+
+        The states hold the slots of their size's :class:`SlotBatch`: those not in the batch yet
         join it, and those of the batch not among ``states`` leave it (parked: their x_t is kept).
-        ``pad_to``: run a batch of this many slots, the unused ones masked — their results dropped
-        (samples are independent, so they change nothing) — so that a backend with captured
-        graphs sees few batch sizes."""
+        ``pad_to``: run a batch of this many slots (an int, or a function of the images' count), the
+        unused ones masked — their results dropped (samples are independent, so they change
+        nothing) — so that a backend with captured graphs sees few batch sizes."""
         states = [s for s in states if s.running]
-        if not states:
-            return
-        key = states[0].key()
-        if any(s.key() != key for s in states):
+        tiled = [s for s in states if self.tiled(s)]
+        by_key: dict = {}
+        for s in states:
+            if not self.tiled(s):
+                by_key.setdefault(s.key(), []).append(s)
+        if self.windows is None and len(by_key) > 1:
             raise ValueError("advance() batches states of one shape and target shape only")
+        for key, group in by_key.items():
+            n = len(group)
+            self._advance_batch(key, group, pad_to(n) if callable(pad_to) else max(n, pad_to or n))
+        if tiled:
+            window = self.windows.tiled.window ** 2
+            budget = None if pixel_budget is None else max(1, pixel_budget // window)
+            self.windows.run(tiled, budget, self, self.deterministic)
+
+    def _advance_batch(self, key: tuple, states: list, slots: int) -> None:
+        """One batched step of ``states`` (of one key) in their SlotBatch, padded to ``slots``."""
         batch = self._batches.get(key)
         if batch is None:
             batch = self._batches[key] = SlotBatch(key[0][1:], key[1][1:], self.device, self.noise_device)
@@ -288,7 +323,6 @@ class GuidedSampler:
                 batch.join(s)
                 batch.write(s, self.step_scale(s))
         n = len(batch.states)
-        slots = max(n, pad_to or n)
         batch.reserve(slots)
         if slots > n:  # masked slots repeat the first row, so that a backend decides as for the images
             batch.rows[n:slots].copy_(batch.rows[0].expand(slots - n))
@@ -312,6 +346,30 @@ class GuidedSampler:
             for k, s in enumerate(batch.states):
                 s.x0 = out.x0[k : k + 1]
         self._after_step(batch, n)
+
+    # -- a tiled image's step, ended by window_steps ------------------------------------------------
+    def step_noise(self, state: ImageState) -> Tensor:
+        """The step's noise, from the image's generator (the documented order: one draw a step)."""
+        return self._noise([state], tuple(state.x.shape))
+
+    def step_scales(self, state: ImageState) -> Tensor:
+        return torch.full((1,), self.step_scale(state), device=self.device)
+
+    def step_ended(self, state: ImageState, result) -> None:
+        """A tiled image's step is over: its x_t moves on, with the bookkeeping of :meth:`_after_step`."""
+        x_prev, dist = result
+        state.x, state.x0 = x_prev, result.x0
+        state.evaluations += 1
+        if state.position % self.check_every == 0:
+            finite, distance = torch.stack(((torch.isfinite(x_prev).all() & torch.isfinite(dist).all()).float(),
+                                            dist.reshape(()))).tolist()
+            if not finite:
+                self._drain(state)
+            state.position -= 1
+            if state.done:
+                state.distance = distance
+            return
+        state.position -= 1
 
     def _draw_noise(self, batch: SlotBatch) -> None:
         """Each image's step noise into its slot, from its own generator (the documented order)."""
@@ -352,6 +410,7 @@ class GuidedSampler:
     def release(self, state: ImageState) -> None:
         """The state leaves its slot (finished, failed, cancelled); its x is kept. A no-op
         without one. An emptied batch gives its buffers back."""
+        state.window_work = None
         batch = state.batch
         if batch is None:
             return

@@ -79,6 +79,22 @@ def step_gradient(model: Model, operator: Operator, sampler: Sampler, x_t: Tenso
     return StepGradient(out.detach(), Prediction(*(p.detach() for p in pred)), dist.detach(), grad)
 
 
+def output_gradient(operator: Operator, sampler: Sampler, x_t: Tensor, model_out: Tensor, rows: Tensor,
+                    target: Tensor) -> tuple[StepGradient, Tensor]:
+    """:func:`step_gradient` cut at the model, for a step whose model runs apart (a tiled image's
+    windows, :mod:`.window_steps`): from ``model_out`` = model(x_t) (computed without autograd),
+    ``(g, g_out)`` with ``g.grad`` the gradient through the prediction alone and ``g_out`` = d dist /
+    d model_out. By the chain rule the step's gradient is ``g.grad + J_model(x_t)^T g_out``: the
+    caller adds the model's vector-Jacobian product (a sum of two terms, the same in either order)."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        out = model_out.detach().requires_grad_(True)
+        pred = sampler.predict_rows(out, x, rows)
+        dist = distance(target, operator(pred.x0))
+        grad, g_out = torch.autograd.grad(dist.sum(), (x, out))
+    return StepGradient(out.detach(), Prediction(*(p.detach() for p in pred)), dist.detach(), grad), g_out
+
+
 def finish_step(sampler: Sampler, guidance: Guidance, g: StepGradient, noise: Tensor, i, rows: Tensor,
                 scale: Tensor | None = None) -> StepResult:
     """``(x_{t-1}, distance)`` from a step's gradient: noise, then the guidance update. The
@@ -102,9 +118,16 @@ def proximal_x0(model: Model, operator: Operator, sampler: Sampler, guidance, x_
     then the guidance's data step through the operator alone (:meth:`PIR.data_step`)."""
     with torch.no_grad():
         out = model(x_t, t)
-        x0 = sampler.predict_rows(out, x_t, rows).x0
+    return proximal_from_output(operator, sampler, guidance, x_t, out, rows, target)
+
+
+def proximal_from_output(operator: Operator, sampler: Sampler, guidance, x_t: Tensor, model_out: Tensor,
+                         rows: Tensor, target: Tensor) -> ProximalStep:
+    """:func:`proximal_x0` from the model's output ``model_out`` = model(x_t)."""
+    with torch.no_grad():
+        x0 = sampler.predict_rows(model_out, x_t, rows).x0
     x0, dist = guidance.data_step(operator, x0, target, rows)
-    return ProximalStep(out.detach(), x0, dist)
+    return ProximalStep(model_out.detach(), x0, dist)
 
 
 @torch.no_grad()
@@ -133,7 +156,13 @@ def proximal_step(model: Model, operator: Operator, sampler: Sampler, guidance, 
 def unguided_step(model: Model, sampler: Sampler, x_t: Tensor, i, noise: Tensor) -> StepResult:
     """An unguided reverse step: ``(x_{t-1}, distance 0)`` and its x0."""
     out = model(x_t, sampler.model_timesteps(i, x_t.shape[0]))
-    pred = sampler.predict(out, x_t, i)
+    return unguided_from_output(sampler, x_t, out, i, noise)
+
+
+@torch.no_grad()
+def unguided_from_output(sampler: Sampler, x_t: Tensor, model_out: Tensor, i, noise: Tensor) -> StepResult:
+    """:func:`unguided_step` from the model's output ``model_out`` = model(x_t)."""
+    pred = sampler.predict(model_out, x_t, i)
     return StepResult(sampler.step(pred, noise, i), x_t.new_zeros(x_t.shape[0]), pred.x0)
 
 

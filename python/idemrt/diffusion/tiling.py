@@ -46,7 +46,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "describe_tiling", "native_size", "tile_layout"]
+__all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "describe_tiling", "native_size", "tile_layout",
+           "window_count"]
 
 BLEND_WEIGHTS = ("ramp", "gaussian", "uniform")
 # Windows per UNet call. On the CPU an FFHQ-256 window's forward + backward holds about 2 GB of fp32
@@ -156,6 +157,12 @@ class TileLayout(NamedTuple):
     @property
     def count(self) -> int:
         return len(self.offsets)
+
+
+def window_count(height: int, width: int, window: int, stride: int) -> int:
+    """How many windows an image of this size is tiled into (1 if it is not): pure Python, so a
+    service can refuse a request by its size before any device work."""
+    return len(_axis_offsets(height, window, stride)[1]) * len(_axis_offsets(width, window, stride)[1])
 
 
 def _axis_offsets(length: int, window: int, stride: int) -> tuple[int, list[int]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import InitVar, asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from ..decode_config import DecodeConfig
 from ..decode_request import MAX_SEED, PRIORITIES  # noqa: F401 - re-exported: the service's limits
@@ -54,7 +54,12 @@ class ServeConfig:
     queue: int = 256  # images a replica holds (running and waiting) before answering 503
     pixel_budget: int = 0  # pixels per step of one replica (0: derived by the engine)
     max_body_bytes: int = 64 << 20
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 4096 * 4096  # an image's (padded) pixels; more: 413
+    # Images larger than the prior's native size decode in windows of it (idemrt.diffusion.tiling),
+    # each window a slot of the step batch: True (the default windows), False (the whole image), or
+    # a mapping of Tiling's fields. The windows of one image are limited too (more: 413).
+    tile: Any = True
+    max_windows: int = 1024
     timeout_s: float = 600.0  # per-request deadline (504 after it)
     preview_every: int = 0  # stream a preview every this many steps (0: about 10 per decode)
     preview_size: int = 64  # longest side of a preview, pixels
@@ -75,7 +80,7 @@ class ServeConfig:
                              "give either")
         if self.prior is not None and self.models is None:
             raise ValueError("prior names a prior of a model store: give models too")
-        for name in ("replicas", "max_slots", "queue", "max_body_bytes", "max_pixels"):
+        for name in ("replicas", "max_slots", "queue", "max_body_bytes", "max_pixels", "max_windows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.timeout_s <= 0 or self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
@@ -103,7 +108,10 @@ class ServeConfig:
         if self.speed is None and speeds:
             self.speed = next(iter(speeds))
         own = {k: v for k, v in own.items() if v is not None}
-        wide = {"deterministic": self.deterministic, **({"backend": self.backend} if self.backend else {})}
+        if not isinstance(self.tile, (bool, dict)):
+            raise ValueError(f"tile must be true, false or a mapping of Tiling's fields, got {self.tile!r}")
+        tile = (dict(self.tile) if isinstance(self.tile, dict) else {}) if self.tile is not False else None
+        wide = {"deterministic": self.deterministic, "tile": tile, **({"backend": self.backend} if self.backend else {})}
         if not speeds or own or not all(_complete(v) for v in speeds.values()):
             from ..speeds import SPEEDS, resolve_speed, speed_name
 

@@ -56,7 +56,8 @@ from .. import bitstream as bsfmt
 from ..api import finish_image, prepare_image, warm_from_target
 from ..batching import Job, RequestStatus, StepBatcher, check_budget
 from ..decode_request import check_request
-from ..errors import EngineClosedError, ModelNotFoundError
+from ..diffusion.tiling import window_count
+from ..errors import EngineClosedError, ModelNotFoundError, TooLargeError
 from ..models.codec import diffusion_operator
 from ..models.prior import prior_traits
 from ..programs import DecodeProgram, build_step_group
@@ -303,8 +304,26 @@ class DecodeEngine:
                                 speed=req["speed"] if perceptual else "mse", respacing=req["steps"],
                                 on_event=on_event, codec=codec_id, prior=prior_id)
         request.deadline = request.submitted + timeout
+        if perceptual:
+            self._check_windows(request)
         self._enqueue(request, lambda: self.batcher.admit(request))  # QueueFullError when full
         return request.future
+
+    def windows(self, request: DecodeRequest) -> int:
+        """The windows a perceptual request's image steps in (1 if it is not tiled); pure Python."""
+        windows = self.programs[request.program_key][2].windows
+        bs = request.bitstream
+        if windows is None:
+            return 1
+        return window_count(bs.padded_height, bs.padded_width, windows.tiled.window, windows.tiled.stride)
+
+    def _check_windows(self, request: DecodeRequest) -> None:
+        """TooLargeError (413) for an image of more windows than ``max_windows``."""
+        n = self.windows(request)
+        if n > self.config.max_windows:
+            bs = request.bitstream
+            raise TooLargeError(f"a {bs.width}x{bs.height} image decodes in {n} windows; this server takes at "
+                                f"most {self.config.max_windows} per image")
 
     def encode(self, image, codec: Optional[str] = None) -> Future:
         """Compress an image (bytes, path, PIL, ...) with this server's codec (with a model store:
