@@ -194,6 +194,14 @@ def test_cli_print_config_carries_the_scaling_options(capsys):
     assert doc["proxy_location"] == "HeadOnly" and decoder["num_replicas"] == 3
     assert decoder["ray_actor_options"]["num_cpus"] == 2.0
     assert decoder["user_config"]["pixel_budget"] == 0
+    args = doc["applications"][0]["args"]
+    assert (args["tile"], args["max_windows"]) == (True, 1024)  # photographs in windows by default
+    assert all(speed["tile"] == {} for speed in args["speeds"].values())
+    assert main(["serve", "--demo", "--gpus-per-replica", "0", "--no-tile", "--max-windows", "7", "--max-pixels",
+                 "99999", "--print-config"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert (args["tile"], args["max_windows"], args["max_pixels"]) == (False, 7, 99999)
+    assert all(speed["tile"] is None for speed in args["speeds"].values())
 
 
 def test_engine_reconfigure_applies_the_tunables():

@@ -1,7 +1,7 @@
 """The service's web page (GET /) driven in a real browser (Chromium through Playwright).
 
 One local Ray instance and one Chromium for the module: the bundled demo models with short
-decodes ("20" steps by default, "1000" for the cancel check), previews every 2 steps.
+decodes ("20" steps by default, "8" for the large photograph, "1000" for the cancel check), previews every 2 steps.
 Skipped when Playwright or a Chromium binary is missing (.ci/run installs both).
 """
 import io
@@ -47,7 +47,7 @@ MAX_PIXELS = 256 * 256
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
-    config = ServeConfig.demo(steps_allowed=["20", "1000"], preview_every=2, cpus_per_replica=0,
+    config = ServeConfig.demo(steps_allowed=["20", "1000", "8"], preview_every=2, cpus_per_replica=0,
                               max_body_bytes=MAX_BODY, max_pixels=MAX_PIXELS)
     with local_serve(tmp) as url:
         serve.run(build_app(config), name="web", route_prefix="/")
@@ -182,6 +182,39 @@ def test_image_to_perceptual_decode_in_the_browser(service, page, photo, tmp_pat
     assert Image.open(shot).size[0] >= 900
     assert page.is_hidden("#error")
     assert not page.errors  # no script errors, no CSP violations
+
+
+def test_a_photograph_larger_than_the_prior_decodes_in_windows_with_previews(service, page, tmp_path):
+    """A 128x96 photograph (twice the 64-pixel demo prior's native size): the page encodes it,
+    decodes it in 9 windows (128x128 padded, stride 48) streaming previews, and shows what POST
+    /v1/decode returns for the same request."""
+    from idemrt.demo_assets import demo_image
+
+    pixels = (demo_image("coffee")[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    path = tmp_path / "large.png"
+    Image.fromarray(pixels).resize((128, 96), Image.BICUBIC).save(path)
+    expect(page.locator("#limits")).to_contain_text("windows")
+    page.set_input_files("#file", str(path))
+    expect(page.locator("#image-size")).to_have_text("128×96")
+    expect(page.locator("#dl-mse")).to_have_attribute("href", re.compile("^blob:"))
+    idm = _download(page, "#dl-idm")
+    page.select_option("#speed", "paper")
+    page.select_option("#steps", "8")
+    page.fill("#seed", "5")
+    page.click("#decode")
+    expect(page.locator("#step-count")).to_contain_text("in 9 windows")
+    expect(page.locator("#perceptual")).to_have_attribute("data-final", "1", timeout=300_000)
+    previews = page.evaluate("window.idemrtPage.previews")
+    assert len(set(previews)) >= 2, "the previews did not change while decoding"
+    expect(page.locator("#step-count")).to_have_text("done: 8 steps in 9 windows")
+    with urllib.request.urlopen(urllib.request.Request(
+            service + "/v1/decode?mode=perceptual&seed=5&speed=paper&steps=8", data=idm, method="POST"),
+            timeout=300) as r:
+        assert r.headers["X-Idemrt-Windows"] == "9"
+        want = _png(r.read())
+    assert want.shape == (96, 128, 3)
+    assert np.array_equal(_png(_download(page, "#dl-perceptual")), want)
+    assert page.is_hidden("#error") and not page.errors
 
 
 def test_dropped_idm_is_decoded(service, page, photo):

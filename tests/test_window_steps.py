@@ -144,3 +144,18 @@ def test_windows_of_several_images_share_unet_calls_unless_deterministic(models,
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         else:  # another batch composition: the CPU kernels' summation order only
             torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_fast_backend_steps_windows_like_eager(models):
+    """The windows run through the backend's own model function and operator: fast at fp32 on the
+    CPU gives eager's windowed step."""
+    eager = _group(models, "paper", steps=6)
+    fast = _group(models, "paper", steps=6, backend="fast", dtype="fp32")
+    x, target, noise = _inputs(models[1], 1, 64, 88, seed=4)
+    results = []
+    for sampler in (eager, fast):
+        loop = Loop([noise], torch.full((1,), 0.7))
+        _run(sampler.windows, _states(x, target, 4), loop)
+        results.append(loop.results[0])
+    for a, b in zip((*results[0], results[0].x0), (*results[1], results[1].x0)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

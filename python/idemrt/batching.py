@@ -23,6 +23,11 @@ An iteration is three parts, as in vLLM's engine core:
 * :meth:`StepBatcher.update_from_output` — progress callbacks, finished attempts resolved or
   restarted for a retry.
 
+Windows: a tiling sampler's images of every size are one group. Its whole images cost their pixels,
+a tiled image at least one unit of windows (:attr:`Job.cost`); what the chosen whole images leave of
+the budget goes to the tiled images' windows (``BatchPlan.pixel_budget``), so a large image's step
+spans iterations while small ones step beside it (:mod:`idemrt.diffusion.window_steps`).
+
 Groups: the group of the most urgent job (highest priority) steps; groups tied at the top
 priority take turns, round-robin. Within a group, running images keep their slots against
 waiting ones of the same priority (no thrashing); a waiting image of *higher* priority takes the

@@ -44,6 +44,12 @@ float differences over the steps: docs/serving.md gives the measured size). With
 ``deterministic=True`` every image runs its step as its own call of batch 1, so its result does
 not depend on the batch or on when it joined — at the cost of batching.
 
+Tiled images: with a tiling backend (``StepSpec.tile``) an image larger than the window holds no
+slot; its step runs in units of windows (:mod:`.window_steps`), within the pixel budget
+:meth:`GuidedSampler.advance` is given, so it may span several calls of :meth:`advance`. Its noise
+is drawn when its step ends (the same order: one draw a step), its checks follow ``check_every``.
+Images of every size of such a sampler are one group (:meth:`GuidedSampler.group_key`).
+
 Retries (:class:`~idemrt.diffusion.guidance.RetryPolicy`, per image): non-finite values -> the
 DPS scale times ``nan_factor`` (then :class:`idemrt.DecodeError` when they are spent); a final
 distance above the threshold -> the scale times ``factor``. The scale is per-sample data of the

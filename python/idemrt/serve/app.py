@@ -118,7 +118,8 @@ class DecoderReplica:
         self.hub.push.remote(self.replica, self.engine.metrics.snapshot())
         image = await asyncio.to_thread(encode_image, result.pixels, params["format"])
         return {"image": image, "distance": result.distance, "steps": result.evaluations,
-                "seconds": result.seconds, "replica": self.replica, "symbols_equal": result.symbols_equal}
+                "seconds": result.seconds, "replica": self.replica, "symbols_equal": result.symbols_equal,
+                "windows": result.windows}
 
     async def decode_stream(self, bs: bsfmt.Bitstream, params: dict):
         """Server-sent-event payloads: progress, previews, then the result (or an error)."""
@@ -141,7 +142,7 @@ class DecoderReplica:
             image = await asyncio.to_thread(encode_image, result.pixels, fmt)
             yield {"event": "result", "format": fmt, "image": base64.b64encode(image).decode(),
                    "distance": result.distance, "steps": result.evaluations, "seconds": result.seconds,
-                   "replica": self.replica, "symbols_equal": result.symbols_equal}
+                   "replica": self.replica, "symbols_equal": result.symbols_equal, "windows": result.windows}
         except asyncio.CancelledError:
             future.cancel()  # the client went away: the core frees the slot
             raise
@@ -197,7 +198,7 @@ class Ingress:
         return Response(out["image"], media_type=FORMATS[params["format"]], headers={
             "X-Idemrt-Decode-Seconds": f"{out['seconds']:.4f}", "X-Idemrt-Steps": str(out["steps"]),
             "X-Idemrt-Distance": f"{out['distance']:.6g}", "X-Idemrt-Replica": out["replica"],
-            "X-Idemrt-Symbols-Equal": f"{out['symbols_equal']:.6f}"})
+            "X-Idemrt-Symbols-Equal": f"{out['symbols_equal']:.6f}", "X-Idemrt-Windows": str(out["windows"])})
 
     @api.post("/v1/encode")
     async def encode(self, request: Request):
@@ -284,7 +285,8 @@ class Ingress:
                 "speeds": {speed: c.steps_for(speed) for speed in c.speeds_allowed} if perceptual else {},
                 "priorities": [min(PRIORITIES), max(PRIORITIES)], "deterministic": c.deterministic,
                 "formats": list(FORMATS), "speed": c.speed, "sampler": default["sampler"], "guidance": default["guidance"],
-                "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s, **store}
+                "max_body_bytes": c.max_body_bytes, "max_pixels": c.max_pixels, "timeout_s": c.timeout_s,
+                "tile": default["tile"], "max_windows": c.max_windows, **store}
 
     # -- the web page (docs/serving.md, "Web page"): shipped files only, by a fixed allow-list ------------
     @api.get("/")

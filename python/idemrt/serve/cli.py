@@ -1,6 +1,7 @@
 """``idemrt serve`` and ``idemrt decompress --server URL`` (the command line of the service)."""
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -43,6 +44,11 @@ def add_serve_subparser(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds (then 504)")
     p.add_argument("--speeds", default=None, help="comma-separated speed presets a request may ask for "
                                                   "(default: all, --speed first)")
+    p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode images larger than the prior's native size in windows of it, each window a slot "
+                        "of the step batch (default); --no-tile: the prior on the whole image (docs/tiling.md)")
+    p.add_argument("--max-windows", type=int, default=1024, help="windows an image may take (more: 413)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="an image's pixels, padded (more: 413)")
     p.add_argument("--deterministic", action="store_true",
                    help="an image's result does not depend on its batch (one backend call per image; slower)")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one) instead of "
@@ -67,7 +73,8 @@ def config_from_args(args):
     steps = None if args.steps is None else [s.strip() for s in args.steps.split(",") if s.strip()]  # two: "100,ddim50"
     scale = dict(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                  proxy_location=args.proxy_location, pixel_budget=args.pixel_budget,
-                 deterministic=args.deterministic, cpus_per_replica=args.cpus_per_replica,
+                 deterministic=args.deterministic, cpus_per_replica=args.cpus_per_replica, tile=args.tile,
+                 max_windows=args.max_windows, max_pixels=args.max_pixels,
                  speeds_allowed=None if args.speeds is None else [s.strip() for s in args.speeds.split(",") if s.strip()])
     if args.models or args.prior:
         from ..errors import CheckpointError

@@ -86,6 +86,7 @@ class Decoded:
     seconds: float  # from submission to the result
     speed: str = "mse"
     symbols_equal: float = 0.0  # fraction of latent symbols the 8-bit image re-encodes to (1: idempotent)
+    windows: int = 1  # the windows its prior ran in (1: the whole image, or an MSE decode)
 
 
 @dataclass(eq=False)
@@ -101,6 +102,7 @@ class DecodeRequest(Job):
     on_event: Optional[Callable[[dict], None]] = None
     codec: Optional[str] = None  # the id of the codec that decodes it (None: the one codec without a store)
     prior: Optional[str] = None  # the id of its prior (a model store's; None without a store)
+    windows: int = 1  # the windows its image steps in (DecodeEngine.windows; 1: the whole image)
 
     @property
     def program_key(self) -> tuple:
@@ -305,7 +307,7 @@ class DecodeEngine:
                                 on_event=on_event, codec=codec_id, prior=prior_id)
         request.deadline = request.submitted + timeout
         if perceptual:
-            self._check_windows(request)
+            request.windows = self._check_windows(request)
         self._enqueue(request, lambda: self.batcher.admit(request))  # QueueFullError when full
         return request.future
 
@@ -317,13 +319,14 @@ class DecodeEngine:
             return 1
         return window_count(bs.padded_height, bs.padded_width, windows.tiled.window, windows.tiled.stride)
 
-    def _check_windows(self, request: DecodeRequest) -> None:
-        """TooLargeError (413) for an image of more windows than ``max_windows``."""
+    def _check_windows(self, request: DecodeRequest) -> int:
+        """The request's windows, or TooLargeError (413) for more than ``max_windows``."""
         n = self.windows(request)
         if n > self.config.max_windows:
             bs = request.bitstream
             raise TooLargeError(f"a {bs.width}x{bs.height} image decodes in {n} windows; this server takes at "
                                 f"most {self.config.max_windows} per image")
+        return n
 
     def encode(self, image, codec: Optional[str] = None) -> Future:
         """Compress an image (bytes, path, PIL, ...) with this server's codec (with a model store:
@@ -499,7 +502,7 @@ class DecodeEngine:
         evaluations = 0 if result is None else plan.evaluations
         self.metrics.observe_decode(request.speed, seconds)
         return Decoded(image, pixels, 0.0 if result is None else result.distance, evaluations, seconds, request.speed,
-                       self._recompressed(pixels, prepared.y_hat, codec))
+                       self._recompressed(pixels, prepared.y_hat, codec), request.windows)
 
     def _recompressed(self, pixels: np.ndarray, y_hat: torch.Tensor, codec=None) -> float:
         """The re-compression check of what the client receives: the fraction of latent symbols
@@ -516,7 +519,8 @@ class DecodeEngine:
         def report(job) -> None:
             state = job.state
             done = state.evaluations
-            request.on_event({"event": "progress", "step": done, "steps": evaluations})  # the stream's names
+            request.on_event({"event": "progress", "step": done, "steps": evaluations,  # the stream's names
+                              "windows": request.windows})
             if state.running and done % every == 0:  # the step's own x0 estimate (no network call)
                 self.previews.add(state.x0[..., : bs.height, : bs.width],
                                   lambda image: request.on_event({"event": "preview", "step": done, "image": image}))

@@ -108,9 +108,12 @@ async function loadModels() {
       (m.priors && m.priors.length ? `, priors ${m.priors.map((p) => p.id).join(", ")}` : "")
     : `Codec ${m.codec}` + (m.quality != null ? ` q${m.quality}` : "") + (m.unet_preset ? `, UNet ${m.unet_preset}` : "");
   $("service").textContent = models + `; modes ${m.modes.join(", ")}` + (m.deterministic ? ", deterministic" : "");
+  // A tiled service decodes photographs larger than its prior's native size in windows of it.
+  const windows = m.tile ? ` Larger than the prior's native size, images decode in overlapping windows ` +
+    `of it, up to ${m.max_windows.toLocaleString("en")} windows an image.` : "";
   $("limits").textContent = `Limits: files up to ${formatBytes(m.max_body_bytes)}, images up to ` +
     `${m.max_pixels.toLocaleString("en")} pixels (e.g. ${Math.floor(Math.sqrt(m.max_pixels))}×` +
-    `${Math.floor(Math.sqrt(m.max_pixels))}).`;
+    `${Math.floor(Math.sqrt(m.max_pixels))}).` + windows;
   const speed = $("speed");
   speed.replaceChildren();
   for (const name of Object.keys(m.speeds || {})) {
@@ -323,11 +326,15 @@ async function readEvents(response, handle) {
   }
 }
 
+function inWindows(n) {
+  return n > 1 ? ` in ${n} windows` : "";
+}
+
 async function onEvent(name, data) {
   if (name === "progress") {
     $("progress").max = data.steps;
     $("progress").value = data.step;
-    $("step-count").textContent = `step ${data.step} / ${data.steps}`;
+    $("step-count").textContent = `step ${data.step} / ${data.steps}` + inWindows(data.windows);
   } else if (name === "preview") {
     const url = `data:image/png;base64,${data.image}`;
     state.previews.push(url);
@@ -342,7 +349,7 @@ async function onEvent(name, data) {
     state.result = { distance: data.distance, steps: data.steps, seconds: data.seconds, replica: data.replica,
                      symbols_equal: data.symbols_equal };
     $("progress").value = $("progress").max;
-    $("step-count").textContent = `done: ${data.steps} steps`;
+    $("step-count").textContent = `done: ${data.steps} steps` + inWindows(data.windows);
     $("perceptual-info").textContent = `(${Number(data.seconds).toFixed(2)} s, ${data.steps} steps, ` +
       `constraint distance ${Number(data.distance).toFixed(4)})`;
     $("perceptual").dataset.final = "1";
