@@ -13,11 +13,12 @@
 #     bash benchmarks/gpu_session.sh lease4         # issue 27 item 6, one call; results in $OUT/gpu_<date>_<gpu>/
 #     bash benchmarks/gpu_session.sh lease4 --device cpu   # its try on a machine without a GPU (.venv, no wheels)
 #     bash benchmarks/gpu_session.sh speed          # issue 30: benchmarks/gpu_variants.py, one call (--device cpu: dry run)
+#     bash benchmarks/gpu_session.sh tiles          # issue 28 item 6: benchmarks/tiled_gpu.py (--device cpu: dry run)
 #
 # Results (JSON and logs) go to $OUT, for benchmarks/RESULTS.md. Each part stops itself before the
 # call's limit (PART_SECONDS, default 540), so what it measured so far still comes back.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3|lease4|speed [--device cpu]}
+part=${1:?usage: gpu_session.sh check|ffhq|imagenet|psc|lease|lease2|lease3|lease4|speed|tiles [--device cpu]}
 device=cuda
 if [[ ${2:-} == --device ]]; then device=${3:?--device cpu|cuda}; fi
 OUT=${OUT:-/tmp/idemrt_out}
@@ -161,5 +162,18 @@ case $part in
         fi
         timeout -k 15 490 $PY benchmarks/gpu_variants.py --device "$device" "${variants[@]}" --out-dir "$res" \
             2>&1 | tee "$res/speed.log" ;;
+    tiles)
+        # Issue 28 item 6, a few minutes: a 1024x768 FFHQ-256 image's DPS step in 20 windows (one UNet
+        # call of 20) against 20 native 256x256 images in one batched step: ms a step, % of peak.
+        gpu=cpu
+        if [[ $device != cpu ]]; then
+            gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+        fi
+        res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
+        mkdir -p "$res"
+        tiles=()
+        [[ $device == cpu ]] && tiles=(--preset tiny --codec tiny --size 64x80 --warmup 0 --repeats 1)
+        timeout -k 15 300 $PY benchmarks/tiled_gpu.py --device "$device" "${tiles[@]}" --json "$res/tiled_gpu.json" \
+            2>&1 | tee "$res/tiles.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
 esac
