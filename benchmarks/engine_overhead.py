@@ -160,7 +160,10 @@ class EngineLoop:
 
         config = ServeConfig(unet="in-memory", speeds_allowed=["paper"], steps_allowed=[str(s) for s in steps],
                              backend="eager", max_slots=slots, queue=max(256, 2 * slots * groups),
-                             preview_every=preview_every, timeout_s=3600.0)
+                             preview_every=preview_every, timeout_s=3600.0,
+                             # whole images (the zero-cost prior has no native size to tile by); a
+                             # --source checkout from before tiled serving has no such field
+                             **({"tile": False} if "tile" in ServeConfig.__dataclass_fields__ else {}))
         self.engine = DecodeEngine(config, codec, unet, device="cpu")
         self.previews, self.preview_events = previews, 0
 

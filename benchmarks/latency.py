@@ -49,6 +49,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import types
 import time
 
 import torch
@@ -350,6 +351,8 @@ class _StepOf:
 
     def __init__(self, step_fn):
         self.step = lambda x, i, target, noise, scale=None: step_fn(x, i, target, noise)
+        # the Backend protocol's spec: only its tile is read (None: whole images, no window steps)
+        self.spec = types.SimpleNamespace(tile=None)
 
 
 def decode(mode: Mode, n: int, target, shape, device) -> None:
