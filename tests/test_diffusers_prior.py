@@ -220,8 +220,9 @@ def _folder_codec_stream(tmp_path, codec):
     return folder, ckpt, idemrt.Encoder(codec).encode(torch.rand(1, 3, 32, 32))
 
 
-def _decoded(codec, folder, data, seed):
-    decoder = idemrt.Decoder(codec, idemrt.load_unet(folder), config=idemrt.DecodeConfig(steps=3, backend="eager"))
+def _decoded(codec, folder, data, seed, **config):
+    decoder = idemrt.Decoder(codec, idemrt.load_unet(folder),
+                             config=idemrt.DecodeConfig(**{"steps": 3, "backend": "eager", **config}))
     return decoder.decode(data, seed=seed, output="tensor")
 
 
@@ -329,6 +330,6 @@ def test_service_engine_decodes_with_a_folder(tmp_path, codec):
         got = engine.submit(data, seed=5).result(timeout=120)
     finally:
         engine.close()
-    want = _decoded(codec, folder, data, 5)
+    want = _decoded(codec, folder, data, 5, tile=True)  # the service's default: the padded 64x64 in 32-pixel windows
     assert got.image.shape == want.shape == (1, 3, 32, 32)
     torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)

@@ -30,8 +30,11 @@ def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     torch.save(tiny_unet_state(), tmp / "unet.pt")
     torch.save(tiny_codec_state(), tmp / "codec.pth")
+    # whole images (tile=False): these tests compare with the Decoder's default and count pixels per
+    # step; the 32-pixel tiny prior would put the 64x64 test images in windows (tested through HTTP in
+    # test_web_page.py, in the engine in test_tiled_service.py)
     common = dict(unet=str(tmp / "unet.pt"), unet_overrides=TINY_UNET, codec="bmshj2018-hyperprior", quality=1,
-                  codec_checkpoint=str(tmp / "codec.pth"), cpus_per_replica=0)
+                  codec_checkpoint=str(tmp / "codec.pth"), cpus_per_replica=0, tile=False)
     main = ServeConfig(steps_allowed=["3", "5"], replicas=2, max_body_bytes=20000, max_pixels=128 * 128, **common)
     tight = ServeConfig(steps_allowed=["400"], replicas=1, queue=1, timeout_s=2.0, **common)
     with local_serve(tmp) as url:

@@ -56,8 +56,9 @@ def test_engine_routes_each_stream_to_its_codec(store, local):
         mse = {name: engine.submit(data[name], mode="mse") for name in ("q1", "q2")}
         for (name, prior), future in futures.items():
             got = future.result(timeout=120)
-            want = idemrt.Decoder(codecs[name], unets[prior or "tiny"], steps=3, device="cpu").decode(
-                data[name], seed=7, output="tensor")
+            decoder = idemrt.Decoder(codecs[name], unets[prior or "tiny"], config=engine.config.decode_config(),
+                                     device="cpu")  # the server's config: 64x64 images in the tiny prior's windows
+            want = decoder.decode(data[name], seed=7, output="tensor")
             torch.testing.assert_close(got.image, want, rtol=0, atol=2e-5)
         for name, future in mse.items():
             want = idemrt.Decoder(codecs[name], None, device="cpu").decode(data[name], mode="mse", output="tensor")
@@ -135,7 +136,7 @@ def test_http_service_of_a_store(store, local, tmp_path_factory):
         client = Client(url)
         for name in ("q1", "q2"):  # two qualities, one service
             got = np.asarray(Image.open(io.BytesIO(client.decode(data[name], seed=3, prior="tiny2").image)))
-            want = idemrt.Decoder(codecs[name], unets["tiny2"], steps=3, device="cpu").decode(data[name], seed=3)
+            want = idemrt.Decoder(codecs[name], unets["tiny2"], config=config.decode_config(), device="cpu").decode(data[name], seed=3)
             assert np.abs(got.astype(int) - np.asarray(want).astype(int)).max() <= 1
         with pytest.raises(ServiceError) as missing:
             client.decode(data["q3"], mode="mse")
