@@ -122,10 +122,18 @@ def test_by_default_images_of_two_sizes_share_unet_calls_and_equal_their_solo_de
 
 
 def test_a_higher_priority_image_preempts_a_large_one_mid_step_which_resumes_exactly(models, data, solo):
-    """One slot: a large image is parked in the middle of a step (its windows' sums kept) for a
-    higher-priority small one, then resumes — to the same bytes as alone (deterministic)."""
+    """One slot: a large image is parked in the middle of a step — its window sums kept — for a
+    higher-priority small one, then resumes, to the same bytes as alone (deterministic)."""
     engine = _engine(models, deterministic=True, max_slots=1)
     rec = Recorder(engine)
+    mid_step, plan = [], engine.batcher.plan
+
+    def watching():
+        out = plan()
+        mid_step.extend(j.state.window_work is not None for j in out.preempted)
+        return out
+
+    engine.batcher.plan = watching
     try:
         large = engine.submit(data["large"], seed=3)
         rec.go.set()
@@ -137,37 +145,11 @@ def test_a_higher_priority_image_preempts_a_large_one_mid_step_which_resumes_exa
     finally:
         engine.close()
     parked = [k for k, (_, _, preempted) in enumerate(rec.iterations) if preempted]
-    assert len(parked) == 1 and large.job.preemptions == 1
-    k = parked[0]
-    assert rec.iterations[k][0] == [small.job.seq]  # the small one alone, five iterations, then the large resumes
+    assert len(parked) == 1 and large.job.preemptions == 1 and mid_step == [True]
+    k = parked[0]  # the small one alone, five iterations, then the large one resumes
     assert [run for run, _, _ in rec.iterations[k:k + 5]] == [[small.job.seq]] * 5
     assert rec.iterations[k + 5][0] == [large.job.seq]
     assert torch.equal(small_result.image, solo["small"]) and torch.equal(large_result.image, solo["large"])
-
-
-def test_mid_step_state_is_kept_while_parked(models, data):
-    """Parked in the middle of a step: the large image's window sums are still there."""
-    engine = _engine(models, deterministic=True, max_slots=1)
-    rec = Recorder(engine)
-    seen = []
-    plan = engine.batcher.plan
-
-    def watching():
-        out = plan()
-        seen.extend(j.state.window_work is not None for j in out.preempted)
-        return out
-
-    engine.batcher.plan = watching
-    try:
-        large = engine.submit(data["large"], seed=3)
-        rec.go.set()
-        while len(rec.iterations) < 3:
-            time.sleep(0.005)
-        engine.submit(data["small"], seed=3, priority=5).result(timeout=300)
-        large.result(timeout=300)
-    finally:
-        engine.close()
-    assert seen == [True]
 
 
 def test_a_deadline_or_a_failing_window_step_frees_everything(models, data):
