@@ -32,7 +32,10 @@ retries, checks) form one **group** (:func:`~idemrt.programs.build_step_group`):
 share a batched step. Images are prepared and finished by functions of the codec and the
 program's settings (:func:`idemrt.api.prepare_image`, :func:`~idemrt.api.finish_image`): no
 Decoder is built per program. One :class:`~idemrt.batching.StepBatcher` holds the jobs of every
-group (priorities, deadlines, the pixel budget, preemption).
+group (priorities, deadlines, the pixel budget, preemption). With ``ServeConfig.tile`` (the default) an
+image larger than the prior's native size steps in windows, each window a slot of the iteration's
+budget, beside the images of every other size of its group (:mod:`idemrt.diffusion.window_steps`);
+:meth:`DecodeEngine.windows` counts them before admission (``max_windows``: 413 past it).
 
 Names: a request's ``steps`` (HTTP and :meth:`DecodeEngine.submit`) is a **respacing**
 (``DecodeRequest.respacing``); ``Decoded.evaluations`` counts its network evaluations (the HTTP
