@@ -53,9 +53,6 @@ TODO = [
     # Not probes, in files being rewritten (so they may move): argparse's --tile exists on some
     # commands only.
     ("cli_options.py", 'hasattr(args, "tile")'),
-    # TODO(issue 29): tiling (helper-3) — native_size is prior_traits(unet).image_size.
-    ("diffusion/tiling.py", 'getattr(unet, "config", None)'),
-    ("diffusion/tiling.py", "getattr(config, name, None)"),
 ]
 # Behaviour chosen by a class's name: declared attributes do that (Sampler.name, Guidance.name).
 NAME_DISPATCH = re.compile(r"\.__name__\s*(?:==|!=|\bin\b)|type\([^)]*\)\.__name__\s*\[")

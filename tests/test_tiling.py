@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from idemrt.speeds import SPEEDS
-from idemrt.diffusion.tiling import BLEND_WEIGHTS, TiledModel, Tiling, native_size, tile_layout
+from idemrt.diffusion.tiling import BLEND_WEIGHTS, TiledModel, Tiling, tile_layout
+from idemrt.models.prior import prior_traits
 from tiny_models import tiny_unet
 
 WINDOW = 32  # the tiny UNet's native size
@@ -151,8 +152,8 @@ def test_tiling_config_checks_and_round_trip(unet):
         Tiling.from_value({"size": 3})
     with pytest.raises(TypeError):
         Tiling.from_value("on")
-    assert native_size(unet) == WINDOW
-    assert Tiling().resolve(native_size(unet)) == (32, 24)
+    assert prior_traits(unet).image_size == WINDOW  # the window's default: the prior's declared native size
+    assert Tiling().resolve(prior_traits(unet).image_size) == (32, 24)
     tiled = TiledModel.for_prior(unet, Tiling(), unet)
     assert (tiled.window, tiled.stride) == (32, 24)
     assert "6 windows" in tiled.describe(40, 72) and "tiling off" in tiled.describe(32, 32)

@@ -46,8 +46,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "describe_tiling", "native_size", "tile_layout",
-           "window_count"]
+from ..models.prior import prior_traits
+
+__all__ = ["BLEND_WEIGHTS", "TileLayout", "TiledModel", "Tiling", "describe_tiling", "tile_layout", "window_count"]
 
 BLEND_WEIGHTS = ("ramp", "gaussian", "uniform")
 # Windows per UNet call. On the CPU an FFHQ-256 window's forward + backward holds about 2 GB of fp32
@@ -63,7 +64,7 @@ DEFAULT_OPERATOR_TILE = 512
 class Tiling:
     """How a decode tiles the prior (``DecodeConfig(tile=Tiling())``; JSON/YAML as a mapping).
 
-    ``window``: the window side in pixels (None: the prior's native size, :func:`native_size`);
+    ``window``: the window side in pixels (None: the prior's native size, its ``image_size``);
     ``stride``: the distance between window offsets (None: ¾ of the window, a quarter overlap);
     ``weights``: one of :data:`BLEND_WEIGHTS`; ``chunk``: at most this many windows per UNet call
     (with the guided step's backward, the memory the UNet's activations take); ``operator_tile``:
@@ -124,19 +125,6 @@ class Tiling:
         if stride > window:
             raise ValueError(f"tile stride {stride} is larger than the window {window}: pixels would be missed")
         return window, stride
-
-
-def native_size(unet) -> Optional[int]:
-    """The side the prior was trained at: an ADM UNet's ``config.image_size``, a diffusers prior's
-    ``config.sample_size`` (its first entry if a pair); None if the model does not say."""
-    config = getattr(unet, "config", None)
-    for name in ("image_size", "sample_size"):
-        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        if isinstance(value, (tuple, list)):
-            value = value[0]
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def describe_tiling(tiling: Optional[Tiling], unet, height: int, width: int) -> str:
@@ -215,7 +203,7 @@ class TiledModel:
     @classmethod
     def for_prior(cls, model, tiling: Tiling, unet) -> TiledModel:
         """The tiled ``model`` function of prior ``unet`` (whose native size is the default window)."""
-        window, stride = tiling.resolve(native_size(unet))
+        window, stride = tiling.resolve(prior_traits(unet).image_size)
         return cls(model, window, stride, tiling.weights, tiling.chunk)
 
     def tiles(self, height: int, width: int) -> bool:
