@@ -96,6 +96,7 @@ def test_a_large_and_a_small_image_share_iterations_within_the_budget(models, da
     finally:
         engine.close()
     assert not large_done_then  # the small image did not wait for the large one
+    assert engine.metrics.step_images == 5 + 5  # each image's step counted once, though the large one's span iterations
     assert all(work <= BUDGET // WINDOW_PIXELS for _, work, _ in rec.iterations)  # the budget, in windows
     with_small = [k for k, (run, _, _) in enumerate(rec.iterations) if small.job.seq in run]
     assert len(with_small) == 5 and with_small == list(range(with_small[0], with_small[0] + 5))  # a step an iteration

@@ -183,6 +183,7 @@ class BatchPlan:
     preempted: list = field(default_factory=list)  # parked to make room for higher-priority jobs
     left: list = field(default_factory=list)  # (job, status): cancelled or past their deadline, released
     pixel_budget: Optional[int] = None  # pixels of windows left for tiled images (None: their whole steps)
+    stepped: list = field(default_factory=list)  # the jobs whose step ended (a tiled image's may span iterations)
 
     @property
     def pixels(self) -> int:
@@ -437,9 +438,11 @@ class StepBatcher:
             if job.status.final:  # ended meanwhile (a callback of another image cannot, but be safe)
                 continue
             try:
-                if job.on_step is not None and job.state.evaluations != job.reported:  # a step ended
+                if job.state.evaluations != job.reported:  # a step ended
                     job.reported = job.state.evaluations
-                    job.on_step(job)
+                    out.stepped.append(job)
+                    if job.on_step is not None:
+                        job.on_step(job)
                 if job.state.done:
                     self._finished(job)
             except Exception as exc:  # noqa: BLE001 - one image's callback or end failed: that image only

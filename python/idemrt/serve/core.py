@@ -423,8 +423,8 @@ class DecodeEngine:
                 if out.run:
                     self.batcher.execute(out)
                     self.batcher.update_from_output(out)
-                    self.metrics.observe_step(self.batcher.step_seconds, out.pixels, len(out.run),
-                                              len(out.preempted))
+                    self.metrics.observe_step(self.batcher.step_seconds, sum(j.pixels for j in out.stepped),
+                                              len(out.stepped), len(out.preempted))
                 worked |= bool(out.run or out.left)
                 self.metrics.observe_deadline_misses(sum(1 for _, s in out.left if s is RequestStatus.DEADLINE))
             except Exception as exc:  # noqa: BLE001 - fail the images of this step, keep serving the others
