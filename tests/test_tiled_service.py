@@ -231,7 +231,7 @@ def test_at_the_demo_s_100_steps_tiled_images_together_stay_within_the_batch_tol
     try:
         def photo(name, w, h):
             pixels = (demo_image(name)[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-            return torch.from_numpy(np.asarray(Image.fromarray(pixels).resize((w, h), Image.BICUBIC))).permute(
+            return torch.from_numpy(np.array(Image.fromarray(pixels).resize((w, h), Image.BICUBIC))).permute(
                 2, 0, 1)[None].float() / 255
 
         images = [photo(DEMO_IMAGES[0], 128, 96), photo(DEMO_IMAGES[1], 128, 96), photo(DEMO_IMAGES[1], 64, 64)]
