@@ -37,6 +37,15 @@ else
     export PYTHONPATH=/tmp/pkg:/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 fi
 limit=${PART_SECONDS:-540}
+# $res: the folder of one lease's results, named by date and GPU (cpu for a try here)
+result_dir() {
+    local gpu=cpu
+    if [[ $device != cpu ]]; then
+        gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
+    fi
+    res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
+    mkdir -p "$res"
+}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     $PY -c "import torch, triton, compressai; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__, 'compressai', compressai.__version__)"
@@ -108,12 +117,7 @@ case $part in
         # (a lease returns at most 8 files: env_lease4.txt and the 6 below). With --device cpu (no GPU
         # here) each part runs shrunk, the -m gpu tests are skipped, and the Triton variants of the probe
         # are left out (interpreted, they take far longer than the slice).
-        gpu=cpu
-        if [[ $device != cpu ]]; then
-            gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
-        fi
-        res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
-        mkdir -p "$res"
+        result_dir
         # every test file that holds a -m gpu test (marked directly, or through tests/kernel_devices.py)
         gpu_tests=$(grep -lE 'mark\.gpu|kernel_devices' tests/test_*.py)
         per_test=() xdist=()
@@ -147,12 +151,7 @@ case $part in
         # hyperprior/ELIC x batch 1/8/16/32, in order of value), whole fast/balanced decodes, the
         # compile variants last. It slices its own time (--budget-s, what does not fit is recorded as
         # skipped) and writes its JSON as rows arrive. --device cpu: the tiny models, a dry run.
-        gpu=cpu
-        if [[ $device != cpu ]]; then
-            gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
-        fi
-        res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
-        mkdir -p "$res"
+        result_dir
         export IDEMRT_COMPILE_CACHE=/tmp/idemrt_compile_cache  # the compile variants' cache, this call only
         if [[ $device == cpu ]]; then
             variants=(--preset tiny --codec tiny --batch 1,2 --variants eager,bf16,fp16 --speeds fast
@@ -165,12 +164,7 @@ case $part in
     tiles)
         # Issue 28 item 6, a few minutes: a 1024x768 FFHQ-256 image's DPS step in 20 windows (one UNet
         # call of 20) against 20 native 256x256 images in one batched step: ms a step, % of peak.
-        gpu=cpu
-        if [[ $device != cpu ]]; then
-            gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE '[A-Z][0-9]{2,4}' | head -1 | tr A-Z a-z)
-        fi
-        res="$OUT/gpu_$(date -u +%F)_${gpu:-gpu}"
-        mkdir -p "$res"
+        result_dir
         tiles=()
         [[ $device == cpu ]] && tiles=(--preset tiny --codec tiny --size 64x80 --warmup 0 --repeats 1)
         timeout -k 15 300 $PY benchmarks/tiled_gpu.py --device "$device" "${tiles[@]}" --json "$res/tiled_gpu.json" \
