@@ -106,6 +106,7 @@ def test_a_large_and_a_small_image_share_iterations_within_the_budget(models, da
     assert torch.equal(small_result.image, solo["small"]) and torch.equal(large_result.image, solo["large"])
 
 
+@pytest.mark.slow  # the default suite checks the sharing itself (test_window_steps.py); this, its effect
 def test_by_default_images_of_two_sizes_share_unet_calls_and_equal_their_solo_decodes(models, data, solo):
     """Default (batched) mode, two tiled images of different sizes and a whole one: their windows
     share UNet calls; each image equals its solo decode within the batch-composition tolerance of
