@@ -301,13 +301,18 @@ class GuidedSampler:
         unused ones masked — their results dropped (samples are independent, so they change
         nothing) — so that a backend with captured graphs sees few batch sizes."""
         states = [s for s in states if s.running]
-        tiled = [s for s in states if self.tiled(s)]
-        by_key: dict = {}
-        for s in states:
-            if not self.tiled(s):
-                by_key.setdefault(s.key(), []).append(s)
-        if self.windows is None and len(by_key) > 1:
-            raise ValueError("advance() batches states of one shape and target shape only")
+        if not states:
+            return
+        if self.windows is None:  # one batch of one key, as a sampler without tiling always stepped
+            key, tiled = states[0].key(), []
+            if any(s.key() != key for s in states):
+                raise ValueError("advance() batches states of one shape and target shape only")
+            by_key = {key: states}
+        else:
+            tiled, by_key = [s for s in states if self.tiled(s)], {}
+            for s in states:
+                if s not in tiled:
+                    by_key.setdefault(s.key(), []).append(s)
         for key, group in by_key.items():
             n = len(group)
             self._advance_batch(key, group, pad_to(n) if callable(pad_to) else max(n, pad_to or n))

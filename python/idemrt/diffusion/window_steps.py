@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .step import (StepResult, finish_proximal, finish_step, output_gradient, proximal_from_output,
                    unguided_from_output)
-from .tiling import TiledModel
+from .tiling import TiledModel, window_count
 
 __all__ = ["WindowSteps", "WindowWork"]
 
@@ -69,7 +69,7 @@ class WindowSteps:
 
     def windows(self, height: int, width: int) -> int:
         """Windows of an image of this size (1 if it is not tiled)."""
-        return self.tiled.layout(height, width).count if self.tiles(height, width) else 1
+        return window_count(height, width, self.tiled.window, self.tiled.stride)
 
     def unit_windows(self, state) -> int:
         """Windows of the state's next unit."""
