@@ -2,9 +2,12 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+@pytest.mark.slow  # about 20 s: kept out of the default suite's 15 minutes; the slow suite runs it before a stop
 def test_dry_run_times_a_tiled_and_a_native_batch_step(tmp_path):
     import json
 
